@@ -1,0 +1,1 @@
+"""Jinja templates and the renderer that turns fused regions into Triton kernels."""

@@ -1,0 +1,1 @@
+"""Capture, strategy, pass manager, cost model and `compile()`."""

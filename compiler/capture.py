@@ -1,0 +1,203 @@
+"""Capture: trace a model into a torch.fx GraphModule of ATen ops.
+
+`torch.export.export(strict=False)` is the primary route, unlifted with `ep.module()`
+so parameters and buffers are `get_attr` nodes that alias the model's own tensors
+and autograd runs through the graph. Where export fails and `torch.fx.symbolic_trace`
+works, that is used instead. When both fail, one CaptureError names the module and
+source line at fault.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import traceback
+from collections.abc import Mapping
+from contextlib import contextmanager
+
+import attrs
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from .errors import CaptureError
+
+
+@attrs.frozen
+class Captured:
+    """A captured graph and how it was obtained."""
+
+    gm: fx.GraphModule
+    method: str
+    """'export' or 'symbolic_trace'."""
+
+
+@contextmanager
+def model_mode(model: torch.nn.Module, training: bool):
+    """Put the model (and every submodule) in train or eval mode, restoring each after."""
+    modes = {m: m.training for m in model.modules()}
+    model.train(training)
+    try:
+        yield
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+
+
+def capture(
+    model: torch.nn.Module,
+    args: tuple = (),
+    kwargs: Mapping | None = None,
+    *,
+    training: bool = True,
+    dynamic_batch: bool = True,
+) -> Captured:
+    """Trace `model(*args, **kwargs)` in the given mode into an FX GraphModule."""
+    kwargs = dict(kwargs or {})
+    with model_mode(model, training):
+        try:
+            gm = _export(model, args, kwargs, dynamic_batch)
+            method = "export"
+        except Exception as export_exc:
+            try:
+                gm = _symbolic_trace(model, args, kwargs)
+                method = "symbolic_trace"
+            except Exception as fx_exc:
+                raise _capture_error(model, kwargs, export_exc, fx_exc) from export_exc
+    _bind_model_tensors(gm, model)
+    annotate_module_paths(gm)
+    for node in gm.graph.nodes:
+        node.meta["strato_created_by"] = "capture"
+    return Captured(gm=gm, method=method)
+
+
+# ------------------------------------------------------------------ export route
+
+
+def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict):
+    """Mark dim 0 of every tensor input as a batch dimension export may keep symbolic."""
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError:
+        return None
+    params = inspect.signature(model.forward).parameters
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params.values()):
+        return None
+
+    def spec(x):
+        if isinstance(x, torch.Tensor) and x.dim() >= 1:
+            return {0: torch.export.Dim.AUTO}
+        return None
+
+    return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
+
+
+def _export(model, args, kwargs, dynamic_batch) -> fx.GraphModule:
+    dynamic = _dynamic_shapes(model, args, kwargs) if dynamic_batch else None
+    ep = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic, strict=False)
+    return ep.module()
+
+
+def _symbolic_trace(model, args, kwargs) -> fx.GraphModule:
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    if kwargs:
+        raise CaptureError("symbolic_trace cannot take keyword inputs")
+    gm = fx.symbolic_trace(model)
+    FakeTensorProp(gm).propagate(*args)
+    return gm
+
+
+def _bind_model_tensors(gm: fx.GraphModule, model: torch.nn.Module) -> None:
+    """Make every parameter/buffer the graph reads the model's own tensor (no copies)."""
+    originals = dict(model.named_parameters(remove_duplicate=False))
+    originals.update(dict(model.named_buffers(remove_duplicate=False)))
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or node.target not in originals:
+            continue
+        owner_path, _, attr = node.target.rpartition(".")
+        owner = gm.get_submodule(owner_path) if owner_path else gm
+        tensor = originals[node.target]
+        current = getattr(owner, attr, None)
+        if current is tensor:
+            continue
+        if isinstance(tensor, torch.nn.Parameter):
+            owner._parameters[attr] = tensor
+        else:
+            owner._buffers[attr] = tensor
+
+
+def annotate_module_paths(gm: fx.GraphModule) -> None:
+    """Set node.meta['strato_module'] to the dotted path of the module that owns the node."""
+    for node in gm.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if stack:
+            path = list(stack.values())[-1][0]
+            node.meta["strato_module"] = _clean_path(path)
+        elif node.op == "call_module":
+            node.meta["strato_module"] = str(node.target)
+        elif node.op == "get_attr":
+            node.meta["strato_module"] = str(node.target).rpartition(".")[0]
+
+
+def _clean_path(path: str) -> str:
+    # export may spell paths as "L['self'].layers[0].mlp"; normalise to "layers.0.mlp".
+    path = path.replace("L['self'].", "").replace("L['self']", "")
+    path = path.replace("[", ".").replace("]", "").replace("'", "")
+    return path.strip(".")
+
+
+# ------------------------------------------------------------------ errors
+
+
+def _cache_hint(model: torch.nn.Module, kwargs: Mapping) -> str:
+    """Hugging Face models default to returning KV-cache objects; say what to pass instead."""
+    config = getattr(model, "config", None)
+    if config is None or not getattr(config, "use_cache", False) or "use_cache" in kwargs:
+        return ""
+    return (
+        f"\n  {type(model).__name__} returns a KV-cache object by default (config.use_cache=True): "
+        "pass example_kwargs={'use_cache': False} to strato.compile and call the compiled "
+        "model the same way."
+    )
+
+
+def _fault_location(model: torch.nn.Module, exc: BaseException) -> tuple[str, str]:
+    """The innermost model submodule and user source line in the exception's traceback."""
+    names = {id(m): name for name, m in model.named_modules()}
+    module_path, source = "", ""
+    torch_dir = os.path.dirname(torch.__file__)
+    for frame, lineno in traceback.walk_tb(exc.__traceback__):
+        owner = frame.f_locals.get("self")
+        filename = frame.f_code.co_filename
+        if owner is not None and id(owner) in names:
+            module_path = names[id(owner)] or f"<root {type(model).__name__}>"
+            source = f"{filename}:{lineno}"
+        elif (
+            not filename.startswith(torch_dir)
+            and module_path
+            and "site-packages/torch" not in filename
+        ):
+            source = f"{filename}:{lineno}"
+    return module_path, source
+
+
+def _capture_error(model, kwargs, export_exc: BaseException, fx_exc: BaseException) -> CaptureError:
+    module_path, source = _fault_location(model, export_exc)
+    if not module_path:
+        module_path, source = _fault_location(model, fx_exc)
+    first_line = (
+        str(export_exc).strip().splitlines()[0]
+        if str(export_exc).strip()
+        else type(export_exc).__name__
+    )
+    where = f" in module {module_path!r}" if module_path else ""
+    at = f" at {source}" if source else ""
+    return CaptureError(
+        f"could not capture {type(model).__name__}{where}{at}.\n"
+        f"  torch.export said: {type(export_exc).__name__}: {first_line}\n"
+        f"  torch.fx.symbolic_trace said: {type(fx_exc).__name__}: {str(fx_exc).strip().splitlines()[0] if str(fx_exc).strip() else ''}\n"
+        "  What to do: Python control flow that depends on tensor values cannot be traced; "
+        "rewrite it with torch.where / torch.cond, move it out of forward, or pass the value "
+        "as a plain Python constant in example_kwargs." + _cache_hint(model, kwargs)
+    )

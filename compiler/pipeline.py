@@ -1,0 +1,19 @@
+"""Which built-in passes a strategy needs, in their natural order."""
+
+from __future__ import annotations
+
+from ..passes.annotate import annotate_metadata
+from ..passes.dead_code import eliminate_dead_code
+from .pass_manager import GraphPass, as_graph_pass
+from .strategy import Strategy
+
+
+def builtin_passes(strategy: Strategy) -> list[GraphPass]:
+    """The built-in passes for `strategy`; later features append theirs here."""
+    passes = [annotate_metadata, eliminate_dead_code]
+    return [as_graph_pass(p) for p in passes]
+
+
+def pipeline(strategy: Strategy) -> list[GraphPass]:
+    """Built-in passes followed by the user's own."""
+    return builtin_passes(strategy) + list(strategy.passes)

@@ -1,0 +1,235 @@
+"""The Strategy: a frozen, validated description of how to compile and run a model.
+
+Every field carries a docstring (the string literal under it); `Strategy.describe()`
+prints them. Later features add their own fields here, each with behaviour behind it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import attrs
+import yaml
+
+from .errors import StrategyError, did_you_mean
+
+
+def _as_tuple(value: Any) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, str | bytes):
+        return (value,)
+    return tuple(value)
+
+
+def _resolve_pass(value: Any):
+    """A GraphPass, a decorated function, or an import path 'package.module:name'."""
+    from .pass_manager import GraphPass, as_graph_pass
+
+    if isinstance(value, GraphPass):
+        return value
+    if isinstance(value, str):
+        module_name, sep, attr = value.partition(":")
+        if not sep or not attr:
+            raise StrategyError(
+                f"Strategy.passes: {value!r} is not an import path; write 'package.module:function'."
+            )
+        try:
+            obj = importlib.import_module(module_name)
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError) as exc:
+            raise StrategyError(f"Strategy.passes: cannot import {value!r}: {exc}") from exc
+        value = obj
+    try:
+        return as_graph_pass(value)
+    except TypeError as exc:
+        raise StrategyError(f"Strategy.passes: {exc}") from exc
+
+
+def _convert_passes(value: Any) -> tuple:
+    return tuple(_resolve_pass(v) for v in _as_tuple(value))
+
+
+def _convert_disable(value: Any) -> tuple[str, ...]:
+    names = _as_tuple(value)
+    for name in names:
+        if not isinstance(name, str):
+            raise StrategyError(f"Strategy.disable: expected pass names (str), got {name!r}.")
+    return names
+
+
+@attrs.frozen(kw_only=True)
+class Strategy:
+    """How to compile a model: which passes run, and with which settings."""
+
+    passes: tuple = attrs.field(default=(), converter=_convert_passes)
+    """Extra user passes, run after the built-in ones (ordered by their contracts).
+    Each is a function decorated with `@strato.graph_pass` or an import path
+    'package.module:function' (the form YAML files use)."""
+
+    disable: tuple[str, ...] = attrs.field(default=(), converter=_convert_disable)
+    """Names of passes to skip, built-in or user. A name that matches no pass is an error."""
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Strategy:
+        """Build from plain data (as parsed from YAML); unknown keys are errors."""
+        return config_from_dict(cls, data, path="Strategy")
+
+    @classmethod
+    def from_yaml(cls, source: str | Path) -> Strategy:
+        """Build from a YAML file path or a YAML string."""
+        text = Path(source).read_text() if _looks_like_path(source) else str(source)
+        data = yaml.safe_load(text) or {}
+        if not isinstance(data, Mapping):
+            raise StrategyError(
+                f"Strategy YAML must be a mapping of fields, got {type(data).__name__}."
+            )
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data that `from_dict` turns back into an equal Strategy."""
+        return config_to_dict(self)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        """YAML text (also written to `path` when given) that `from_yaml` reads back."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def replace(self, **changes: Any) -> Strategy:
+        """A copy with some fields changed (validated like a new Strategy)."""
+        unknown = set(changes) - {f.name for f in attrs.fields(type(self))}
+        if unknown:
+            _raise_unknown(type(self), sorted(unknown)[0], "Strategy")
+        return attrs.evolve(self, **changes)
+
+    @classmethod
+    def describe(cls) -> str:
+        """Every field with its default and docstring."""
+        return describe_config(cls)
+
+
+def _looks_like_path(source: str | Path) -> bool:
+    if isinstance(source, Path):
+        return True
+    return "\n" not in source and source.endswith((".yaml", ".yml"))
+
+
+# ---------------------------------------------------------------------- helpers
+# Shared by Strategy and the nested config classes later features add (optimizer,
+# schedule, quantization...), so that all of them parse, print and fail alike.
+
+
+def _raise_unknown(cls: type, key: str, path: str) -> typing.NoReturn:
+    valid = [f.name for f in attrs.fields(cls)]
+    raise StrategyError(
+        f"{path}: unknown field {key!r}.{did_you_mean(key, valid)} Valid fields: {', '.join(valid)}."
+    )
+
+
+def config_from_dict(cls: type, data: Mapping[str, Any], path: str) -> Any:
+    """Build attrs class `cls` from `data`, recursing into nested attrs-typed fields."""
+    if not isinstance(data, Mapping):
+        raise StrategyError(f"{path}: expected a mapping of fields, got {data!r}.")
+    fields = {f.name: f for f in attrs.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            _raise_unknown(cls, key, path)
+        kwargs[key] = _value_from_data(hints.get(key), value, f"{path}.{key}")
+    try:
+        return cls(**kwargs)
+    except StrategyError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise StrategyError(f"{path}: {exc}") from exc
+
+
+def _value_from_data(hint: Any, value: Any, path: str) -> Any:
+    """Turn a nested mapping into the attrs class its field is annotated with."""
+    if not isinstance(value, Mapping):
+        return value
+    candidates = [hint]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        candidates = list(typing.get_args(hint))
+    config_classes = [c for c in candidates if attrs.has(c)]
+    if len(config_classes) == 1:
+        return config_from_dict(config_classes[0], value, path)
+    if config_classes and "kind" in value:
+        by_kind = {c.__name__.lower(): c for c in config_classes}
+        kind = str(value["kind"]).lower()
+        if kind not in by_kind:
+            raise StrategyError(
+                f"{path}.kind: unknown kind {value['kind']!r}.{did_you_mean(kind, by_kind)} "
+                f"Valid kinds: {', '.join(by_kind)}."
+            )
+        rest = {k: v for k, v in value.items() if k != "kind"}
+        return config_from_dict(by_kind[kind], rest, path)
+    return value
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """Plain data for an attrs config; nested configs of a union carry their 'kind'."""
+    out: dict[str, Any] = {}
+    for f in attrs.fields(type(config)):
+        out[f.name] = _value_to_data(getattr(config, f.name))
+    return out
+
+
+def _value_to_data(value: Any) -> Any:
+    from .pass_manager import GraphPass
+
+    if attrs.has(type(value)):
+        data = config_to_dict(value)
+        return {"kind": type(value).__name__, **data}
+    if isinstance(value, GraphPass):
+        return value.import_path()
+    if isinstance(value, tuple | list):
+        return [_value_to_data(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def describe_config(cls: type) -> str:
+    """Field, default and docstring for each field of an attrs config class."""
+    docs = field_docstrings(cls)
+    lines = [f"{cls.__name__}: {(cls.__doc__ or '').strip()}"]
+    for f in attrs.fields(cls):
+        default = f.default
+        if isinstance(default, attrs.Factory):  # type: ignore[arg-type]
+            default = default.factory()
+        lines.append(f"  {f.name} = {default!r}")
+        for doc_line in docs.get(f.name, "").splitlines():
+            lines.append(f"      {doc_line.strip()}")
+    return "\n".join(lines)
+
+
+def field_docstrings(cls: type) -> dict[str, str]:
+    """The string literal written under each field in the class body."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for stmt, nxt in zip(body, body[1:]):
+        if (
+            isinstance(stmt, ast.AnnAssign)
+            and isinstance(stmt.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[stmt.target.id] = nxt.value.value
+    return docs

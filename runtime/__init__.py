@@ -1,0 +1,1 @@
+"""Executes compiled graphs: the compiled module, and later the training engine and collectives."""

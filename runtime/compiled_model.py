@@ -1,0 +1,99 @@
+"""CompiledModel: runs the transformed graph for the current mode, on the model's own tensors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import attrs
+import torch
+import torch.fx as fx
+
+from ..compiler import cost_model
+from ..compiler import inspect as graph_inspect
+from ..compiler.context import CompileContext
+from ..compiler.pass_manager import PassRecord
+from ..compiler.strategy import Strategy
+
+
+@attrs.define
+class CompiledGraph:
+    """One mode's transformed graph, the history of passes that made it, and their context."""
+
+    gm: fx.GraphModule
+    history: list[PassRecord]
+    ctx: CompileContext
+
+
+class CompiledModel(torch.nn.Module):
+    """The compiled model: call it like the original.
+
+    It shares the original model's parameters, buffers and submodules (the same dicts),
+    so `parameters()`, `state_dict()` and module paths are the model's own, with no
+    prefix and no copies. Each mode (train/eval) has its own graph, since a captured
+    graph bakes in dropout and batch-norm behaviour; the second is built on first use.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        strategy: Strategy,
+        build_graph: Callable[[bool], CompiledGraph],
+    ) -> None:
+        super().__init__()
+        # Share the model's state dicts, so everything nn.Module derives from them
+        # (names, state_dict, hooks on submodules) is the model's own.
+        self._parameters = model._parameters
+        self._buffers = model._buffers
+        self._modules = model._modules
+        object.__setattr__(self, "model", model)
+        object.__setattr__(self, "strategy", strategy)
+        object.__setattr__(self, "_build_graph", build_graph)
+        object.__setattr__(self, "_graphs", {})
+        self.training = model.training
+        self._graph_for(self.training)
+
+    # ------------------------------------------------------------------ running
+    def _graph_for(self, training: bool) -> CompiledGraph:
+        if training not in self._graphs:
+            self._graphs[training] = self._build_graph(training)
+        return self._graphs[training]
+
+    def forward(self, *args, **kwargs):
+        return self._graph_for(self.training).gm(*args, **kwargs)
+
+    def train(self, mode: bool = True) -> CompiledModel:
+        self.model.train(mode)
+        self.training = mode
+        return self
+
+    # ------------------------------------------------------------------ inspecting
+    @property
+    def graph(self) -> fx.GraphModule:
+        """The transformed GraphModule for the current mode."""
+        return self._graph_for(self.training).gm
+
+    @property
+    def history(self) -> list[PassRecord]:
+        """One record per pass that built the current mode's graph."""
+        return self._graph_for(self.training).history
+
+    @property
+    def context(self) -> CompileContext:
+        """The compile context of the current mode: strategy, records of every pass."""
+        return self._graph_for(self.training).ctx
+
+    def print_graph(self) -> str:
+        """Each node with its op, output shape/dtype and owning module path."""
+        return graph_inspect.print_graph(self.graph)
+
+    def diff(self, pass_name: str) -> str:
+        """What the named pass changed in the current mode's graph (a unified diff)."""
+        return graph_inspect.diff(self.history, pass_name)
+
+    def explain(self) -> cost_model.Explanation:
+        """Per-rank estimate of parameter, gradient, optimizer-state and activation bytes."""
+        graph = self._graph_for(self.training)
+        return cost_model.estimate(graph.gm, graph.ctx)
+
+    def __repr__(self) -> str:
+        return f"CompiledModel({type(self.model).__name__}, {self.strategy!r})"
