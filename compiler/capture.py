@@ -156,9 +156,9 @@ def _cache_hint(model: torch.nn.Module, kwargs: Mapping) -> str:
     if config is None or not getattr(config, "use_cache", False) or "use_cache" in kwargs:
         return ""
     return (
-        f"\n  {type(model).__name__} returns a KV-cache object by default (config.use_cache=True): "
-        "pass example_kwargs={'use_cache': False} to strato.compile and call the compiled "
-        "model the same way."
+        f"{type(model).__name__} returns a KV-cache object by default (config.use_cache=True), "
+        "which is no tensor a graph can return: pass example_kwargs={'use_cache': False} to "
+        "strato.compile and call the compiled model with use_cache=False too."
     )
 
 
@@ -186,18 +186,27 @@ def _capture_error(model, kwargs, export_exc: BaseException, fx_exc: BaseExcepti
     module_path, source = _fault_location(model, export_exc)
     if not module_path:
         module_path, source = _fault_location(model, fx_exc)
-    first_line = (
-        str(export_exc).strip().splitlines()[0]
-        if str(export_exc).strip()
-        else type(export_exc).__name__
-    )
     where = f" in module {module_path!r}" if module_path else ""
     at = f" at {source}" if source else ""
+    todo = _cache_hint(model, kwargs) if _is_unknown_output_type(export_exc) else ""
+    if not todo:
+        todo = (
+            "Python control flow that depends on tensor values cannot be traced; rewrite it "
+            "with torch.where / torch.cond, move it out of forward, or pass the value as a "
+            "plain Python constant in example_kwargs."
+        )
     return CaptureError(
         f"could not capture {type(model).__name__}{where}{at}.\n"
-        f"  torch.export said: {type(export_exc).__name__}: {first_line}\n"
-        f"  torch.fx.symbolic_trace said: {type(fx_exc).__name__}: {str(fx_exc).strip().splitlines()[0] if str(fx_exc).strip() else ''}\n"
-        "  What to do: Python control flow that depends on tensor values cannot be traced; "
-        "rewrite it with torch.where / torch.cond, move it out of forward, or pass the value "
-        "as a plain Python constant in example_kwargs." + _cache_hint(model, kwargs)
+        f"  torch.export said: {_first_line(export_exc)}\n"
+        f"  torch.fx.symbolic_trace said: {_first_line(fx_exc)}\n"
+        f"  What to do: {todo}"
     )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _is_unknown_output_type(exc: BaseException) -> bool:
+    return "not a known type" in str(exc) or "Cache" in str(exc)

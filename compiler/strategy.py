@@ -17,6 +17,15 @@ import attrs
 import yaml
 
 from .errors import StrategyError, did_you_mean
+from .training_config import (  # noqa: F401  (names the field annotations resolve to)
+    SGD,
+    AdamW,
+    Constant,
+    LossScaling,
+    Polynomial,
+    WarmupCosine,
+    WarmupLinear,
+)
 
 
 def _as_tuple(value: Any) -> tuple:
@@ -64,6 +73,46 @@ def _convert_disable(value: Any) -> tuple[str, ...]:
     return names
 
 
+def _check_optimizer(instance, attribute, value) -> None:
+    if value is not None and not isinstance(value, AdamW | SGD):
+        raise StrategyError(
+            f"Strategy.optimizer: expected strato.AdamW(...), strato.SGD(...) or None, got {value!r}."
+        )
+
+
+def _check_schedule(instance, attribute, value) -> None:
+    if not isinstance(value, Constant | WarmupLinear | WarmupCosine | Polynomial):
+        raise StrategyError(
+            "Strategy.schedule: expected strato.Constant, WarmupLinear, WarmupCosine or "
+            f"Polynomial, got {value!r}."
+        )
+
+
+def _check_precision(instance, attribute, value) -> None:
+    if value not in ("fp32", "bf16", "fp16"):
+        raise StrategyError(
+            f"Strategy.precision: expected 'fp32', 'bf16' or 'fp16', got {value!r}."
+            f"{did_you_mean(str(value), ['fp32', 'bf16', 'fp16'])}"
+        )
+
+
+def _check_loss_scaling(instance, attribute, value) -> None:
+    if not isinstance(value, LossScaling):
+        raise StrategyError(f"Strategy.loss_scaling: expected strato.LossScaling, got {value!r}.")
+
+
+def _check_grad_accumulation(instance, attribute, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise StrategyError(f"Strategy.grad_accumulation: must be an integer >= 1, got {value!r}.")
+
+
+def _check_grad_clip(instance, attribute, value) -> None:
+    if value is not None and (
+        not isinstance(value, int | float) or isinstance(value, bool) or not value > 0
+    ):
+        raise StrategyError(f"Strategy.grad_clip: must be a number > 0 or None, got {value!r}.")
+
+
 @attrs.frozen(kw_only=True)
 class Strategy:
     """How to compile a model: which passes run, and with which settings."""
@@ -75,6 +124,31 @@ class Strategy:
 
     disable: tuple[str, ...] = attrs.field(default=(), converter=_convert_disable)
     """Names of passes to skip, built-in or user. A name that matches no pass is an error."""
+
+    # ------------------------------------------------------------------ training
+    optimizer: AdamW | SGD | None = attrs.field(default=None, validator=_check_optimizer)
+    """The optimizer (strato.AdamW or strato.SGD). With one, `strato.compile` returns a
+    training engine (backward/step/save_checkpoint/...); None compiles for inference."""
+
+    schedule: Constant | WarmupLinear | WarmupCosine | Polynomial = attrs.field(
+        factory=Constant, validator=_check_schedule
+    )
+    """Learning-rate schedule: a factor of the optimizer's lr per optimizer step."""
+
+    precision: str = attrs.field(default="fp32", validator=_check_precision)
+    """'fp32', 'bf16' or 'fp16': matmul-like ops run in the low precision (casts inserted
+    by the 'mixed_precision' pass), weights and optimizer states stay fp32. fp16 adds
+    dynamic loss scaling (see loss_scaling)."""
+
+    loss_scaling: LossScaling = attrs.field(factory=LossScaling, validator=_check_loss_scaling)
+    """Dynamic loss-scaling settings, used when precision is 'fp16'."""
+
+    grad_accumulation: int = attrs.field(default=1, validator=_check_grad_accumulation)
+    """Micro-steps per optimizer step: `engine.step()` updates on every n-th call, and
+    data-parallel gradients are only communicated on that call."""
+
+    grad_clip: float | None = attrs.field(default=None, validator=_check_grad_clip)
+    """Clip gradients to this global L2 norm (over all parameters and ranks); None: no clipping."""
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -163,6 +237,8 @@ def _value_from_data(hint: Any, value: Any, path: str) -> Any:
         candidates = list(typing.get_args(hint))
     config_classes = [c for c in candidates if attrs.has(c)]
     if len(config_classes) == 1:
+        if value.get("kind", config_classes[0].__name__) == config_classes[0].__name__:
+            value = {k: v for k, v in value.items() if k != "kind"}  # as config_to_dict writes it
         return config_from_dict(config_classes[0], value, path)
     if config_classes and "kind" in value:
         by_kind = {c.__name__.lower(): c for c in config_classes}
@@ -188,11 +264,11 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 def _value_to_data(value: Any) -> Any:
     from .pass_manager import GraphPass
 
+    if isinstance(value, GraphPass):
+        return value.import_path()
     if attrs.has(type(value)):
         data = config_to_dict(value)
         return {"kind": type(value).__name__, **data}
-    if isinstance(value, GraphPass):
-        return value.import_path()
     if isinstance(value, tuple | list):
         return [_value_to_data(v) for v in value]
     if isinstance(value, Path):

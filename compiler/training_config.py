@@ -1,0 +1,305 @@
+"""Training settings a Strategy holds: optimizers, learning-rate schedules, loss scaling.
+
+Frozen attrs classes with a docstring under each field, like Strategy itself; in YAML a
+union field picks its class by a 'kind' key (`optimizer: {kind: AdamW, lr: 3e-4}`).
+The runtime turns these into torch optimizers (runtime/optim.py); the schedules carry
+their own math (`factor(step)`), since a schedule is nothing but that function.
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+import torch
+
+from .errors import StrategyError
+
+
+def _positive(name: str):
+    def check(instance, attribute, value) -> None:
+        if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+            raise StrategyError(
+                f"{type(instance).__name__}.{attribute.name}: must be a number > 0, got {value!r}."
+            )
+
+    return check
+
+
+def _non_negative(instance, attribute, value) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool) or value < 0:
+        raise StrategyError(
+            f"{type(instance).__name__}.{attribute.name}: must be a number >= 0, got {value!r}."
+        )
+
+
+def _fraction(instance, attribute, value) -> None:
+    if not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise StrategyError(
+            f"{type(instance).__name__}.{attribute.name}: must be in [0, 1], got {value!r}."
+        )
+
+
+def _betas(instance, attribute, value) -> None:
+    if len(value) != 2 or not all(0 <= b < 1 for b in value):
+        raise StrategyError(
+            f"{type(instance).__name__}.{attribute.name}: expected two numbers in [0, 1), got {value!r}."
+        )
+
+
+def _optional_layer_decay(instance, attribute, value) -> None:
+    if value is not None and not (isinstance(value, int | float) and 0 < value <= 1):
+        raise StrategyError(
+            f"{type(instance).__name__}.{attribute.name}: must be None or in (0, 1], got {value!r}."
+        )
+
+
+def _patterns(value) -> tuple[str, ...]:
+    if isinstance(value, str):
+        return (value,)
+    return tuple(value)
+
+
+# ---------------------------------------------------------------------- optimizers
+
+
+@attrs.frozen(kw_only=True)
+class AdamW:
+    """torch.optim.AdamW, with parameter groups built from the model."""
+
+    lr: float = attrs.field(default=1e-3, validator=_positive("lr"))
+    """Peak learning rate; the schedule multiplies it by a factor each step."""
+
+    betas: tuple[float, float] = attrs.field(default=(0.9, 0.999), converter=tuple, validator=_betas)
+    """Decay rates of the first and second moment estimates."""
+
+    eps: float = attrs.field(default=1e-8, validator=_positive("eps"))
+    """Added to the denominator for numerical stability."""
+
+    weight_decay: float = attrs.field(default=0.01, validator=_non_negative)
+    """Decoupled weight decay, applied to every parameter not excluded below."""
+
+    decay_norms_and_biases: bool = False
+    """Also decay biases and the weights of normalization layers (LayerNorm, RMSNorm,
+    BatchNorm, GroupNorm). Off by default, as in most transformer recipes."""
+
+    no_decay: tuple[str, ...] = attrs.field(default=(), converter=_patterns)
+    """Extra parameter-name patterns (fnmatch, e.g. '*pos_emb*') that get no weight decay."""
+
+    layer_decay: float | None = attrs.field(default=None, validator=_optional_layer_decay)
+    """Layer-wise LR decay: parameters of numbered layer i of L get lr * layer_decay**(L + 1 - i);
+    parameters before the first numbered layer (embeddings) count as layer 0, those after
+    the last as layer L + 1 (full lr). None turns it off."""
+
+    foreach: bool | None = None
+    """torch's multi-tensor implementation: None lets torch choose."""
+
+    def build(self, param_groups: list[dict]) -> torch.optim.Optimizer:
+        """The torch optimizer over `param_groups` (dicts with 'params' and 'weight_decay')."""
+        return torch.optim.AdamW(
+            param_groups,
+            lr=self.lr,
+            betas=self.betas,
+            eps=self.eps,
+            weight_decay=self.weight_decay,
+            foreach=self.foreach,
+        )
+
+    def state_bytes(self, param: torch.Tensor) -> int:
+        """Optimizer-state bytes for one parameter: exp_avg, exp_avg_sq and a step counter."""
+        return 2 * param.numel() * param.element_size() + 4
+
+
+@attrs.frozen(kw_only=True)
+class SGD:
+    """torch.optim.SGD (with momentum), with parameter groups built from the model."""
+
+    lr: float = attrs.field(default=1e-2, validator=_positive("lr"))
+    """Peak learning rate; the schedule multiplies it by a factor each step."""
+
+    momentum: float = attrs.field(default=0.9, validator=_fraction)
+    """Momentum factor; 0 keeps no optimizer state."""
+
+    dampening: float = attrs.field(default=0.0, validator=_fraction)
+    """Dampening for momentum."""
+
+    nesterov: bool = False
+    """Nesterov momentum (needs momentum > 0 and dampening 0)."""
+
+    weight_decay: float = attrs.field(default=0.0, validator=_non_negative)
+    """L2 penalty added to the gradient, for parameters not excluded below."""
+
+    decay_norms_and_biases: bool = False
+    """Also decay biases and normalization-layer weights."""
+
+    no_decay: tuple[str, ...] = attrs.field(default=(), converter=_patterns)
+    """Extra parameter-name patterns (fnmatch) that get no weight decay."""
+
+    layer_decay: float | None = attrs.field(default=None, validator=_optional_layer_decay)
+    """Layer-wise LR decay, as for AdamW.layer_decay."""
+
+    foreach: bool | None = None
+    """torch's multi-tensor implementation: None lets torch choose."""
+
+    def __attrs_post_init__(self) -> None:
+        if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
+            raise StrategyError("SGD.nesterov: needs momentum > 0 and dampening 0.")
+
+    def build(self, param_groups: list[dict]) -> torch.optim.Optimizer:
+        return torch.optim.SGD(
+            param_groups,
+            lr=self.lr,
+            momentum=self.momentum,
+            dampening=self.dampening,
+            nesterov=self.nesterov,
+            weight_decay=self.weight_decay,
+            foreach=self.foreach,
+        )
+
+    def state_bytes(self, param: torch.Tensor) -> int:
+        """The momentum buffer, if any."""
+        return param.numel() * param.element_size() if self.momentum > 0 else 0
+
+
+OptimizerConfig = AdamW | SGD
+
+
+# ---------------------------------------------------------------------- schedules
+
+
+def _check_steps(schedule) -> None:
+    name = type(schedule).__name__
+    for field in ("warmup_steps", "total_steps"):
+        value = getattr(schedule, field)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise StrategyError(f"{name}.{field}: must be an integer >= 0, got {value!r}.")
+    if schedule.total_steps <= schedule.warmup_steps:
+        raise StrategyError(
+            f"{name}.total_steps: must be greater than warmup_steps "
+            f"({schedule.total_steps} <= {schedule.warmup_steps})."
+        )
+
+
+def _warmup(step: int, warmup_steps: int) -> float | None:
+    """Linear warmup factor (step+1)/warmup while warming up, else None."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return None
+
+
+@attrs.frozen(kw_only=True)
+class Constant:
+    """The optimizer's lr at every step, after an optional linear warmup."""
+
+    warmup_steps: int = attrs.field(default=0, validator=_non_negative)
+    """Optimizer steps of linear warmup from lr/warmup_steps to lr."""
+
+    def factor(self, step: int) -> float:
+        """LR multiplier for optimizer step `step` (0-based)."""
+        return _warmup(step, self.warmup_steps) or 1.0
+
+
+@attrs.frozen(kw_only=True)
+class WarmupLinear:
+    """Linear warmup, then linear decay to min_lr_ratio * lr at total_steps."""
+
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup."""
+
+    total_steps: int = 1000
+    """Step at which the decay reaches its floor (and stays there)."""
+
+    min_lr_ratio: float = attrs.field(default=0.0, validator=_fraction)
+    """Floor of the decay, as a fraction of lr."""
+
+    def __attrs_post_init__(self) -> None:
+        _check_steps(self)
+
+    def factor(self, step: int) -> float:
+        warm = _warmup(step, self.warmup_steps)
+        if warm is not None:
+            return warm
+        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * (1 - progress)
+
+
+@attrs.frozen(kw_only=True)
+class WarmupCosine:
+    """Linear warmup, then cosine decay to min_lr_ratio * lr at total_steps."""
+
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup."""
+
+    total_steps: int = 1000
+    """Step at which the cosine reaches its floor (and stays there)."""
+
+    min_lr_ratio: float = attrs.field(default=0.0, validator=_fraction)
+    """Floor of the decay, as a fraction of lr."""
+
+    def __attrs_post_init__(self) -> None:
+        _check_steps(self)
+
+    def factor(self, step: int) -> float:
+        warm = _warmup(step, self.warmup_steps)
+        if warm is not None:
+            return warm
+        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+        cosine = 0.5 * (1 + math.cos(math.pi * progress))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine
+
+
+@attrs.frozen(kw_only=True)
+class Polynomial:
+    """Linear warmup, then (1 - progress)**power decay to min_lr_ratio * lr at total_steps."""
+
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup."""
+
+    total_steps: int = 1000
+    """Step at which the decay reaches its floor (and stays there)."""
+
+    power: float = attrs.field(default=1.0, validator=_positive("power"))
+    """Exponent of the decay; 1 is linear."""
+
+    min_lr_ratio: float = attrs.field(default=0.0, validator=_fraction)
+    """Floor of the decay, as a fraction of lr."""
+
+    def __attrs_post_init__(self) -> None:
+        _check_steps(self)
+
+    def factor(self, step: int) -> float:
+        warm = _warmup(step, self.warmup_steps)
+        if warm is not None:
+            return warm
+        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * (1 - progress) ** self.power
+
+
+ScheduleConfig = Constant | WarmupLinear | WarmupCosine | Polynomial
+
+
+# ---------------------------------------------------------------------- loss scaling
+
+
+@attrs.frozen(kw_only=True)
+class LossScaling:
+    """Dynamic loss scaling for fp16 (ignored for fp32 and bf16)."""
+
+    initial_scale: float = attrs.field(default=2.0**16, validator=_positive("initial_scale"))
+    """The loss is multiplied by this before backward, until overflows lower it."""
+
+    growth_factor: float = attrs.field(default=2.0, validator=_positive("growth_factor"))
+    """Scale multiplier after `growth_interval` steps without inf/NaN gradients."""
+
+    backoff_factor: float = attrs.field(default=0.5, validator=_fraction)
+    """Scale multiplier after an overflow (once hysteresis is used up)."""
+
+    growth_interval: int = attrs.field(default=2000, validator=_positive("growth_interval"))
+    """Consecutive finite steps before the scale grows."""
+
+    hysteresis: int = attrs.field(default=1, validator=_positive("hysteresis"))
+    """Overflows in a row tolerated before the scale backs off (each one still skips its step);
+    1 backs off at the first overflow."""
+
+    min_scale: float = attrs.field(default=1.0, validator=_positive("min_scale"))
+    """The scale never backs off below this."""

@@ -1,0 +1,42 @@
+"""Shared helpers: tiny models and the eager-parity oracle."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from examples.gpt import GPTConfig
+
+TINY_GPT = GPTConfig(vocab_size=97, seq_len=16, d_model=32, n_layers=2, n_heads=4)
+
+
+def grads_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def forward_backward(fn, model, args, kwargs, reduce=lambda out: out.float().pow(2).mean()):
+    """Run fn(*args, **kwargs), backprop a scalar made from its output; return (out, grads)."""
+    model.zero_grad(set_to_none=True)
+    out = fn(*args, **kwargs)
+    loss = reduce(out)
+    loss.backward()
+    return out, grads_of(model)
+
+
+def assert_parity(model, compiled, args, kwargs=None, *, atol=1e-6, reduce=None, seed=0):
+    """Compiled forward and gradients equal eager within atol (same RNG seed for both)."""
+    kwargs = kwargs or {}
+    reduce = reduce or (lambda out: out.float().pow(2).mean())
+    torch.manual_seed(seed)
+    ref_out, ref_grads = forward_backward(model, model, args, kwargs, reduce)
+    torch.manual_seed(seed)
+    out, grads = forward_backward(compiled, model, args, kwargs, reduce)
+    torch.testing.assert_close(out, ref_out, atol=atol, rtol=0)
+    assert grads.keys() == ref_grads.keys() and grads, "compiled run produced other gradients"
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=atol, rtol=0, msg=name)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
