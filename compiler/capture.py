@@ -99,13 +99,29 @@ def _export(model, args, kwargs, dynamic_batch) -> fx.GraphModule:
 
 
 def _symbolic_trace(model, args, kwargs) -> fx.GraphModule:
-    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
-
     if kwargs:
         raise CaptureError("symbolic_trace cannot take keyword inputs")
     gm = fx.symbolic_trace(model)
-    FakeTensorProp(gm).propagate(*args)
+    _record_values(gm, args)
     return gm
+
+
+def _record_values(gm: fx.GraphModule, args: tuple) -> None:
+    """Run the traced graph once on the examples, keeping each output's shape and dtype.
+
+    Real inputs, not fake ones: FX leaves (`torch.fx.wrap`) may branch on values.
+    """
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node):
+            result = super().run_node(node)
+            node.meta["val"] = pytree.tree_map_only(
+                torch.Tensor, lambda t: torch.empty_like(t, device="meta"), result
+            )
+            return result
+
+    with torch.no_grad():
+        Recorder(gm).run(*args)
 
 
 def _bind_model_tensors(gm: fx.GraphModule, model: torch.nn.Module) -> None:

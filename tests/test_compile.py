@@ -126,3 +126,26 @@ def test_uncapturable_model_names_module_and_line():
     assert "'inner'" in message
     assert "test_compile.py" in message
     assert "torch.cond" in message
+
+
+@torch.fx.wrap
+def _clamp_if_positive(x):
+    # Branches on a value: export cannot trace it, FX keeps it as one opaque call.
+    return x.clamp(max=1.0) if x.sum() > 0 else x
+
+
+def test_falls_back_to_symbolic_trace_when_export_fails():
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return _clamp_if_positive(self.lin(x))
+
+    model = Model()
+    x = torch.randn(3, 4)
+    compiled = strato.compile(model, example_inputs=(x,))
+    assert compiled.context.capture_method == "symbolic_trace"
+    assert_parity(model, compiled, (x,))
+    assert "f32[3, 4]" in compiled.print_graph()
