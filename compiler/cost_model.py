@@ -119,6 +119,22 @@ def estimate(gm: fx.GraphModule, ctx: CompileContext) -> Explanation:
         opt_bytes = 0
         if ctx.training:
             notes.append("no optimizer in the strategy: optimizer state counted as 0")
+    quantized = ctx.records.get("quantize", {})
+    if "bytes_before" in quantized:  # the quantize pass swapped float weights for packed ones
+        param_bytes += quantized["bytes_after"] - quantized["bytes_before"]
+        notes.append(
+            f"quantize ({quantized['scheme']}): {len(quantized['layers'])} linear weights "
+            f"{format_bytes(quantized['bytes_before'])} -> {format_bytes(quantized['bytes_after'])}"
+        )
+    comm: dict[str, int] = {}
+    if "zero" in ctx.records:  # ZeRO: what this rank holds after sharding, what it sends
+        from .zero_config import explain_zero
+
+        zero = explain_zero(ctx.records["zero"], optimizer)
+        param_bytes, opt_bytes = zero["parameter_bytes"], zero["optimizer_state_bytes"]
+        grad_bytes = zero["gradient_bytes"] if ctx.training else 0
+        comm = zero["comm_bytes_per_step"]
+        notes += zero["notes"]
     return Explanation(
         parameter_bytes=param_bytes,
         gradient_bytes=grad_bytes,
@@ -126,5 +142,6 @@ def estimate(gm: fx.GraphModule, ctx: CompileContext) -> Explanation:
         activation_bytes=activation_bytes(gm, ctx.training),
         world_size=ctx.world_size,
         rank=ctx.rank,
+        comm_bytes_per_step=comm,
         notes=tuple(notes),
     )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from ..passes.annotate import annotate_metadata
 from ..passes.dead_code import eliminate_dead_code
+from ..passes.precision import mixed_precision
+from ..passes.quantize import quantize_linears
 from .pass_manager import GraphPass, as_graph_pass
 from .strategy import Strategy
 
@@ -11,6 +13,18 @@ from .strategy import Strategy
 def builtin_passes(strategy: Strategy) -> list[GraphPass]:
     """The built-in passes for `strategy`; later features append theirs here."""
     passes = [annotate_metadata, eliminate_dead_code]
+    if strategy.precision in ("bf16", "fp16"):
+        passes.append(mixed_precision)
+    if strategy.quantize is not None:
+        passes.append(quantize_linears)
+    if strategy.fuse:
+        from ..passes.fuse import fuse_operators
+
+        passes.append(fuse_operators)
+    if getattr(strategy, "zero", 0):
+        from ..passes.zero import ZERO_PASSES
+
+        passes.append(ZERO_PASSES[strategy.zero])
     return [as_graph_pass(p) for p in passes]
 
 

@@ -17,6 +17,7 @@ import attrs
 import yaml
 
 from .errors import StrategyError, did_you_mean
+from .quantize_config import Quantize
 from .training_config import (  # noqa: F401  (names the field annotations resolve to)
     SGD,
     AdamW,
@@ -25,6 +26,14 @@ from .training_config import (  # noqa: F401  (names the field annotations resol
     Polynomial,
     WarmupCosine,
     WarmupLinear,
+)
+from .zero_config import (
+    NVMe,  # noqa: F401  (names the field annotations resolve to)
+    check_non_negative_int,
+    check_offload,
+    check_positive_number,
+    check_zero,
+    convert_offload,
 )
 
 
@@ -113,6 +122,18 @@ def _check_grad_clip(instance, attribute, value) -> None:
         raise StrategyError(f"Strategy.grad_clip: must be a number > 0 or None, got {value!r}.")
 
 
+def _check_quantize(instance, attribute, value) -> None:
+    if value is not None and not isinstance(value, Quantize):
+        raise StrategyError(
+            f"Strategy.quantize: expected strato.Quantize(...) or None, got {value!r}."
+        )
+
+
+def _check_fuse(instance, attribute, value) -> None:
+    if not isinstance(value, bool):
+        raise StrategyError(f"Strategy.fuse: expected true or false, got {value!r}.")
+
+
 @attrs.frozen(kw_only=True)
 class Strategy:
     """How to compile a model: which passes run, and with which settings."""
@@ -124,6 +145,11 @@ class Strategy:
 
     disable: tuple[str, ...] = attrs.field(default=(), converter=_convert_disable)
     """Names of passes to skip, built-in or user. A name that matches no pass is an error."""
+
+    fuse: bool = attrs.field(default=False, validator=_check_fuse)
+    """Fuse elementwise chains, row reductions (LayerNorm, RMSNorm, softmax, cross-entropy)
+    and attention into generated Triton kernels (the 'fuse' pass). They run as Triton on
+    CUDA and as their torch references on CPU; env STRATO_KERNELS=triton|reference overrides."""
 
     # ------------------------------------------------------------------ training
     optimizer: AdamW | SGD | None = attrs.field(default=None, validator=_check_optimizer)
@@ -149,6 +175,34 @@ class Strategy:
 
     grad_clip: float | None = attrs.field(default=None, validator=_check_grad_clip)
     """Clip gradients to this global L2 norm (over all parameters and ranks); None: no clipping."""
+
+    # ------------------------------------------------------------------ ZeRO
+    zero: int = attrs.field(default=0, validator=check_zero)
+    """ZeRO stage over the data-parallel ranks: 0 replicates everything; 1 shards optimizer
+    states; 2 also gradients (reduce-scattered in buckets during backward); 3 also
+    parameters (gathered per layer for forward and again for backward, as graph nodes)."""
+
+    offload: Any = attrs.field(default=None, converter=convert_offload, validator=check_offload)
+    """Where optimizer states live (and, at stage 3, parameter shards): None (with the
+    parameters), 'cpu', or strato.NVMe('/folder') for memory-mapped files; the optimizer
+    update runs where the states are."""
+
+    zero_prefetch: int = attrs.field(default=1, validator=check_non_negative_int)
+    """Stage 3: how many layer gathers are issued ahead of use, so communication overlaps
+    compute (0: gather only when needed)."""
+
+    zero_bucket_mb: float = attrs.field(default=16.0, validator=check_positive_number)
+    """Stages 1-2 (and stage-3 small parameters): MiB of fp32 gradients per reduce-scatter
+    bucket; smaller buckets start communicating earlier in backward."""
+
+    zero_small_param_threshold: int = attrs.field(default=0, validator=check_non_negative_int)
+    """Stage 3: parameters with fewer elements stay whole on every rank (saves tiny
+    gathers; their gradients and optimizer states are still sharded, as in stage 2)."""
+
+    # ------------------------------------------------------------------ inference
+    quantize: Quantize | None = attrs.field(default=None, validator=_check_quantize)
+    """Quantize linear layers of the inference (eval) graph: strato.Quantize(weights='int8'
+    or 'int4', ...). None keeps them float. Training graphs are never quantized."""
 
     # ------------------------------------------------------------------ building
     @classmethod

@@ -70,7 +70,9 @@ class AdamW:
     lr: float = attrs.field(default=1e-3, validator=_positive("lr"))
     """Peak learning rate; the schedule multiplies it by a factor each step."""
 
-    betas: tuple[float, float] = attrs.field(default=(0.9, 0.999), converter=tuple, validator=_betas)
+    betas: tuple[float, float] = attrs.field(
+        default=(0.9, 0.999), converter=tuple, validator=_betas
+    )
     """Decay rates of the first and second moment estimates."""
 
     eps: float = attrs.field(default=1e-8, validator=_positive("eps"))

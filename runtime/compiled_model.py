@@ -86,6 +86,12 @@ class CompiledModel(torch.nn.Module):
         """Each node with its op, output shape/dtype and owning module path."""
         return graph_inspect.print_graph(self.graph)
 
+    def kernels(self) -> list[dict]:
+        """The fused regions of the current mode's graph, one entry each: 'name', 'kind',
+        'kernel' (the custom op; equal regions share one), 'nodes' (the ATen nodes it
+        replaced), 'inputs', 'outputs', 'source' (the Triton source). Empty unless fuse=True."""
+        return [dict(r) for r in self.context.records.get("fuse", {}).get("regions", [])]
+
     def diff(self, pass_name: str) -> str:
         """What the named pass changed in the current mode's graph (a unified diff)."""
         return graph_inspect.diff(self.history, pass_name)

@@ -1,0 +1,274 @@
+"""ZeRO stages 1, 2 and 3: decide how parameters, gradients and optimizer states are sharded.
+
+Every stage shards each trainable parameter the same way: flattened, padded to a multiple
+of the world size N, and cut into N equal shards; rank r owns elements [r*s, (r+1)*s).
+Parameters are grouped for communication, and the group's collective buffer is laid out
+rank-major ([N, S], each parameter's shard at a fixed offset of the S columns), so one
+all-gather or reduce-scatter serves the whole group.
+
+- zero1 / zero2: the graph is unchanged; parameters go into *buckets* in the order their
+  gradients become ready (reverse first use). Stage 1 reduce-scatters the buckets at the
+  accumulation boundary, stage 2 as soon as a bucket's gradients are complete in backward;
+  after the update each bucket's shards are all-gathered back into the full parameters.
+- zero3: parameters are grouped into *units* (one per numbered layer, e.g. 'blocks.3', else
+  per top-level module), ordered by first use. Each unit's parameter reads become one
+  `strato::zero_gather` node before the first use and one `strato::zero_release` node
+  after the last use in forward; the gather's backward reduce-scatters into the shards.
+  Parameters smaller than `Strategy.zero_small_param_threshold` elements stay whole on
+  every rank and are handled like stage 2.
+
+Decisions go to ctx.records['zero'] and node.meta['strato_zero']; runtime/zero.py reads them.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ..compiler.context import CompileContext
+from ..compiler.pass_manager import graph_pass
+from ..runtime import zero_ops
+from .annotate import getattr_path
+
+_LAYER = re.compile(r"^(.*?\.\d+)(\.|$)")
+
+
+def shard_numel(numel: int, world_size: int) -> int:
+    """Elements of one rank's shard of a parameter with `numel` elements (padded)."""
+    return -(-numel // world_size)
+
+
+def unit_name(param_name: str) -> str:
+    """The stage-3 unit of a parameter: its first numbered layer ('blocks.3'), else its
+    top-level module ('tok_emb'), else the root ('')."""
+    match = _LAYER.match(param_name)
+    if match:
+        return match.group(1)
+    head, _, rest = param_name.partition(".")
+    return head if rest else ""
+
+
+def _parameter_uses(gm: fx.GraphModule, model: torch.nn.Module) -> dict[str, list[fx.Node]]:
+    """get_attr nodes reading each trainable parameter, by the parameter's first name
+    (tied weights: several targets, one parameter), in graph order."""
+    first_name = {id(p): n for n, p in model.named_parameters()}
+    uses: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        value = getattr_path(gm, node.target)
+        if isinstance(value, torch.nn.Parameter) and value.requires_grad:
+            name = first_name.get(id(value))
+            if name is not None:
+                uses.setdefault(name, []).append(node)
+    return uses
+
+
+def _first_use_order(gm: fx.GraphModule, uses: dict[str, list[fx.Node]]) -> list[str]:
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    big = len(order)
+
+    def first(name: str) -> int:
+        return min((order[u] for node in uses[name] for u in node.users), default=big)
+
+    return sorted(uses, key=first)
+
+
+def _layout(names: list[str], params: dict[str, torch.Tensor], world_size: int) -> dict:
+    """Rank-major collective layout of a group: each parameter's shard offset in S columns."""
+    offsets, offset = {}, 0
+    for name in names:
+        offsets[name] = offset
+        offset += shard_numel(params[name].numel(), world_size)
+    return {"params": list(names), "offsets": offsets, "shard_numel": offset}
+
+
+def _buckets(
+    names: list[str], params: dict[str, torch.Tensor], world_size: int, bucket_numel: int
+) -> list[dict]:
+    """Consecutive parameters (in gradient-ready order) until a bucket holds bucket_numel."""
+    buckets: list[list[str]] = []
+    size = 0
+    for name in names:
+        if not buckets or size >= bucket_numel:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(name)
+        size += params[name].numel()
+    return [{"name": f"bucket{i}", **_layout(b, params, world_size)} for i, b in enumerate(buckets)]
+
+
+def _settings(ctx: CompileContext) -> dict[str, Any]:
+    strategy = ctx.strategy
+    bucket_mb = float(getattr(strategy, "zero_bucket_mb", 16.0))
+    return {
+        "prefetch": int(getattr(strategy, "zero_prefetch", 1)),
+        "bucket_numel": max(1, int(bucket_mb * 2**20 / 4)),
+        "small_param_threshold": int(getattr(strategy, "zero_small_param_threshold", 0)),
+        "offload": _offload_record(getattr(strategy, "offload", None)),
+    }
+
+
+def _offload_record(offload: Any) -> dict | None:
+    if offload is None:
+        return None
+    if isinstance(offload, str):
+        return {"kind": offload}
+    return {"kind": "nvme", "path": str(getattr(offload, "path", ""))}
+
+
+def plan_zero(gm: fx.GraphModule, ctx: CompileContext, stage: int) -> fx.GraphModule:
+    """Record the sharding layout for `stage`; for stage 3 also rewrite parameter reads."""
+    settings = _settings(ctx)
+    n = ctx.world_size
+    uses = _parameter_uses(gm, ctx.model)
+    params = {name: nodes[0] for name, nodes in uses.items()}
+    tensors = {name: getattr_path(gm, node.target) for name, node in params.items()}
+    # Trainable parameters the graph never reads are recorded too (no aliases); the runtime
+    # keeps them out of the optimizer, since they never get a gradient (as in eager).
+    for name, p in ctx.model.named_parameters():
+        if p.requires_grad and name not in tensors:
+            tensors[name] = p
+    forward_order = _first_use_order(gm, uses) + [t for t in tensors if t not in uses]
+
+    if stage == 3:
+        threshold = settings["small_param_threshold"]
+        gathered = [t for t in forward_order if t in uses and tensors[t].numel() >= threshold]
+    else:
+        gathered = []
+    persistent = [t for t in forward_order if t not in gathered]
+    buckets = _buckets(list(reversed(persistent)), tensors, n, settings["bucket_numel"])
+
+    unit_params: dict[str, list[str]] = {}
+    for name in gathered:
+        unit_params.setdefault(unit_name(name), []).append(name)
+    units = [
+        {"name": unit or "<root>", "index": i, **_layout(names, tensors, n)}
+        for i, (unit, names) in enumerate(unit_params.items())
+    ]
+    for bucket in buckets:
+        for name in bucket["params"]:
+            for node in uses.get(name, []):
+                node.meta["strato_zero"] = {
+                    "param": name,
+                    "bucket": bucket["name"],
+                    "offset": bucket["offsets"][name],
+                    "shard_numel": shard_numel(tensors[name].numel(), n),
+                }
+    if units:
+        _insert_gathers(gm, units, uses, tensors, n)
+    ctx.record(
+        "zero",
+        stage=stage,
+        world_size=n,
+        **settings,
+        params={
+            name: {
+                "shape": list(t.shape),
+                "numel": t.numel(),
+                "dtype": str(t.dtype).removeprefix("torch."),
+                "shard_numel": shard_numel(t.numel(), n),
+                "sharded_parameter": name in gathered,
+                "aliases": [node.target for node in uses.get(name, [])],
+            }
+            for name, t in tensors.items()
+        },
+        buckets=buckets,
+        units=units,
+        forward_order=[u["name"] for u in units],
+    )
+    return gm
+
+
+def _insert_gathers(
+    gm: fx.GraphModule,
+    units: list[dict],
+    uses: dict[str, list[fx.Node]],
+    tensors: dict[str, torch.Tensor],
+    world_size: int,
+) -> None:
+    graph = gm.graph
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    for unit in units:
+        names = unit["params"]
+        shard_nodes = [uses[name][0] for name in names]
+        users = [u for name in names for node in uses[name] for u in node.users]
+        first_user = min(users, key=order.__getitem__)
+        shapes = zero_ops.encode_shapes([tuple(tensors[name].shape) for name in names])
+        with graph.inserting_before(first_user):
+            gather = graph.call_function(
+                torch.ops.strato.zero_gather.default, (shard_nodes, unit["index"], shapes)
+            )
+            fulls = [graph.call_function(operator.getitem, (gather, i)) for i in range(len(names))]
+        gather.meta["strato_zero"] = {
+            "unit": unit["name"],
+            "params": names,
+            "collective": "all_gather",
+            "backward": "all_gather (recompute) + reduce_scatter into the shards",
+        }
+        for name, full, shard_node in zip(names, fulls, shard_nodes):
+            val = shard_node.meta.get("val")
+            full.meta["val"] = val
+            full.meta["strato_zero"] = {"param": name, "unit": unit["name"]}
+            for node in uses[name]:
+                node.replace_all_uses_with(
+                    full, delete_user_cb=lambda user, g=gather: user is not g
+                )
+            if val is not None:
+                shard_node.meta["val"] = val.new_empty((shard_numel(val.numel(), world_size),))
+            shard_node.meta["strato_zero"] = {
+                "param": name,
+                "unit": unit["name"],
+                "offset": unit["offsets"][name],
+                "shard_numel": shard_numel(tensors[name].numel(), world_size),
+            }
+        for name in names:  # the other reads of a tied parameter are now unused
+            for node in uses[name][1:]:
+                if not node.users:
+                    graph.erase_node(node)
+        gather.meta["val"] = [f.meta.get("val") for f in fulls]
+        order = {node: i for i, node in enumerate(graph.nodes)}
+        last_user = max(
+            (u for f in fulls for u in f.users), key=order.__getitem__, default=fulls[-1]
+        )
+        anchor = last_user if last_user.op != "output" else last_user.prev
+        with graph.inserting_after(anchor):
+            release = graph.call_function(
+                torch.ops.strato.zero_release.default, (shard_nodes, unit["index"])
+            )
+        release.meta["strato_zero"] = {"unit": unit["name"], "frees": names}
+        order = {node: i for i, node in enumerate(graph.nodes)}
+    all_shards = [uses[name][0] for unit in units for name in unit["params"]]
+    first_gather = next(n for n in graph.nodes if n.target is torch.ops.strato.zero_gather.default)
+    with graph.inserting_before(first_gather):
+        begin = graph.call_function(torch.ops.strato.zero_forward_begin.default, (all_shards,))
+    output = next(n for n in graph.nodes if n.op == "output")
+    with graph.inserting_before(output):
+        end = graph.call_function(torch.ops.strato.zero_forward_end.default, (all_shards,))
+    begin.meta["strato_zero"] = {"saved_parameters": "as handles; backward gathers again"}
+    end.meta["strato_zero"] = {"saved_parameters": "stored normally again"}
+
+
+@graph_pass(name="zero1", requires="shapes", provides="zero1", conflicts=("zero2", "zero3"))
+def zero_stage1(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    """ZeRO stage 1: shard optimizer states (record the bucket layout)."""
+    return plan_zero(gm, ctx, 1)
+
+
+@graph_pass(name="zero2", requires="shapes", provides="zero2", conflicts=("zero1", "zero3"))
+def zero_stage2(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    """ZeRO stage 2: shard optimizer states and gradients (reduce-scatter buckets in backward)."""
+    return plan_zero(gm, ctx, 2)
+
+
+@graph_pass(name="zero3", requires="shapes", provides="zero3", conflicts=("zero1", "zero2"))
+def zero_stage3(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    """ZeRO stage 3: shard parameters too; parameter reads become gather/release nodes."""
+    return plan_zero(gm, ctx, 3)
+
+
+ZERO_PASSES = {1: zero_stage1, 2: zero_stage2, 3: zero_stage3}

@@ -1,0 +1,476 @@
+"""Export a compiled inference graph to a self-contained artifact, and load it back.
+
+The artifact (by convention `*.strato`) is an uncompressed zip holding exactly:
+
+- `manifest.json`: format name and version, torch/strato versions, the sha256 of each
+  other member, the quantization record, and the shapes/dtypes the graph accepts.
+- `graph.json`: the FX graph in Strato's own JSON form: one entry per node (op, name,
+  target, args, kwargs). Call targets are ATen or `strato::` ops by their qualified
+  name (e.g. 'aten::linear.default'), or a short allow-list of Python operators on sizes;
+  values are JSON, with dtypes/devices/tuples tagged. Input/output pytree specs use
+  torch's JSON treespec format.
+- `weights.safetensors`: every tensor the graph reads (`get_attr`), by target name.
+
+`load` checks the member list, every hash and every op name before building anything,
+and never unpickles: a file that is not such an artifact (a `torch.save` checkpoint, a
+zip with extra members, edited JSON or weights) is refused with an ArtifactError.
+The hashes catch corruption and edits made without rewriting the manifest; what makes
+loading safe is that nothing in the file can name code to run beyond the allow-listed ops.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import operator
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch.utils import _pytree as pytree
+
+from ..compiler.errors import StratoError
+
+FORMAT = "strato-inference"
+VERSION = 1
+MEMBERS = ("manifest.json", "graph.json", "weights.safetensors")
+
+_OPERATORS = {
+    f"operator.{name}": getattr(operator, name)
+    for name in (
+        "getitem",
+        "add",
+        "sub",
+        "mul",
+        "truediv",
+        "floordiv",
+        "mod",
+        "pow",
+        "neg",
+        "eq",
+        "ne",
+        "lt",
+        "le",
+        "gt",
+        "ge",
+        "and_",
+        "or_",
+        "not_",
+    )
+}
+_OPERATORS.update(
+    {
+        f"torch.{name}": getattr(torch, name)
+        for name in ("sym_int", "sym_float", "sym_max", "sym_min", "sym_not")
+    }
+)
+_TARGET_NAMES = {fn: name for name, fn in _OPERATORS.items()}
+_SKIPPED_MODULES = ("_guards_fn",)
+"""call_module nodes torch.export adds to re-check its shape guards; `load` checks
+input shapes itself from the manifest."""
+
+
+class ArtifactError(StratoError):
+    """A file is not a valid Strato inference artifact, or a graph cannot be exported."""
+
+
+# ---------------------------------------------------------------------- encoding
+
+
+def _encode(value: Any, where: str) -> Any:
+    if isinstance(value, fx.Node):
+        return {"node": value.name}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, torch.dtype):
+        return {"dtype": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.device):
+        return {"device": str(value)}
+    if isinstance(value, torch.layout):
+        return {"layout": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.memory_format):
+        return {"memory_format": str(value).removeprefix("torch.")}
+    if isinstance(value, tuple):
+        return {"tuple": [_encode(v, where) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v, where) for v in value]
+    if isinstance(value, slice):
+        return {"slice": [_encode(v, where) for v in (value.start, value.stop, value.step)]}
+    raise ArtifactError(
+        f"cannot export {where}: argument {value!r} of type {type(value).__name__} has no "
+        "JSON form (only tensors by reference, numbers, strings, dtypes, devices and lists)."
+    )
+
+
+def _decode(value: Any, nodes: dict[str, fx.Node]) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, nodes) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if len(value) != 1:
+        raise ArtifactError(f"graph.json: malformed value {value!r}")
+    ((tag, data),) = value.items()
+    if tag == "node":
+        if data not in nodes:
+            raise ArtifactError(f"graph.json: reference to unknown or later node {data!r}")
+        return nodes[data]
+    if tag == "tuple":
+        return tuple(_decode(v, nodes) for v in data)
+    if tag == "slice":
+        return slice(*(_decode(v, nodes) for v in data))
+    if tag in ("dtype", "layout", "memory_format"):
+        attr = getattr(torch, str(data), None)
+        expected = {
+            "dtype": torch.dtype,
+            "layout": torch.layout,
+            "memory_format": torch.memory_format,
+        }[tag]
+        if not isinstance(attr, expected):
+            raise ArtifactError(f"graph.json: {data!r} is not a torch {tag}")
+        return attr
+    if tag == "device":
+        return torch.device(data)
+    raise ArtifactError(f"graph.json: unknown value tag {tag!r}")
+
+
+def _target_name(node: fx.Node) -> str:
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target.name()  # 'aten::linear.default'
+    if target in _TARGET_NAMES:
+        return _TARGET_NAMES[target]
+    raise ArtifactError(
+        f"cannot export node {node.name!r} (module {node.meta.get('strato_module', '?')!r}): its "
+        f"target {target!r} is not an ATen/strato op or an allow-listed operator."
+    )
+
+
+def _resolve_target(name: str) -> Any:
+    if name in _OPERATORS:
+        return _OPERATORS[name]
+    namespace, sep, rest = name.partition("::")
+    if not sep or namespace not in ("aten", "strato"):
+        raise ArtifactError(
+            f"graph.json: op {name!r} is not allowed (only aten::, strato:: and operators)"
+        )
+    if namespace == "strato":
+        _import_strato_ops()
+    op_name, _, overload = rest.partition(".")
+    try:
+        return getattr(getattr(getattr(torch.ops, namespace), op_name), overload or "default")
+    except (AttributeError, RuntimeError) as exc:
+        if namespace == "strato":
+            raise ArtifactError(
+                f"graph.json: op {name!r} is not registered in this process; generated "
+                "kernels of fused regions (Strategy(fuse=True)) are not stored in artifacts "
+                "yet: export a graph compiled without fuse."
+            ) from exc
+        raise ArtifactError(f"graph.json: op {name!r} does not exist in this torch build") from exc
+
+
+def _import_strato_ops() -> None:
+    """Register Strato's own ops (modules of this package, not of any model)."""
+    import importlib
+
+    for module in ("quantized_linear", "attention"):
+        try:
+            importlib.import_module(f"{__package__.rpartition('.')[0]}.kernels.{module}")
+        except ImportError:
+            pass
+
+
+def _value_spec(value: Any) -> dict | None:
+    if not isinstance(value, torch.Tensor):
+        return None
+    shape = [int(d) if isinstance(d, int) else None for d in value.shape]
+    return {"dtype": str(value.dtype).removeprefix("torch."), "shape": shape}
+
+
+# ---------------------------------------------------------------------- export
+
+
+def graph_to_json(gm: fx.GraphModule) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The JSON form of `gm` and the tensors its get_attr nodes read."""
+    nodes, tensors, inputs = [], {}, []
+    for node in gm.graph.nodes:
+        entry: dict[str, Any] = {"op": node.op, "name": node.name}
+        if node.op == "placeholder":
+            entry["target"] = str(node.target)
+            inputs.append({"name": node.name, **(_value_spec(node.meta.get("val")) or {})})
+        elif node.op == "get_attr":
+            value = gm
+            for part in str(node.target).split("."):
+                value = getattr(value, part)
+            if not isinstance(value, torch.Tensor):
+                raise ArtifactError(
+                    f"cannot export get_attr {node.target!r}: a {type(value).__name__}, not a tensor."
+                )
+            tensors[str(node.target)] = value.detach()
+            entry["target"] = str(node.target)
+        elif node.op == "call_function":
+            entry["target"] = _target_name(node)
+            entry["args"] = _encode(list(node.args), node.name)
+            entry["kwargs"] = {k: _encode(v, node.name) for k, v in node.kwargs.items()}
+        elif node.op == "output":
+            entry["args"] = _encode(list(node.args), node.name)
+        elif node.op == "call_module" and str(node.target) in _SKIPPED_MODULES and not node.users:
+            continue
+        else:
+            raise ArtifactError(
+                f"cannot export node {node.name!r}: {node.op} {node.target!r} is not supported; "
+                "only ATen/strato op calls, tensors and inputs can be exported."
+            )
+        nodes.append(entry)
+    codegen = gm.graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    graph = {
+        "nodes": nodes,
+        "inputs": inputs,
+        "orig_args": list(info.orig_args) if info is not None else None,
+        "in_spec": pytree.treespec_dumps(info.in_spec) if info and info.in_spec else None,
+        "out_spec": pytree.treespec_dumps(info.out_spec) if info and info.out_spec else None,
+    }
+    return graph, tensors
+
+
+def export(engine, path: str | os.PathLike) -> Path:
+    """Write `engine`'s inference (eval-mode) graph and weights to one artifact file.
+
+    The file is written next to `path` and renamed into place, so a failed export never
+    leaves a half-written artifact behind.
+    """
+    from .compiled_model import CompiledModel
+
+    if not isinstance(engine, CompiledModel):
+        raise TypeError(f"strato.export takes a compiled model, got {type(engine).__name__}")
+    compiled = engine._graph_for(False)
+    graph, tensors = graph_to_json(compiled.gm)
+    graph_bytes = json.dumps(graph, separators=(",", ":")).encode()
+    # safetensors wants distinct, contiguous storages: tied tensors are written once each.
+    weights_bytes = save_safetensors({k: v.contiguous().clone() for k, v in tensors.items()})
+    quant = compiled.ctx.records.get("quantize", {})
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "torch_version": torch.__version__,
+        "strato_version": _strato_version(),
+        "model": type(engine.model).__name__,
+        "files": {
+            "graph.json": hashlib.sha256(graph_bytes).hexdigest(),
+            "weights.safetensors": hashlib.sha256(weights_bytes).hexdigest(),
+        },
+        "quantize": {k: quant[k] for k in ("scheme", "bytes_before", "bytes_after") if k in quant},
+    }
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            zf.writestr("manifest.json", json.dumps(manifest, indent=1))
+            zf.writestr("graph.json", graph_bytes)
+            zf.writestr("weights.safetensors", weights_bytes)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _strato_version() -> str:
+    from .. import __version__
+
+    return __version__
+
+
+# ---------------------------------------------------------------------- load
+
+
+def read_artifact(path: str | os.PathLike) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    """(manifest, graph, tensors) of a verified artifact; raises ArtifactError otherwise."""
+    path = Path(path)
+    if not zipfile.is_zipfile(path):
+        raise ArtifactError(f"{path}: not a Strato inference artifact (not a zip archive).")
+    try:
+        return _read_verified(path)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
+        raise ArtifactError(
+            f"{path}: the archive is corrupted ({type(exc).__name__}: {exc})."
+        ) from exc
+
+
+def _read_verified(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+    with zipfile.ZipFile(path) as zf:
+        names = zf.namelist()
+        pickles = [n for n in names if n.endswith((".pkl", ".pickle")) or "data/" in n]
+        if pickles:
+            raise ArtifactError(
+                f"{path}: refusing to load: it contains {pickles[0]!r}, a pickle (as torch.save "
+                "writes). Strato artifacts hold only JSON and safetensors; export with strato.export."
+            )
+        if sorted(names) != sorted(MEMBERS):
+            raise ArtifactError(
+                f"{path}: not a Strato inference artifact: members {sorted(names)}, "
+                f"expected exactly {list(MEMBERS)}."
+            )
+        data = {name: zf.read(name) for name in MEMBERS}
+    try:
+        manifest = json.loads(data["manifest.json"])
+    except ValueError as exc:
+        raise ArtifactError(f"{path}: manifest.json is not valid JSON ({exc}).") from exc
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ArtifactError(f"{path}: manifest.json does not declare format {FORMAT!r}.")
+    if manifest.get("version") != VERSION:
+        raise ArtifactError(
+            f"{path}: artifact format version {manifest.get('version')!r}; this Strato reads {VERSION}."
+        )
+    for name in MEMBERS[1:]:
+        expected = manifest.get("files", {}).get(name)
+        actual = hashlib.sha256(data[name]).hexdigest()
+        if actual != expected:
+            raise ArtifactError(
+                f"{path}: {name} is corrupted or was modified: sha256 {actual[:16]}..., manifest "
+                f"says {str(expected)[:16]}.... Re-export the model."
+            )
+    try:
+        graph = json.loads(data["graph.json"])
+        tensors = load_safetensors(data["weights.safetensors"])
+    except Exception as exc:
+        raise ArtifactError(f"{path}: cannot parse the graph or weights ({exc}).") from exc
+    return manifest, graph, tensors
+
+
+def _load_spec(text: str | None):
+    """A treespec from JSON; container types this process does not know become dicts."""
+    if text is None:
+        return None
+    try:
+        return pytree.treespec_loads(text)
+    except Exception:
+        protocol, root = json.loads(text)
+
+        def plain(node):
+            if (
+                node["type"] is not None
+                and node["type"] not in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE
+            ):
+                node = {**node, "type": "builtins.dict"}
+            return {**node, "children_spec": [plain(c) for c in node["children_spec"]]}
+
+        return pytree.treespec_loads(json.dumps([protocol, plain(root)]))
+
+
+def graph_from_json(graph: dict, tensors: dict[str, torch.Tensor]) -> fx.GraphModule:
+    """Rebuild the GraphModule `graph_to_json` described, on `tensors`."""
+    g = fx.Graph()
+    nodes: dict[str, fx.Node] = {}
+    for entry in graph["nodes"]:
+        op, name = entry["op"], entry["name"]
+        if op == "placeholder":
+            node = g.placeholder(entry["target"])
+        elif op == "get_attr":
+            if entry["target"] not in tensors:
+                raise ArtifactError(
+                    f"graph.json: get_attr {entry['target']!r} has no tensor in weights"
+                )
+            node = g.get_attr(entry["target"])
+        elif op == "call_function":
+            target = _resolve_target(entry["target"])
+            args = tuple(_decode(entry["args"], nodes))
+            kwargs = {k: _decode(v, nodes) for k, v in entry["kwargs"].items()}
+            node = g.call_function(target, args, kwargs)
+        elif op == "output":
+            node = g.output(*_decode(entry["args"], nodes))
+        else:
+            raise ArtifactError(f"graph.json: node op {op!r} is not allowed")
+        node.name = name
+        nodes[name] = node
+    root = torch.nn.Module()
+    for target, tensor in tensors.items():
+        owner = root
+        *parents, attr = target.split(".")
+        for part in parents:
+            if not hasattr(owner, part):
+                owner.add_module(part, torch.nn.Module())
+            owner = getattr(owner, part)
+        owner.register_buffer(attr, tensor)
+    if graph.get("in_spec") is not None:
+        g._codegen = fx.graph._PyTreeCodeGen(
+            fx.graph._PyTreeInfo(
+                graph["orig_args"], _load_spec(graph["in_spec"]), _load_spec(graph["out_spec"])
+            )
+        )
+    gm = fx.GraphModule(root, g)
+    gm.graph.lint()
+    return gm
+
+
+class LoadedModel(torch.nn.Module):
+    """A model loaded from an artifact: call it like the compiled model it was exported from."""
+
+    def __init__(self, gm: fx.GraphModule, manifest: dict, inputs: list[dict]) -> None:
+        super().__init__()
+        self.gm = gm
+        self.manifest = manifest
+        self.inputs = inputs
+        self._signature = inspect.signature(gm.forward)
+        self.eval()
+
+    def forward(self, *args, **kwargs):
+        self._check_inputs(args, kwargs)
+        with torch.no_grad():
+            return self.gm(*args, **kwargs)
+
+    def _check_inputs(self, args, kwargs) -> None:
+        try:
+            bound = self._signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(
+                f"loaded model: {exc}; it takes {list(self._signature.parameters)}"
+            ) from exc
+        leaves = pytree.tree_leaves(list(bound.arguments.values()))
+        if len(leaves) != len(self.inputs):
+            return  # the graph's own pytree flattening reports the mismatch
+        for spec, value in zip(self.inputs, leaves):
+            if "shape" not in spec or not isinstance(value, torch.Tensor):
+                continue
+            shape = spec["shape"]
+            ok = len(shape) == value.dim() and all(
+                d is None or d == s for d, s in zip(shape, value.shape)
+            )
+            if not ok or str(value.dtype).removeprefix("torch.") != spec["dtype"]:
+                want = ", ".join("*" if d is None else str(d) for d in shape)
+                raise ValueError(
+                    f"loaded model: input {spec['name']!r} must be {spec['dtype']}[{want}] "
+                    f"(* = any size), got {str(value.dtype).removeprefix('torch.')}{list(value.shape)}. "
+                    "Export again from a model compiled with inputs of the shape you need."
+                )
+
+    @property
+    def quantization(self) -> dict:
+        return dict(self.manifest.get("quantize", {}))
+
+
+def load(path: str | os.PathLike) -> LoadedModel:
+    """Verify and load an artifact written by `strato.export`; nothing is unpickled."""
+    manifest, graph, tensors = read_artifact(path)
+    try:
+        gm = graph_from_json(graph, tensors)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{path}: {exc}") from exc
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(
+            f"{path}: graph.json is malformed ({type(exc).__name__}: {exc})."
+        ) from exc
+    return LoadedModel(gm, manifest, graph.get("inputs", []))
+
+
+def artifact_bytes(path: str | os.PathLike) -> int:
+    """Size of an artifact on disk."""
+    return Path(path).stat().st_size
+
+
+__all__ = ["ArtifactError", "LoadedModel", "export", "load", "read_artifact", "artifact_bytes"]

@@ -1,0 +1,113 @@
+"""The seam between the training engine and whoever owns the model's training state.
+
+A *state manager* owns gradient synchronisation across ranks, the optimizer and its
+states, and the parameter update. The engine (runtime/engine.py) drives it and knows
+nothing else about it: plain data parallelism (ZeRO stage 0, runtime/data_parallel.py)
+and ZeRO stages 1-3 (runtime/zero.py) are interchangeable behind `StateManager`.
+
+One optimizer step, as the engine drives it (`grad_accumulation` = n micro-steps):
+
+    for each micro-step k = 1..n:
+        manager.prepare_micro_step(is_boundary=(k == n))   # before backward
+        loss.backward()                                     # hooks may start reductions
+    manager.finish_backward()          # boundary only: grads reduced, averaged over ranks
+    found_inf = manager.unscale_(1 / loss_scale)            # fp16 only (else skipped)
+    norm = manager.clip_grad_norm_(max_norm)                # global over ranks; max_norm may be None
+    if not found_inf: manager.step(lr_factor)
+    manager.zero_grad()
+
+Gradients are sums over micro-steps of the per-micro-step loss divided by n (the engine
+divides the loss), so after `finish_backward` they are the mean over micro-steps and
+ranks: world size N with batch B each equals one process with batch N*B.
+
+Parameters are the fp32 master weights: mixed precision casts happen inside the graph
+(passes/precision.py), so gradients reach the parameters in fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from ..compiler.context import CompileContext
+from ..compiler.strategy import Strategy
+from ..compiler.training_config import OptimizerConfig
+
+
+@runtime_checkable
+class StateManager(Protocol):
+    """Owns gradient sync, optimizer states and the update for this rank.
+
+    Every method is called on every rank in the same order (they may run collectives).
+    """
+
+    optimizer: torch.optim.Optimizer
+    """The torch optimizer over what this rank updates (full parameters, or its shard).
+    Its param_groups carry 'base_lr' (the lr before the schedule factor) and 'names'."""
+
+    sharded: bool
+    """True when ranks hold different parts of the state (ZeRO): every rank then writes
+    and reads its own checkpoint file. False: rank 0's state is everyone's."""
+
+    def prepare_micro_step(self, is_boundary: bool) -> None:
+        """Called before each backward. On a non-boundary micro-step no communication may
+        happen (gradients accumulate locally); on the boundary, reductions may start from
+        gradient hooks while backward runs."""
+
+    def finish_backward(self) -> None:
+        """Called once per optimizer step after the boundary backward: wait for in-flight
+        reductions and leave this rank's owned gradients averaged over ranks."""
+
+    def unscale_(self, inv_scale: float) -> bool:
+        """Multiply owned gradients by `inv_scale` (fp16 loss scaling); return True if any
+        gradient on ANY rank is inf/NaN (the same answer on every rank)."""
+
+    def clip_grad_norm_(self, max_norm: float | None) -> float:
+        """Global L2 norm of all gradients over all ranks (each element counted once);
+        when max_norm is given, scale gradients by min(1, max_norm / (norm + 1e-6)) as
+        torch.nn.utils.clip_grad_norm_ does. Returns the norm before clipping."""
+
+    def step(self, lr_factor: float) -> None:
+        """Set each group's lr to base_lr * lr_factor and update the parameters this rank
+        owns; afterwards every rank sees the full updated parameters it needs for forward."""
+
+    def zero_grad(self) -> None:
+        """Drop gradients (set to None) after a step, skipped or not."""
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """(tensors, metadata) to checkpoint: tensors by name (model parameters and buffers
+        as 'model/<name>', optimizer states as 'optim/<param name>/<key>'), metadata
+        JSON-able (param-group hyper-parameters...). Stage 0 returns full tensors; a
+        sharded manager returns this rank's part."""
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+        """Restore from what `state_dict` returned (for a sharded manager: this rank's file)."""
+
+    def model_state_bytes(self) -> int:
+        """Bytes this rank holds for parameters + gradients + optimizer states."""
+
+
+def make_state_manager(
+    strategy: Strategy,
+    model: torch.nn.Module,
+    compiled_ctx: CompileContext,
+    optimizer_config: OptimizerConfig,
+    process_group: Any | None,
+) -> StateManager:
+    """The state manager for `strategy`: data parallel (stage 0) or ZeRO stage 1-3.
+
+    `compiled_ctx` is the training graph's compile context (its `records` hold what the
+    passes decided); `process_group` is None for the default group (or a single process).
+    Both managers use runtime/optim.py's `param_groups` and `optimizer_config.build` so the
+    optimizer math and group settings are the same.
+    """
+    stage = getattr(strategy, "zero", 0)
+    stage = getattr(stage, "stage", stage)  # a ZeRO config object or a plain int
+    if stage in (1, 2, 3):
+        from .zero import make_zero_manager
+
+        return make_zero_manager(strategy, model, compiled_ctx, optimizer_config, process_group)
+    from .data_parallel import DataParallelManager
+
+    return DataParallelManager(model, optimizer_config, process_group)

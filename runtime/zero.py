@@ -1,0 +1,725 @@
+"""ZeRO stages 1-3 at run time: sharded buffers, bucketed reduce-scatter / all-gather,
+stage-3 gathers with prefetch, and optimizer-state offload to CPU or to memory-mapped files.
+
+Everything follows the layout the zero pass recorded in ctx.records['zero'] (see
+passes/zero.py): each trainable parameter is flattened, padded to a multiple of N and cut
+into N shards; a *group* (stage-1/2 bucket or stage-3 unit) communicates its parameters'
+shards in one rank-major [N, S] buffer. Optimizer math is torch's, run on the shards:
+the optimizer holds one tensor per parameter (this rank's shard), so its state is 1/N.
+
+- Stage 1: full gradients accumulate locally; on the boundary micro-step each bucket is
+  reduce-scattered (asynchronously, as soon as backward completes it) and this rank's
+  slice written back into the full gradient.
+- Stage 2: a bucket is reduce-scattered (asynchronously) as soon as backward has produced
+  all its gradients on the boundary micro-step; full gradients are dropped, each rank keeps
+  its shard gradients only.
+- Stage 1/2 after the update: each bucket's updated shards are all-gathered into the full
+  parameters.
+- Stage 3: parameters hold only their shard. `strato::zero_gather` nodes gather a unit for
+  forward (prefetching the next `prefetch` units asynchronously); while forward runs,
+  autograd saves gathered parameters as handles and backward gathers them again; the
+  gather's backward reduce-scatters gradients straight into the shards' `.grad`.
+  Stage-3 gradients are reduce-scattered on every micro-step, so accumulation never needs
+  full gradients.
+- Offload: the optimizer's tensors (its copy of the shards and its states) live on CPU, or
+  in memory-mapped files under NVMe(path); the update runs there, and the updated shards
+  are copied back. With stage 3 the parameter shards themselves live there too.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import weakref
+from typing import Any
+
+import attrs
+import torch
+import torch.distributed as dist
+
+from ..compiler.context import CompileContext
+from ..compiler.strategy import Strategy
+from . import collectives
+from .collective_schedule import verify_collective_schedule, zero_schedule
+from .data_parallel import load_optimizer_state_dict, optimizer_state_dict
+from .optim import param_groups
+from .zero_ops import UNIT_ATTR
+
+
+@attrs.define(eq=False)
+class Group:
+    """A bucket or unit: parameters communicated together in one [N, S] buffer."""
+
+    name: str
+    names: list[str]
+    params: list[torch.nn.Parameter]
+    numels: list[int]
+    shapes: list[tuple[int, ...]]
+    offsets: list[int]
+    shard_numels: list[int]
+    shard_numel: int
+    grad_shard: torch.Tensor | None = None
+    """Reduced gradient shards (stage 2/3): [S], this rank's part of every parameter."""
+
+
+def _group(spec: dict, params: dict[str, torch.nn.Parameter], n: int) -> Group:
+    names = spec["params"]
+    ps = [params[name] for name in names]
+    numels = [p.numel() for p in ps]
+    return Group(
+        name=spec["name"],
+        names=list(names),
+        params=ps,
+        numels=numels,
+        shapes=[tuple(p.shape) for p in ps],
+        offsets=[spec["offsets"][name] for name in names],
+        shard_numels=[-(-k // n) for k in numels],
+        shard_numel=spec["shard_numel"],
+    )
+
+
+def ring_sent_bytes(payload: dict[str, int], world_size: int) -> dict[str, int]:
+    """Bytes one rank sends under ring algorithms, from collectives.comm_bytes() payloads
+    (all_gather: local input; reduce_scatter and all_reduce: the full input)."""
+    n = world_size
+    if n <= 1:
+        return {k: 0 for k in payload}
+    factor = {
+        "all_gather": n - 1,
+        "reduce_scatter": (n - 1) / n,
+        "all_reduce": 2 * (n - 1) / n,
+        "broadcast": 1,
+    }
+    return {k: int(round(v * factor.get(k, 1))) for k, v in payload.items()}
+
+
+# ---------------------------------------------------------------------- offload storage
+
+
+@attrs.define
+class OffloadStore:
+    """Where the optimizer's tensors live: None (with the parameters), 'cpu', or a folder
+    of memory-mapped files (NVMe)."""
+
+    kind: str | None
+    folder: str | None = None
+    files: list[str] = attrs.field(factory=list)
+
+    def place(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
+        """A copy of `tensor` where this store keeps tensors (mmap-backed for NVMe)."""
+        if self.kind is None:
+            return tensor
+        if self.kind == "cpu":
+            out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
+            if torch.cuda.is_available():
+                out = out.pin_memory()
+            return out.copy_(tensor)
+        assert self.folder is not None
+        safe = name.replace("/", "_")
+        path = os.path.join(self.folder, f"{safe}.{len(self.files)}.bin")
+        nbytes = max(1, tensor.numel() * tensor.element_size())
+        with open(path, "wb") as f:
+            f.truncate(nbytes)
+        self.files.append(path)
+        mapped = torch.from_file(path, shared=True, size=tensor.numel(), dtype=tensor.dtype)
+        return mapped.view(tensor.shape).copy_(tensor)
+
+    def holds(self, tensor: torch.Tensor) -> bool:
+        return self.kind is not None and tensor.device.type == "cpu"
+
+    def close(self) -> None:
+        """Delete the memory-mapped files (the tensors mapping them must be gone or unused)."""
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+        self.files.clear()
+
+
+def _offload_store(strategy: Strategy, rank: int) -> OffloadStore:
+    offload = getattr(strategy, "offload", None)
+    if offload is None:
+        return OffloadStore(None)
+    if offload == "cpu":
+        return OffloadStore("cpu")
+    root = str(getattr(offload, "path", offload))
+    os.makedirs(root, exist_ok=True)
+    folder = tempfile.mkdtemp(prefix=f"strato-zero-rank{rank}-", dir=root)
+    return OffloadStore("nvme", folder)
+
+
+# ---------------------------------------------------------------------- stage-3 runtime
+
+
+class Stage3Units:
+    """Gathers, prefetch and saved-tensor handles for the stage-3 units of one model."""
+
+    def __init__(self, manager: ZeroManager, units: list[Group], prefetch: int) -> None:
+        self.manager = manager
+        self.units = units
+        self.prefetch = prefetch
+        self.index = {id(u): i for i, u in enumerate(units)}
+        self.live: dict[int, tuple[int, int]] = {}
+        """storage pointer of a gathered full parameter -> (unit index, parameter index)."""
+        self.in_flight: dict[int, tuple[torch.Tensor, Any]] = {}
+        """unit index -> (gather buffer, work) of gathers issued ahead of use."""
+        self.backward_full: dict[int, list[torch.Tensor]] = {}
+        self.forward_full: dict[int, list[torch.Tensor]] = {}
+        self.backward_order: list[int] = []
+        self.saved_units: list[int] = []
+        self.reductions: list[tuple[Group, torch.Tensor, Any]] = []
+        self._hooks_pushed = False
+        self._callback_queued = False
+        for i, unit in enumerate(units):
+            handle = UnitHandle(self, i)
+            for p in unit.params:
+                setattr(p, UNIT_ATTR, handle)
+
+    # -------------------------------------------------------------- gathering
+    def _issue(self, i: int) -> tuple[torch.Tensor, Any]:
+        unit = self.units[i]
+        n = self.manager.world_size
+        send = torch.cat([p.detach().reshape(-1) for p in unit.params])
+        if send.device != self.manager.device:
+            send = send.to(self.manager.device)
+        out = torch.empty(n * unit.shard_numel, dtype=send.dtype, device=send.device)
+        work = collectives.all_gather_into_tensor(
+            out, send, group=self.manager.group, async_op=True
+        )
+        return out, work
+
+    def _gather(self, i: int, order: list[int]) -> list[torch.Tensor]:
+        """Full parameters of unit i; issue the next `prefetch` gathers of `order` ahead."""
+        out, work = self.in_flight.pop(i, None) or self._issue(i)
+        if i in order:
+            pos = order.index(i)
+            for j in order[pos + 1 : pos + 1 + self.prefetch]:
+                if j not in self.in_flight:
+                    self.in_flight[j] = self._issue(j)
+        work.wait()
+        unit = self.units[i]
+        rows = out.view(self.manager.world_size, unit.shard_numel)
+        fulls = []
+        for numel, shape, offset, shard in zip(
+            unit.numels, unit.shapes, unit.offsets, unit.shard_numels
+        ):
+            # One copy out of the rank-major buffer; the padding (< N elements) stays behind.
+            full = torch.empty(rows.shape[0], shard, dtype=out.dtype, device=out.device)
+            full.copy_(rows[:, offset : offset + shard])
+            fulls.append(full.view(-1)[:numel].view(shape))
+        return fulls
+
+    def forward_order(self) -> list[int]:
+        return list(range(len(self.units)))
+
+    def gather_for_forward(self, i: int, shards: list[torch.Tensor]) -> list[torch.Tensor]:
+        unit = self.units[i]
+        if len(shards) != len(unit.params) or any(a is not b for a, b in zip(shards, unit.params)):
+            raise RuntimeError(
+                f"strato::zero_gather: the graph gathers another parameter set than unit "
+                f"{unit.name!r} of the runtime; recompile this graph with the same strategy."
+            )
+        fulls = self._gather(i, self.forward_order())
+        if self._hooks_pushed:  # (grad mode is off inside the op: ask the hooks instead)
+            # Held until zero_release, so no other tensor can reuse these addresses while
+            # the pack hook still maps them to this unit.
+            self.forward_full[i] = fulls
+            for k, full in enumerate(fulls):
+                self.live[full.untyped_storage().data_ptr()] = (i, k)
+        return fulls
+
+    def release_after_forward(self, i: int) -> None:
+        self.forward_full.pop(i, None)
+        for ptr in [ptr for ptr, (u, _) in self.live.items() if u == i]:
+            del self.live[ptr]
+
+    # -------------------------------------------------------------- saved tensors
+    def begin_forward(self) -> None:
+        if self._hooks_pushed:  # a forward that raised left them pushed
+            torch._C._autograd._pop_saved_tensors_default_hooks()
+        self.live.clear()
+        self.forward_full.clear()
+        self.saved_units = []
+        torch._C._autograd._push_saved_tensors_default_hooks(self._pack, self._unpack)
+        self._hooks_pushed = True
+
+    def end_forward(self) -> None:
+        if self._hooks_pushed:
+            torch._C._autograd._pop_saved_tensors_default_hooks()
+            self._hooks_pushed = False
+        self.live.clear()
+        self.forward_full.clear()
+        self.backward_order = list(reversed(self.saved_units))
+
+    def _pack(self, tensor: torch.Tensor) -> Any:
+        if not self.live or tensor.layout != torch.strided:
+            return tensor
+        hit = self.live.get(tensor.untyped_storage().data_ptr())
+        if hit is None:
+            return tensor
+        if hit[0] not in self.saved_units:
+            self.saved_units.append(hit[0])
+        return ("strato-zero", *hit, tuple(tensor.shape), tensor.stride(), tensor.storage_offset())
+
+    def _unpack(self, packed: Any) -> torch.Tensor:
+        if not (isinstance(packed, tuple) and packed and packed[0] == "strato-zero"):
+            return packed
+        _, i, k, shape, stride, offset = packed
+        if i not in self.backward_full:
+            self.backward_full[i] = self._gather(i, self.backward_order)
+        return self.backward_full[i][k].as_strided(shape, stride, offset)
+
+    # -------------------------------------------------------------- gradients
+    def reduce_gradients(self, i: int, grads: list[torch.Tensor | None]) -> None:
+        self.backward_full.pop(i, None)
+        unit = self.units[i]
+        self.reductions.append(self.manager.launch_reduce_scatter(unit, grads))
+        if not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.finish_backward)
+
+    def finish_backward(self) -> None:
+        """End of a backward (queued on the autograd engine): land the reductions."""
+        self._callback_queued = False
+        for unit, out, work in self.reductions:
+            work.wait()
+            self.manager.accumulate_shard_grad(unit, out)
+        self.reductions = []
+        self.backward_full.clear()
+        for _, work in self.in_flight.values():  # prefetched but never used
+            work.wait()
+        self.in_flight.clear()
+
+
+@attrs.define(eq=False)
+class UnitHandle:
+    """What a shard Parameter points to (zero_ops.UNIT_ATTR): its unit in the runtime."""
+
+    units: Stage3Units
+    index: int
+
+    def gather_for_forward(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
+        return self.units.gather_for_forward(self.index, shards)
+
+    def release_after_forward(self) -> None:
+        self.units.release_after_forward(self.index)
+
+    def reduce_gradients(self, grads: list[torch.Tensor | None]) -> None:
+        self.units.reduce_gradients(self.index, grads)
+
+    def begin_forward(self) -> None:
+        self.units.begin_forward()
+
+    def end_forward(self) -> None:
+        self.units.end_forward()
+
+
+# ---------------------------------------------------------------------- the manager
+
+
+class ZeroManager:
+    """The StateManager for ZeRO stages 1-3 (contract: runtime/state_manager.py)."""
+
+    sharded = True
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        model: torch.nn.Module,
+        compiled_ctx: CompileContext,
+        optimizer_config: Any,
+        process_group: Any | None = None,
+    ) -> None:
+        record = compiled_ctx.records.get("zero")
+        if record is None:
+            raise RuntimeError(
+                "ZeRO: the training graph has no 'zero' record; the zero pass did not run "
+                "(was it disabled with Strategy(disable=...)?)."
+            )
+        self.record = record
+        self.stage = int(record["stage"])
+        self.model = model
+        self.group = process_group
+        self.world_size = collectives.world_size(process_group)
+        self.rank = collectives.rank(process_group)
+        if self.world_size != record["world_size"]:
+            raise RuntimeError(
+                f"ZeRO: the graph was compiled for {record['world_size']} ranks but runs on "
+                f"{self.world_size}; initialise torch.distributed before strato.compile."
+            )
+        # Before any other collective: every rank must have compiled the same schedule.
+        verify_collective_schedule(zero_schedule(record), process_group)
+        named = dict(model.named_parameters())
+        self.device = next(iter(named.values())).device if named else torch.device("cpu")
+        not_fp32 = [n for n, p in named.items() if p.requires_grad and p.dtype != torch.float32]
+        if not_fp32:
+            raise ValueError(
+                f"ZeRO: parameter {not_fp32[0]!r} is {named[not_fp32[0]].dtype}; ZeRO shards fp32 "
+                "master weights. Keep the model in fp32 and use Strategy(precision='bf16')."
+            )
+        self.store = _offload_store(strategy, self.rank)
+        weakref.finalize(self, self.store.close)
+        if self.world_size > 1:
+            self._broadcast_model()
+        self.buckets = [_group(b, named, self.world_size) for b in record["buckets"]]
+        units = [_group(u, named, self.world_size) for u in record["units"]]
+        self.unused = {n for n, info in record["params"].items() if not info["aliases"]}
+        # Group settings (weight decay by shape/kind...) come from the whole parameters.
+        self._groups = param_groups(model, optimizer_config)
+        if units:
+            self._shard_parameters(units)
+        self.units = Stage3Units(self, units, int(record.get("prefetch", 1))) if units else None
+        self.grad_groups = [*self.buckets, *units] if self.stage >= 2 else units
+        for group in self.grad_groups:
+            group.grad_shard = torch.zeros(group.shard_numel, device=self.device)
+        self._build_optimizer(optimizer_config)
+        self._reduce_now = False
+        self._ready: list[set[int]] = [set() for _ in self.buckets]
+        self._next_bucket = 0
+        self._in_flight: list[tuple[Group, torch.Tensor, Any]] = []
+        self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}
+        if self.buckets:
+            for bucket in self.buckets:
+                for p in bucket.params:
+                    p.register_post_accumulate_grad_hook(self._on_grad_ready)
+
+    # ------------------------------------------------------------------ setup
+    def _broadcast_model(self) -> None:
+        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
+        with torch.no_grad():
+            for tensor in [*self.model.parameters(), *self.model.buffers()]:
+                collectives.broadcast(tensor.data, src=src, group=self.group)
+
+    def _owned(self, numel: int) -> tuple[int, int]:
+        """[lo, hi) of a parameter's flat elements this rank owns (may be empty)."""
+        s = -(-numel // self.world_size)
+        lo = min(numel, self.rank * s)
+        return lo, min(numel, lo + s)
+
+    def _shard_parameters(self, units: list[Group]) -> None:
+        """Stage 3: each unit parameter keeps only this rank's (padded) shard."""
+        with torch.no_grad():
+            for unit in units:
+                for p, numel, s in zip(unit.params, unit.numels, unit.shard_numels):
+                    lo, hi = self._owned(numel)
+                    shard = torch.zeros(s, dtype=p.dtype, device=p.device)
+                    shard[: hi - lo] = p.detach().reshape(-1)[lo:hi]
+                    if self.store.kind is not None:  # parameter shards offloaded too
+                        shard = self.store.place(shard, f"param.{unit.name}")
+                    p.data = shard
+
+    def _build_optimizer(self, optimizer_config: Any) -> None:
+        """The torch optimizer over one tensor per parameter: this rank's shard."""
+        self.masters: dict[str, torch.Tensor] = {}
+        self.device_views: dict[str, torch.Tensor] = {}
+        unit_names = {n for u in (self.units.units if self.units else []) for n in u.names}
+        named = dict(self.model.named_parameters())
+        for name, p in named.items():
+            if not p.requires_grad or name in self.unused:
+                continue
+            if name in unit_names:
+                view = p.data  # already the shard (maybe offloaded)
+            else:
+                lo, hi = self._owned(p.numel())
+                view = p.data.view(-1)[lo:hi]
+            # The update runs where the states live: the shard itself when it already
+            # lives there (no offload, CPU tensors under 'cpu', stage-3 offloaded shards).
+            if (
+                self.store.kind is None
+                or (self.store.kind == "cpu" and view.device.type == "cpu")
+                or (self.store.kind == "nvme" and name in unit_names)
+            ):
+                master = view
+            else:
+                master = self.store.place(view.detach(), f"master.{name}")
+            self.masters[name] = torch.nn.Parameter(master, requires_grad=True)
+            self.device_views[name] = view
+        if not self.masters:
+            raise ValueError("ZeRO: the model has no trainable parameters the graph uses.")
+        self.optimizer_config = optimizer_config
+        groups = []
+        for group in self._groups:
+            names = [n for n in group["names"] if n in self.masters]
+            if names:
+                groups.append({**group, "names": names, "params": [self.masters[n] for n in names]})
+        self.optimizer = optimizer_config.build(groups)
+
+    # ------------------------------------------------------------------ collectives
+    def _send_buffer(self, group: Group, tensors: list[torch.Tensor | None]) -> torch.Tensor:
+        """Rank-major [N, S] buffer: row r holds shard r of every tensor (zero-padded)."""
+        n = self.world_size
+        buf = torch.zeros(n, group.shard_numel, device=self.device)
+        for t, numel, offset, s in zip(tensors, group.numels, group.offsets, group.shard_numels):
+            if t is None:
+                continue
+            flat = t.detach().reshape(-1)
+            if s * n == numel:
+                buf[:, offset : offset + s].copy_(flat.view(n, s))
+            else:
+                padded = torch.zeros(s * n, device=self.device, dtype=flat.dtype)
+                padded[:numel] = flat
+                buf[:, offset : offset + s].copy_(padded.view(n, s))
+        return buf
+
+    def launch_reduce_scatter(
+        self, group: Group, grads: list[torch.Tensor | None]
+    ) -> tuple[Group, torch.Tensor, Any]:
+        send = self._send_buffer(group, grads)
+        out = torch.empty(group.shard_numel, device=self.device)
+        work = collectives.reduce_scatter_tensor(
+            out, send.view(-1), group=self.group, async_op=True
+        )
+        return group, out, work
+
+    def accumulate_shard_grad(self, group: Group, reduced: torch.Tensor) -> None:
+        assert group.grad_shard is not None
+        group.grad_shard.add_(reduced, alpha=1.0 / self.world_size)
+
+    # ------------------------------------------------------------------ gradients
+    def prepare_micro_step(self, is_boundary: bool) -> None:
+        self._reduce_now = is_boundary
+        self._ready = [set() for _ in self.buckets]
+        self._next_bucket = 0
+        self._in_flight = []
+
+    def _on_grad_ready(self, param: torch.Tensor) -> None:
+        if not self._reduce_now:
+            return
+        index = self._bucket_of[id(param)]
+        self._ready[index].add(id(param))
+        while self._next_bucket < len(self.buckets) and len(self._ready[self._next_bucket]) == len(
+            self.buckets[self._next_bucket].params
+        ):
+            self._launch_bucket(self._next_bucket)
+
+    def _launch_bucket(self, index: int) -> None:
+        bucket = self.buckets[index]
+        self._in_flight.append(self.launch_reduce_scatter(bucket, [p.grad for p in bucket.params]))
+        if self.stage >= 2:  # stage 2 keeps only the reduced shard
+            for p in bucket.params:
+                p.grad = None
+        self._next_bucket = index + 1
+
+    def finish_backward(self) -> None:
+        while self._next_bucket < len(self.buckets):  # buckets no hook completed
+            self._launch_bucket(self._next_bucket)
+        for group, out, work in self._in_flight:
+            work.wait()
+            if self.stage == 1:
+                self._write_back_owned(group, out)
+            else:
+                self.accumulate_shard_grad(group, out)
+        self._in_flight = []
+        if self.units is not None and self.units.reductions:
+            self.units.finish_backward()
+        self._reduce_now = False
+        self._attach_grads()
+
+    def _write_back_owned(self, bucket: Group, reduced: torch.Tensor) -> None:
+        """Stage 1: this rank's averaged slice goes back into the full gradient."""
+        with torch.no_grad():
+            reduced.div_(self.world_size)
+            for p, offset in zip(bucket.params, bucket.offsets):
+                lo, hi = self._owned(p.numel())
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                p.grad.view(-1)[lo:hi].copy_(reduced[offset : offset + hi - lo])
+
+    def _attach_grads(self) -> None:
+        """Point each optimizer tensor's .grad at this rank's reduced gradient shard."""
+        shard_of = {}
+        for group in self.grad_groups:
+            assert group.grad_shard is not None
+            for name, offset, numel, s in zip(
+                group.names, group.offsets, group.numels, group.shard_numels
+            ):
+                shard_of[name] = (group.grad_shard, offset, numel, s)
+        for name, master in self.masters.items():
+            if name in shard_of:
+                buf, offset, numel, s = shard_of[name]
+                length = master.numel()
+                grad = buf[offset : offset + length].view_as(master)
+            else:  # stage 1: the owned slice of the full gradient
+                p = self._param(name)
+                lo, hi = self._owned(p.numel())
+                grad = p.grad.view(-1)[lo:hi] if p.grad is not None else torch.zeros_like(master)
+            if grad.device != master.device:
+                grad = grad.to(master.device)
+            master.grad = grad
+
+    def _param(self, name: str) -> torch.nn.Parameter:
+        return self.model.get_parameter(name)
+
+    def _grads(self) -> list[torch.Tensor]:
+        return [m.grad for m in self.masters.values() if m.grad is not None]
+
+    def unscale_(self, inv_scale: float) -> bool:
+        grads = self._grads()
+        if grads:
+            torch._foreach_mul_(grads, inv_scale)
+        bad = any(not bool(torch.isfinite(g).all()) for g in grads)
+        flag = torch.tensor([float(bad)])
+        collectives.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item() > 0)
+
+    def clip_grad_norm_(self, max_norm: float | None) -> float:
+        grads = self._grads()
+        local = sum((g.double().pow(2).sum() for g in grads), torch.zeros((), dtype=torch.float64))
+        total = local.reshape(1)
+        collectives.all_reduce(total, group=self.group)
+        norm = math.sqrt(float(total.item()))
+        if max_norm is not None and grads:
+            coef = min(1.0, max_norm / (norm + 1e-6))
+            if coef < 1.0:
+                torch._foreach_mul_(grads, coef)
+        return norm
+
+    # ------------------------------------------------------------------ update
+    def step(self, lr_factor: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * lr_factor
+        self.optimizer.step()
+        self._offload_new_state()
+        # Measured while gradients and states are all alive (the per-step high-water mark).
+        self._step_breakdown = self.model_state_breakdown()
+        with torch.no_grad():
+            for name, master in self.masters.items():
+                view = self.device_views[name]
+                if view.data_ptr() != master.data_ptr():
+                    view.copy_(master.detach())
+            self._gather_buckets()
+
+    def _gather_buckets(self) -> None:
+        """All-gather each bucket's updated shards back into the full parameters."""
+        works = []
+        for bucket in self.buckets:
+            send = torch.zeros(bucket.shard_numel, device=self.device)
+            for p, offset in zip(bucket.params, bucket.offsets):
+                lo, hi = self._owned(p.numel())
+                send[offset : offset + hi - lo].copy_(p.detach().reshape(-1)[lo:hi])
+            out = torch.empty(self.world_size * bucket.shard_numel, device=self.device)
+            work = collectives.all_gather_into_tensor(out, send, group=self.group, async_op=True)
+            works.append((bucket, out, work))
+        for bucket, out, work in works:
+            work.wait()
+            rows = out.view(self.world_size, bucket.shard_numel)
+            for p, numel, offset, s in zip(
+                bucket.params, bucket.numels, bucket.offsets, bucket.shard_numels
+            ):
+                n = self.world_size
+                if s * n == numel:  # one strided copy straight into the parameter
+                    p.data.view(n, s).copy_(rows[:, offset : offset + s])
+                else:
+                    p.data.view(-1).copy_(rows[:, offset : offset + s].reshape(-1)[:numel])
+
+    def _offload_new_state(self) -> None:
+        """Move optimizer states torch just created into the offload store (first step)."""
+        if self.store.kind is None:
+            return
+        for state in self.optimizer.state.values():
+            for key, value in state.items():
+                if (
+                    isinstance(value, torch.Tensor)
+                    and value.dim() > 0
+                    and getattr(value, "_strato_offloaded", False) is False
+                    and (self.store.kind == "nvme" or value.device.type != "cpu")
+                ):
+                    placed = self.store.place(value, f"state.{key}")
+                    placed._strato_offloaded = True  # type: ignore[attr-defined]
+                    state[key] = placed
+
+    def zero_grad(self) -> None:
+        for p in self.model.parameters():
+            p.grad = None
+        for master in self.masters.values():
+            master.grad = None
+        for group in self.grad_groups:
+            assert group.grad_shard is not None
+            group.grad_shard.zero_()
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """This rank's file: model tensors (stage 3: the shards) and its optimizer shards."""
+        tensors, metadata = optimizer_state_dict(self.model, self.optimizer)
+        metadata["zero"] = {"stage": self.stage, "world_size": self.world_size, "rank": self.rank}
+        return tensors, metadata
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+        saved = metadata.get("zero", {})
+        if saved.get("stage") != self.stage or saved.get("world_size") != self.world_size:
+            raise ValueError(
+                f"the checkpoint was saved under ZeRO stage {saved.get('stage')} on "
+                f"{saved.get('world_size')} ranks; this engine runs stage {self.stage} on "
+                f"{self.world_size}. Resharding is not supported yet."
+            )
+        with torch.no_grad():
+            load_optimizer_state_dict(self.model, self.optimizer, tensors, metadata)
+            # The optimizer's copies must match the loaded parameters.
+            for name, master in self.masters.items():
+                view = self.device_views[name]
+                if view.data_ptr() != master.data_ptr():
+                    master.data.copy_(view)
+        self._offload_new_state()
+
+    # ------------------------------------------------------------------ accounting
+    def model_state_breakdown(self) -> dict[str, dict[str, int]]:
+        """Bytes held for parameters, gradients and optimizer states, by where they live
+        ('memory' for device/CPU tensors, 'nvme' for memory-mapped files); each storage once."""
+        seen: set[int] = set()
+        out: dict[str, dict[str, int]] = {}
+
+        def add(kind: str, t: torch.Tensor | None, where: str | None = None) -> None:
+            if t is None or t.numel() == 0:
+                return
+            storage = t.untyped_storage()
+            if storage.data_ptr() in seen:
+                return
+            seen.add(storage.data_ptr())
+            place = where or "memory"
+            out.setdefault(kind, {}).setdefault(place, 0)
+            out[kind][place] += storage.nbytes()
+
+        nvme = self.store.kind == "nvme"
+        for p in self.model.parameters():
+            add("parameters", p.data, "nvme" if nvme and self.units and p.dim() == 1 else None)
+        for master in self.masters.values():
+            add("parameters", master.data, "nvme" if nvme else None)
+        for p in self.model.parameters():
+            add("gradients", p.grad)
+        for group in self.grad_groups:
+            add("gradients", group.grad_shard)
+        for state in self.optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    add("optimizer_state", value, "nvme" if nvme and value.dim() > 0 else None)
+        return out
+
+    def model_state_bytes(self) -> int:
+        """Measured at the last update (gradients and states alive), else now."""
+        breakdown = getattr(self, "_step_breakdown", None) or self.model_state_breakdown()
+        return sum(v for kinds in breakdown.values() for v in kinds.values())
+
+    def full_parameters(self) -> dict[str, torch.Tensor]:
+        """Every parameter in full (stage 3: all-gathered; call on all ranks)."""
+        out = {}
+        for name, p in self.model.named_parameters():
+            out[name] = p.detach().clone()
+        if self.units is not None:
+            for i, unit in enumerate(self.units.units):
+                for name, full in zip(unit.names, self.units._gather(i, [])):
+                    out[name] = full
+        return out
+
+    def close(self) -> None:
+        self.store.close()
+
+
+def make_zero_manager(
+    strategy: Strategy,
+    model: torch.nn.Module,
+    compiled_ctx: CompileContext,
+    optimizer_config: Any,
+    process_group: Any | None,
+) -> ZeroManager:
+    """The ZeRO StateManager (called by runtime/state_manager.make_state_manager)."""
+    return ZeroManager(strategy, model, compiled_ctx, optimizer_config, process_group)

@@ -1,0 +1,139 @@
+"""One rank of a ZeRO test: started by tests/test_zero_multirank.py with torch.multiprocessing
+(spawn, gloo, one thread), writes what it measured to out_dir/rank<r>.pt."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from examples.gpt import GPT, GPTConfig
+from tests.training_utils import batch
+
+# Odd sizes everywhere (d_model 33, vocab 97): no parameter divides evenly over 2 or 4
+# ranks, and the LM head is tied to the token embedding.
+CFG = GPTConfig(vocab_size=97, seq_len=8, d_model=33, n_layers=2, n_heads=3)
+PER_RANK = 2
+LR = {"adamw": 1e-3, "sgd": 0.1}
+
+
+def optimizer_config(name: str):
+    import strato
+
+    if name == "adamw":
+        return strato.AdamW(lr=LR["adamw"], weight_decay=0.1)
+    return strato.SGD(lr=LR["sgd"], momentum=0.9)
+
+
+def local_batch(step: int, rank: int, world: int):
+    x, y = batch(step, PER_RANK * world, CFG)
+    sl = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    return x[sl], y[sl]
+
+
+def make_engine(stage: int, opt: str, offload, seed: int, rank: int, world: int):
+    import strato
+
+    torch.manual_seed(seed)
+    model = GPT(CFG)
+    strategy = strato.Strategy(
+        zero=stage,
+        optimizer=optimizer_config(opt),
+        offload=strato.NVMe(offload[len("nvme:") :])
+        if str(offload).startswith("nvme:")
+        else offload,
+    )
+    return strato.compile(model, strategy, example_inputs=local_batch(0, rank, world))
+
+
+def train(engine, steps: range, rank: int, world: int) -> tuple[list[float], dict[str, int]]:
+    from strato.runtime import collectives
+
+    losses, comm = [], {}
+    for step in steps:
+        before = collectives.comm_bytes()
+        loss = engine(*local_batch(step, rank, world))
+        engine.backward(loss)
+        engine.step()
+        after = collectives.comm_bytes()
+        comm = {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+        losses.append(loss.item())
+    return losses, comm
+
+
+def scenario_train(rank: int, world: int, spec: dict, out_dir: Path) -> list[dict]:
+    """Train each variant in spec['variants'] for spec['steps'] steps; with 'checkpoint',
+    save halfway, and at the end load that checkpoint and train the second half again."""
+    return [
+        train_variant(rank, world, spec["steps"], variant, out_dir / f"ckpt{i}")
+        for i, variant in enumerate(spec["variants"])
+    ]
+
+
+def train_variant(rank: int, world: int, steps: int, variant: dict, ckpt: Path) -> dict:
+    stage, opt, offload = variant["stage"], variant["optimizer"], variant.get("offload")
+    engine = make_engine(stage, opt, offload, 0, rank, world)
+    result: dict = {"graph": str(engine.graph.graph) if rank == 0 else ""}
+    half = steps // 2
+    losses, _ = train(engine, range(half), rank, world)
+    if variant.get("checkpoint"):
+        engine.save_checkpoint(ckpt)
+    more, comm = train(engine, range(half, steps), rank, world)
+    explanation = engine.explain()
+    result.update(
+        losses=losses + more,
+        comm=comm,
+        stats=engine.stats(),
+        breakdown=engine.manager.model_state_breakdown(),
+        explain_comm=explanation.comm_bytes_per_step,
+        explain_model_state=explanation.model_state_bytes,
+        full=engine.manager.full_parameters(),
+    )
+    if variant.get("checkpoint"):  # everything (weights, moments, step) must come back
+        engine.load_checkpoint(ckpt)
+        result["resumed_losses"], _ = train(engine, range(half, steps), rank, world)
+        result["resumed_full"] = engine.manager.full_parameters()
+    engine.manager.close()
+    return result
+
+
+def scenario_mismatch(rank: int, world: int, spec: dict, out_dir: Path) -> dict:
+    """Rank 1 compiles a different model; the schedule check must raise on every rank."""
+    import strato
+    from strato.passes.zero import zero_stage3
+    from strato.runtime.collective_schedule import verify_collective_schedule, zero_schedule
+
+    cfg = CFG if rank == 0 else GPTConfig(**{**CFG.__dict__, "d_model": 36, "n_heads": 4})
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    x, y = batch(0, PER_RANK, cfg)
+    compiled = strato.compile(model, strato.Strategy(passes=[zero_stage3]), example_inputs=(x, y))
+    try:
+        verify_collective_schedule(zero_schedule(compiled.context.records["zero"]))
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"error": None}
+
+
+SCENARIOS = {"train": scenario_train, "mismatch": scenario_mismatch}
+
+
+def run(rank: int, world: int, port: int, spec: dict, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    out = Path(out_dir)
+    try:
+        result = SCENARIOS[spec["kind"]](rank, world, spec, out)
+        torch.save(result, out / f"rank{rank}.pt")
+    except BaseException:
+        (out / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
