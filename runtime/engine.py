@@ -69,6 +69,8 @@ class TrainingEngine(CompiledModel):
         self._tokens_per_s = 0.0
         self._step_started = time.perf_counter()
         self._comm_start = collectives.comm_bytes()
+        self._comm_mark = self._comm_start
+        self._comm_last_step: dict[str, int] = {}
 
     # ------------------------------------------------------------------ training
     def forward(self, *args, **kwargs):
@@ -136,6 +138,9 @@ class TrainingEngine(CompiledModel):
         self._loss_sum = 0.0
         self.micro_step = 0
         self.global_step += 1
+        comm_now = collectives.comm_bytes()
+        self._comm_last_step = _counter_growth(self._comm_mark, comm_now)
+        self._comm_mark = comm_now
         return True
 
     # ------------------------------------------------------------------ reporting
@@ -146,7 +151,9 @@ class TrainingEngine(CompiledModel):
 
     def stats(self) -> dict[str, Any]:
         """Step counters, last loss (this rank's mean over micro-steps), grad norm, lr,
-        loss scale, tokens/s (all ranks), bytes sent per collective kind, model-state bytes."""
+        loss scale, tokens/s (all ranks), model-state bytes, and payload bytes per collective
+        kind: `comm_bytes` during the last optimizer step (from the end of the step before it),
+        `comm_bytes_total` since the engine was built."""
         now = collectives.comm_bytes()
         return {
             "step": self.global_step,
@@ -157,7 +164,8 @@ class TrainingEngine(CompiledModel):
             "loss_scale": self.scaler.scale if self.scaler is not None else 1.0,
             "skipped_steps": self.skipped_steps,
             "tokens_per_s": self._tokens_per_s,
-            "comm_bytes": {k: v - self._comm_start.get(k, 0) for k, v in now.items()},
+            "comm_bytes": dict(self._comm_last_step),
+            "comm_bytes_total": _counter_growth(self._comm_start, now),
             "model_state_bytes": self.manager.model_state_bytes(),
         }
 
@@ -237,6 +245,10 @@ class TrainingEngine(CompiledModel):
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _counter_growth(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
 
 
 def _check_ranks_agree(model: torch.nn.Module, strategy: Strategy) -> None:

@@ -70,7 +70,11 @@ def test_two_ranks_equal_one_process_on_concatenated_batch(two_rank_parity):
     # worker adds one float64 all-reduce of the loss per step.
     n_params = sum(p.numel() for p in reference.parameters())
     n_tensors = len(list(reference.parameters()))
-    assert results["comm_bytes"]["all_reduce"] == 10 * (4 * (n_params + n_tensors) + 8)
+    per_step = 4 * (n_params + n_tensors)
+    assert results["comm_bytes_total"]["all_reduce"] == 10 * (per_step + 8)
+    # stats()["comm_bytes"] covers the last step: its gradients plus the loss all-reduce that
+    # followed the step before it.
+    assert results["comm_bytes"]["all_reduce"] == per_step + 8
 
 
 def test_accumulation_communicates_only_at_boundaries_and_clips_globally(tmp_path):

@@ -111,6 +111,7 @@ def main() -> None:
                     "world_size": world,
                     "step": stats["step"],
                     "comm_bytes": stats["comm_bytes"],
+                    "comm_bytes_total": stats["comm_bytes_total"],
                     "grad_norm": stats["grad_norm"],
                 },
                 f,
