@@ -10,29 +10,16 @@ medians and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
+from common import (  # bench/common.py: scripts here run with bench/ on sys.path
+    llama_100m,
+    write_json,
+)
 
 import strato
-
-
-def llama_100m():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=12,
-        vocab_size=32000,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def time_raw_export(model, ids, kwargs) -> float:
@@ -91,10 +78,7 @@ def main() -> None:
     for name, seconds in result["passes"].items():
         print(f"{'  pass ' + name:<28}{seconds:>10.3f}")
     print(f"ratio strato / raw export: {result['ratio']:.2f}x (goal <= 1.5x)")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {write_json(result, args.out)}")
 
 
 if __name__ == "__main__":

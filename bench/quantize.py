@@ -29,26 +29,12 @@ import warnings
 from pathlib import Path
 
 import torch
+from common import llama_100m  # bench/common.py: scripts here run with bench/ on sys.path
 
 import strato
 
 ROOT = Path(__file__).resolve().parents[1]
 SENTENCES = ROOT / "tests" / "data" / "quant_sentences.json"
-
-
-def llama_100m():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=12,
-        vocab_size=32000,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def param_bytes(model: torch.nn.Module) -> int:

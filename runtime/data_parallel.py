@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from ..compiler.training_config import OptimizerConfig
 from . import collectives
+from .buckets import BucketReadiness
 from .optim import build_optimizer, trainable_parameters
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20
@@ -58,10 +59,8 @@ class DataParallelManager:
         if self.world_size > 1:
             self._broadcast_model()
         self.buckets = make_buckets(list(self.params.values())[::-1], bucket_bytes)
-        self._bucket_of = {id(p): i for i, bucket in enumerate(self.buckets) for p in bucket}
+        self._readiness = BucketReadiness(self.buckets)
         self._reduce_now = False
-        self._ready: list[set[int]] = [set() for _ in self.buckets]
-        self._next_bucket = 0
         self._in_flight: list[tuple[int, torch.Tensor, Any]] = []
         if self.world_size > 1:
             for p in self.params.values():
@@ -77,19 +76,14 @@ class DataParallelManager:
     # ------------------------------------------------------------------ gradients
     def prepare_micro_step(self, is_boundary: bool) -> None:
         self._reduce_now = is_boundary and self.world_size > 1
-        self._ready = [set() for _ in self.buckets]
-        self._next_bucket = 0
+        self._readiness.reset()
         self._in_flight = []
 
     def _on_grad_ready(self, param: torch.Tensor) -> None:
         if not self._reduce_now:
             return
-        index = self._bucket_of[id(param)]
-        self._ready[index].add(id(param))
-        while self._next_bucket < len(self.buckets) and len(self._ready[self._next_bucket]) == len(
-            self.buckets[self._next_bucket]
-        ):
-            self._launch(self._next_bucket)
+        for index in self._readiness.mark_ready(param):
+            self._launch(index)
 
     def _launch(self, index: int) -> None:
         """All-reduce bucket `index`: its gradients, then one 'has a gradient' flag per parameter."""
@@ -105,7 +99,6 @@ class DataParallelManager:
         flat = torch.cat([*parts, flags])
         work = collectives.all_reduce(flat, group=self.group, async_op=True)
         self._in_flight.append((index, flat, work))
-        self._next_bucket = index + 1
 
     def finish_backward(self) -> None:
         if self.world_size == 1:
@@ -115,8 +108,8 @@ class DataParallelManager:
                 "finish_backward called after a non-boundary micro-step: the engine must mark "
                 "the last micro-step of each accumulation as the boundary."
             )
-        while self._next_bucket < len(self.buckets):
-            self._launch(self._next_bucket)
+        for index in self._readiness.release_rest():
+            self._launch(index)
         with torch.no_grad():
             for index, flat, work in self._in_flight:
                 work.wait()

@@ -42,6 +42,7 @@ import torch.distributed as dist
 from ..compiler.context import CompileContext
 from ..compiler.strategy import Strategy
 from . import collectives
+from .buckets import BucketReadiness
 from .collective_schedule import verify_collective_schedule, zero_schedule
 from .data_parallel import load_optimizer_state_dict, optimizer_state_dict
 from .optim import param_groups
@@ -374,10 +375,8 @@ class ZeroManager:
             group.grad_shard = torch.zeros(group.shard_numel, device=self.device)
         self._build_optimizer(optimizer_config)
         self._reduce_now = False
-        self._ready: list[set[int]] = [set() for _ in self.buckets]
-        self._next_bucket = 0
+        self._readiness = BucketReadiness([b.params for b in self.buckets])
         self._in_flight: list[tuple[Group, torch.Tensor, Any]] = []
-        self._bucket_of = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}
         if self.buckets:
             for bucket in self.buckets:
                 for p in bucket.params:
@@ -478,19 +477,14 @@ class ZeroManager:
     # ------------------------------------------------------------------ gradients
     def prepare_micro_step(self, is_boundary: bool) -> None:
         self._reduce_now = is_boundary
-        self._ready = [set() for _ in self.buckets]
-        self._next_bucket = 0
+        self._readiness.reset()
         self._in_flight = []
 
     def _on_grad_ready(self, param: torch.Tensor) -> None:
         if not self._reduce_now:
             return
-        index = self._bucket_of[id(param)]
-        self._ready[index].add(id(param))
-        while self._next_bucket < len(self.buckets) and len(self._ready[self._next_bucket]) == len(
-            self.buckets[self._next_bucket].params
-        ):
-            self._launch_bucket(self._next_bucket)
+        for index in self._readiness.mark_ready(param):
+            self._launch_bucket(index)
 
     def _launch_bucket(self, index: int) -> None:
         bucket = self.buckets[index]
@@ -498,11 +492,10 @@ class ZeroManager:
         if self.stage >= 2:  # stage 2 keeps only the reduced shard
             for p in bucket.params:
                 p.grad = None
-        self._next_bucket = index + 1
 
     def finish_backward(self) -> None:
-        while self._next_bucket < len(self.buckets):  # buckets no hook completed
-            self._launch_bucket(self._next_bucket)
+        for index in self._readiness.release_rest():  # buckets no hook completed
+            self._launch_bucket(index)
         for group, out, work in self._in_flight:
             work.wait()
             if self.stage == 1:
