@@ -6,13 +6,14 @@ from ..passes.annotate import annotate_metadata
 from ..passes.dead_code import eliminate_dead_code
 from ..passes.precision import mixed_precision
 from ..passes.quantize import quantize_linears
+from ..passes.simplify import simplify_inference
 from .pass_manager import GraphPass, as_graph_pass
 from .strategy import Strategy
 
 
 def builtin_passes(strategy: Strategy) -> list[GraphPass]:
     """The built-in passes for `strategy`; later features append theirs here."""
-    passes = [annotate_metadata, eliminate_dead_code]
+    passes = [annotate_metadata, eliminate_dead_code, simplify_inference]
     if strategy.precision in ("bf16", "fp16"):
         passes.append(mixed_precision)
     if strategy.quantize is not None:

@@ -330,6 +330,7 @@ def _kernel(x: torch.Tensor) -> str:
 # Packed layouts derived from the stored format, built once per weight tensor.
 _cpu_int4_packs = WeakTensorKeyDictionary()
 _fbgemm_packs = WeakTensorKeyDictionary()
+_bf16_scales = WeakTensorKeyDictionary()
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -387,7 +388,10 @@ def int8_dynamic_linear_reference(x, qweight, scales, act_scale, bias):
 
 def _int8_linear_aten(x, qweight, scales, zeros, bias):
     xb = _flat(x).to(torch.bfloat16)
-    y = torch._weight_int8pack_mm(xb, qweight, scales.to(torch.bfloat16)).float()
+    scales_bf16 = _bf16_scales.get(scales)
+    if scales_bf16 is None:  # static per layer: cast once, not once per token
+        scales_bf16 = _bf16_scales[scales] = scales.to(torch.bfloat16)
+    y = torch._weight_int8pack_mm(xb, qweight, scales_bf16).float()
     if zeros is not None:  # (q - z) s = q s - z s: subtract row-sum(x) * z s
         y = y - xb.float().sum(dim=1, keepdim=True) * (zeros * scales)[None, :]
     return _finish(y, x, bias, qweight.shape[0])

@@ -1,0 +1,76 @@
+"""simplify_inference: eval graphs lose asserts, no-op casts and duplicates, and still match eager."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from conftest import assert_parity
+
+import strato
+
+
+class Repeats(nn.Module):
+    """Recomputes one mask per layer and casts to the dtype it already has, as HF models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+
+    def forward(self, x):
+        for layer in self.layers:
+            mask = ~torch.ones(8, 8, dtype=torch.bool).tril(-1)[1]
+            x = layer(x.to(torch.float32)).masked_fill(mask, 0.0)
+            x = torch.nn.functional.dropout(x, 0.5, self.training)
+        return x
+
+
+def _calls(gm, target):
+    return sum(1 for n in gm.graph.nodes if n.target is target)
+
+
+def test_eval_graph_merges_duplicates_and_matches_eager():
+    model = Repeats().eval()
+    x = torch.randn(4, 8)
+    compiled = strato.compile(model, example_inputs=(x,))
+    record = compiled.context.records["simplify_inference"]
+    assert record["merged"] >= 2  # the per-layer masks become one
+    assert _calls(compiled.graph, torch.ops.aten.bitwise_not.default) == 1
+    assert _calls(compiled.graph, torch.ops.aten._assert_tensor_metadata.default) == 0
+    # Eval: no gradients needed for parity of values, but they must flow all the same.
+    assert_parity(model, compiled, (x,))
+
+
+def test_training_graph_is_left_alone():
+    model = Repeats().train()
+    x = torch.randn(4, 8)
+    compiled = strato.compile(model, example_inputs=(x,))
+    assert compiled.context.records["simplify_inference"] == {"skipped": "training graph"}
+    # Random ops are never merged: each layer keeps its own dropout.
+    assert _calls(compiled.graph, torch.ops.aten.dropout.default) == 3
+    assert_parity(model, compiled, (x,))
+
+
+def test_hugging_face_llama_eval_graph_shrinks_and_matches():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            hidden_size=32,
+            intermediate_size=64,
+            vocab_size=100,
+        )
+    ).eval()
+    ids = torch.randint(0, 100, (2, 12))
+    kwargs = {"use_cache": False}
+    full = strato.compile(
+        model,
+        strato.Strategy(disable=["simplify_inference"]),
+        example_inputs=(ids,),
+        example_kwargs=kwargs,
+    )
+    simplified = strato.compile(model, example_inputs=(ids,), example_kwargs=kwargs)
+    assert len(simplified.graph.graph.nodes) < len(full.graph.graph.nodes)
+    assert_parity(model, simplified, (ids,), kwargs, reduce=lambda out: out.logits.pow(2).mean())
