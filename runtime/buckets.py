@@ -7,9 +7,10 @@ complete. Shared by data parallelism (all-reduce) and ZeRO (reduce-scatter).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
+from torch.utils.weak import WeakTensorKeyDictionary
 
 
 class BucketReadiness:
@@ -42,3 +43,18 @@ class BucketReadiness:
         rest = list(range(self.next_bucket, len(self.sizes)))
         self.next_bucket = len(self.sizes)
         return rest
+
+
+# The hook each parameter carries for the engine built last on it: compiling the same
+# model again (a notebook re-run, a second strategy) replaces it instead of adding a
+# second one, which would launch every bucket's collective twice.
+_grad_ready_hooks = WeakTensorKeyDictionary()
+
+
+def attach_grad_ready_hooks(params: Iterable[torch.Tensor], on_ready: Callable) -> None:
+    """Call `on_ready(param)` after each parameter's gradient is accumulated in backward."""
+    for p in params:
+        previous = _grad_ready_hooks.get(p)
+        if previous is not None:
+            previous.remove()
+        _grad_ready_hooks[p] = p.register_post_accumulate_grad_hook(on_ready)

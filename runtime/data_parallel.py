@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from ..compiler.training_config import OptimizerConfig
 from . import collectives
-from .buckets import BucketReadiness
+from .buckets import BucketReadiness, attach_grad_ready_hooks
 from .optim import build_optimizer, trainable_parameters
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20
@@ -63,8 +63,7 @@ class DataParallelManager:
         self._reduce_now = False
         self._in_flight: list[tuple[int, torch.Tensor, Any]] = []
         if self.world_size > 1:
-            for p in self.params.values():
-                p.register_post_accumulate_grad_hook(self._on_grad_ready)
+            attach_grad_ready_hooks(self.params.values(), self._on_grad_ready)
 
     def _broadcast_model(self) -> None:
         """Start every rank from rank 0's parameters and buffers, as DDP does."""

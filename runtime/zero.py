@@ -42,7 +42,7 @@ import torch.distributed as dist
 from ..compiler.context import CompileContext
 from ..compiler.strategy import Strategy
 from . import collectives
-from .buckets import BucketReadiness
+from .buckets import BucketReadiness, attach_grad_ready_hooks
 from .collective_schedule import verify_collective_schedule, zero_schedule
 from .data_parallel import load_optimizer_state_dict, optimizer_state_dict
 from .optim import param_groups
@@ -377,10 +377,7 @@ class ZeroManager:
         self._reduce_now = False
         self._readiness = BucketReadiness([b.params for b in self.buckets])
         self._in_flight: list[tuple[Group, torch.Tensor, Any]] = []
-        if self.buckets:
-            for bucket in self.buckets:
-                for p in bucket.params:
-                    p.register_post_accumulate_grad_hook(self._on_grad_ready)
+        attach_grad_ready_hooks((p for b in self.buckets for p in b.params), self._on_grad_ready)
 
     # ------------------------------------------------------------------ setup
     def _broadcast_model(self) -> None:

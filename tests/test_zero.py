@@ -224,3 +224,17 @@ def test_zero3_bf16_matches_data_parallel_bf16():
     full = engines[1].manager.full_parameters()
     for name, p in engines[0].named_parameters():
         torch.testing.assert_close(full[name], p.detach(), atol=1e-5, rtol=0, msg=name)
+
+
+def test_compiling_the_same_model_twice_keeps_one_gradient_hook_per_parameter():
+    """A second engine on the same model replaces the first one's hooks: a duplicate hook
+    would launch every bucket's collective twice (and hang ranks that compiled once)."""
+    model = tiny()
+    strategy = strato.Strategy(zero=2, optimizer=strato.SGD(lr=0.1), zero_bucket_mb=0.01)
+    for _ in range(2):
+        engine = strato.compile(model, strategy, example_inputs=batch(0, 2, CFG))
+    hooked = [p for p in model.parameters() if p._post_accumulate_grad_hooks]
+    assert hooked and all(len(p._post_accumulate_grad_hooks) == 1 for p in hooked)
+    x, y = batch(1, 2, CFG)
+    engine.backward(engine(x, y))
+    assert engine.step()
