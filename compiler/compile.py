@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..passes.annotate import fill_fake_values
+from ..passes.annotate import check_graph_runs, fill_fake_values
 from ..runtime.compiled_model import CompiledGraph, CompiledModel
 from .capture import annotate_module_paths, capture
 from .context import CompileContext
@@ -63,6 +63,7 @@ def compile(
         ctx.capture_method = captured.method
         gm, history = run_passes(captured.gm, ctx, passes, keep_snapshots=keep_snapshots)
         fill_fake_values(gm, ctx)
+        check_graph_runs(gm, ctx)
         annotate_module_paths(gm)
         return CompiledGraph(gm=gm, history=history, ctx=ctx)
 

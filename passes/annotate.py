@@ -9,7 +9,29 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from ..compiler.capture import annotate_module_paths
 from ..compiler.context import CompileContext
+from ..compiler.errors import PassError
 from ..compiler.pass_manager import graph_pass
+
+
+class _FakePropagation(FakeTensorProp):
+    """FakeTensorProp that also fakes parameters and buffers, so in-place ops in the graph
+    (batch-norm statistics, counters) never touch the model's real tensors."""
+
+    def get_attr(self, target, args, kwargs):
+        value = super().get_attr(target, args, kwargs)
+        return self._mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
+
+    def run_node(self, node):
+        try:
+            return super().run_node(node)
+        except Exception as exc:
+            creator = node.meta.get("strato_created_by", "capture")
+            made_by = "capture" if creator == "capture" else f"pass {creator!r}"
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            raise PassError(
+                f"the compiled graph fails at node {node.name!r} ({node.format_node()}), "
+                f"made by {made_by}: {type(exc).__name__}: {first_line}"
+            ) from exc
 
 
 def fill_fake_values(gm: fx.GraphModule, ctx: CompileContext) -> int:
@@ -25,14 +47,29 @@ def fill_fake_values(gm: fx.GraphModule, ctx: CompileContext) -> int:
         for n in gm.graph.nodes
         if n.op in ("placeholder", "call_function") and "val" not in n.meta
     )
-    if missing:
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        leaves = _flat_examples(ctx)
-        if len(leaves) != len(placeholders):
-            leaves = [a for a in leaves if isinstance(a, torch.Tensor)]
-        if len(leaves) == len(placeholders):
-            FakeTensorProp(gm, mode=fake_mode).propagate(*leaves)
+    leaves = _placeholder_values(gm, ctx)
+    if missing and leaves is not None:
+        _FakePropagation(gm, mode=fake_mode).propagate(*leaves)
     return missing
+
+
+def check_graph_runs(gm: fx.GraphModule, ctx: CompileContext) -> None:
+    """Run the graph once on fake tensors (no compute, no RNG), so a graph a pass broke in
+    a way lint cannot see fails at compile time, naming the node and the pass that made it."""
+    leaves = _placeholder_values(gm, ctx)
+    if leaves is None or ctx.capture_method != "export":
+        return  # symbolic_trace graphs may hold opaque calls that branch on real values
+
+    _FakePropagation(gm, mode=FakeTensorMode(allow_non_fake_inputs=True)).propagate(*leaves)
+
+
+def _placeholder_values(gm: fx.GraphModule, ctx: CompileContext) -> list | None:
+    """The example inputs as the graph's placeholders take them, or None if they don't fit."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    leaves = _flat_examples(ctx)
+    if len(leaves) != len(placeholders):
+        leaves = [a for a in leaves if isinstance(a, torch.Tensor)]
+    return leaves if len(leaves) == len(placeholders) else None
 
 
 def getattr_path(gm: fx.GraphModule, target: str):

@@ -156,3 +156,18 @@ def test_dead_code_elimination_removes_unused_but_keeps_mutations():
     assert torch.ops.aten.relu.default not in targets
     compiled(x)
     assert model.calls.item() == 1
+
+
+def test_pass_leaving_a_graph_that_cannot_run_is_named_at_compile_time():
+    @strato.graph_pass(name="bad_reshape")
+    def bad_reshape(gm, ctx):
+        # Lints fine, but the shapes do not fit: only running the graph shows it.
+        linear = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.linear.default)
+        with gm.graph.inserting_after(linear):
+            broken = gm.graph.call_function(torch.ops.aten.view.default, (linear, [7, 5]))
+        linear.replace_all_uses_with(broken, delete_user_cb=lambda user: user is not broken)
+        return gm
+
+    model, x = _model_and_input()
+    with pytest.raises(strato.PassError, match=r"node 'view\w*'.*made by pass 'bad_reshape'"):
+        strato.compile(model, strato.Strategy(passes=[bad_reshape]), example_inputs=(x,))
