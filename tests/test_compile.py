@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from conftest import TINY_GPT, assert_parity
+from conftest import TINY_GPT, assert_parity, tiny_llama
 
 import strato
 from examples.gpt import GPT
@@ -71,21 +71,12 @@ transformers = pytest.importorskip("transformers")
 
 
 def _hf_models():
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     gpt2 = GPT2LMHeadModel(
         GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=100, n_positions=64)
     )
-    llama = LlamaForCausalLM(
-        LlamaConfig(
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            hidden_size=32,
-            intermediate_size=64,
-            vocab_size=100,
-        )
-    )
+    llama = tiny_llama()
     return {"gpt2": gpt2, "llama": llama}
 
 

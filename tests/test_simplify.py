@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from conftest import assert_parity
+from conftest import assert_parity, tiny_llama
 
 import strato
 
@@ -51,18 +51,7 @@ def test_training_graph_is_left_alone():
 
 
 def test_hugging_face_llama_eval_graph_shrinks_and_matches():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    model = LlamaForCausalLM(
-        LlamaConfig(
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            hidden_size=32,
-            intermediate_size=64,
-            vocab_size=100,
-        )
-    ).eval()
+    model = tiny_llama().eval()
     ids = torch.randint(0, 100, (2, 12))
     kwargs = {"use_cache": False}
     full = strato.compile(
