@@ -189,6 +189,17 @@ def _warmup(step: int, warmup_steps: int) -> float | None:
     return None
 
 
+def _decayed(schedule, step: int, shape) -> float:
+    """Warmup, then min_lr_ratio + (1 - min_lr_ratio) * shape(progress), progress 0 -> 1
+    from the end of warmup to total_steps (and 1 after)."""
+    warm = _warmup(step, schedule.warmup_steps)
+    if warm is not None:
+        return warm
+    span = schedule.total_steps - schedule.warmup_steps
+    progress = min(1.0, (step - schedule.warmup_steps) / span)
+    return schedule.min_lr_ratio + (1 - schedule.min_lr_ratio) * shape(progress)
+
+
 @attrs.frozen(kw_only=True)
 class Constant:
     """The optimizer's lr at every step, after an optional linear warmup."""
@@ -218,11 +229,7 @@ class WarmupLinear:
         _check_steps(self)
 
     def factor(self, step: int) -> float:
-        warm = _warmup(step, self.warmup_steps)
-        if warm is not None:
-            return warm
-        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * (1 - progress)
+        return _decayed(self, step, lambda progress: 1 - progress)
 
 
 @attrs.frozen(kw_only=True)
@@ -242,12 +249,7 @@ class WarmupCosine:
         _check_steps(self)
 
     def factor(self, step: int) -> float:
-        warm = _warmup(step, self.warmup_steps)
-        if warm is not None:
-            return warm
-        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
-        cosine = 0.5 * (1 + math.cos(math.pi * progress))
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine
+        return _decayed(self, step, lambda progress: 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 @attrs.frozen(kw_only=True)
@@ -270,11 +272,7 @@ class Polynomial:
         _check_steps(self)
 
     def factor(self, step: int) -> float:
-        warm = _warmup(step, self.warmup_steps)
-        if warm is not None:
-            return warm
-        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
-        return self.min_lr_ratio + (1 - self.min_lr_ratio) * (1 - progress) ** self.power
+        return _decayed(self, step, lambda progress: (1 - progress) ** self.power)
 
 
 ScheduleConfig = Constant | WarmupLinear | WarmupCosine | Polynomial
