@@ -1,6 +1,8 @@
 """ZeRO benchmark: Strato stages 0-3 vs torch DDP vs FSDP2 (fully_shard) vs DeepSpeed
 stages 0-3 (when `deepspeed` imports), on the reference GPT (4 layers, d_model 256, vocab
 8192, seq 128), batch 4 per rank, fp32 AdamW, 2 gloo ranks, 1 thread per rank.
+DDP and FSDP2 also run with torch's fused AdamW ('+fused'), the kernel Strato's AdamW
+picks on CPU, so the table separates the optimizer kernel from the sharding.
 
 Each (framework, stage) runs in its own pair of processes, so peak RSS is its own; runs
 interleave over repeats, so drift on this shared machine hits all alike. Prints median
@@ -87,12 +89,18 @@ def run_strato(stage: int, steps: int, rank: int):
     return times, engine.stats()["model_state_bytes"], float(loss.detach())
 
 
-def run_ddp(steps: int, rank: int):
+def torch_adamw(params, fused: bool) -> torch.optim.AdamW:
+    """torch's default AdamW (a per-tensor loop on CPU), or its fused kernel, which is
+    what Strato's AdamW picks on CPU: the '+fused' runs separate the optimizer's share."""
+    return torch.optim.AdamW(params, lr=LR, weight_decay=0.01, fused=fused or None)
+
+
+def run_ddp(steps: int, rank: int, fused: bool):
     from torch.nn.parallel import DistributedDataParallel
 
     torch.manual_seed(0)
     model = DistributedDataParallel(GPT(REFERENCE))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
+    optimizer = torch_adamw(model.parameters(), fused)
     times, state = [], 0
     for step in range(steps):
         start = time.perf_counter()
@@ -111,7 +119,7 @@ def run_ddp(steps: int, rank: int):
     return times, state, float(loss.detach())
 
 
-def run_fsdp2(steps: int, rank: int):
+def run_fsdp2(steps: int, rank: int, fused: bool):
     from torch.distributed.fsdp import fully_shard
 
     torch.manual_seed(0)
@@ -119,7 +127,7 @@ def run_fsdp2(steps: int, rank: int):
     for block in model.blocks:
         fully_shard(block)
     fully_shard(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.01)
+    optimizer = torch_adamw(model.parameters(), fused)
     times, state = [], 0
     for step in range(steps):
         start = time.perf_counter()
@@ -191,8 +199,10 @@ def worker(rank: int, port: int, variant: tuple[str, int], steps: int, out: str)
             )
         run = {
             "strato": lambda: run_strato(stage, steps, rank),
-            "ddp": lambda: run_ddp(steps, rank),
-            "fsdp2": lambda: run_fsdp2(steps, rank),
+            "ddp": lambda: run_ddp(steps, rank, fused=False),
+            "ddp+fused": lambda: run_ddp(steps, rank, fused=True),
+            "fsdp2": lambda: run_fsdp2(steps, rank, fused=False),
+            "fsdp2+fused": lambda: run_fsdp2(steps, rank, fused=True),
             "deepspeed": lambda: run_deepspeed(stage, steps, rank),
         }[framework]
         times, state_bytes, loss = run()
@@ -256,14 +266,15 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated names, e.g. strato-3,fsdp2")
     args = parser.parse_args()
 
-    variants = [("strato", s) for s in range(4)] + [("ddp", 0), ("fsdp2", 3)]
+    variants = [("strato", s) for s in range(4)]
+    variants += [("ddp", 0), ("ddp+fused", 0), ("fsdp2", 3), ("fsdp2+fused", 3)]
     try:
         import deepspeed  # noqa: F401
 
         variants += [("deepspeed", s) for s in range(4)]
     except Exception as exc:  # not installed, or fails to import on this machine
         print(f"deepspeed not importable ({type(exc).__name__}: {exc}); skipping it")
-    name = {v: v[0] if v[0] in ("ddp", "fsdp2") else f"{v[0]}-{v[1]}" for v in variants}
+    name = {v: f"{v[0]}-{v[1]}" if v[0] in ("strato", "deepspeed") else v[0] for v in variants}
     if args.only:
         wanted = set(args.only.split(","))
         variants = [v for v in variants if name[v] in wanted]
@@ -285,7 +296,7 @@ def main() -> None:
         if not ok:
             rows[name[v]] = {"error": runs[name[v]][0]["error"]}
             continue
-        stage = v[1] if v[0] != "ddp" else 0
+        stage = v[1]
         state = max(r["model_state_bytes"] for r in ok)
         rows[name[v]] = {
             "step_s": statistics.median(r["step_s"] for r in ok),
@@ -295,11 +306,14 @@ def main() -> None:
             "state_vs_ideal": state / ideal_model_state(stage, psi),
             "loss": ok[0]["loss"],
         }
-    base = {"ddp": rows.get("ddp", {}), "fsdp2": rows.get("fsdp2", {})}
+    base = {k: rows.get(k, {}) for k in ("ddp", "ddp+fused", "fsdp2")}
     print(
         f"\nReference GPT: {psi:,} parameters, {WORLD} gloo ranks, batch {PER_RANK}/rank, fp32 AdamW"
     )
-    header = f"{'run':<12} {'step ms':>8} {'x DDP':>6} {'x FSDP2':>7} {'peak RSS MiB':>12} {'state MiB':>9} {'x ideal':>7}"
+    header = (
+        f"{'run':<12} {'step ms':>8} {'x DDP':>6} {'x DDP+fused':>11} {'x FSDP2':>7} "
+        f"{'peak RSS MiB':>12} {'state MiB':>9} {'x ideal':>7}"
+    )
     print(header)
     print("-" * len(header))
     for run_name, row in rows.items():
@@ -311,8 +325,10 @@ def main() -> None:
             for k, b in base.items()
         }
         row["step_vs_ddp"], row["step_vs_fsdp2"] = vs["ddp"], vs["fsdp2"]
+        row["step_vs_ddp_fused"] = vs["ddp+fused"]
         print(
-            f"{run_name:<12} {row['step_s'] * 1e3:8.0f} {vs['ddp']:6.2f} {vs['fsdp2']:7.2f} "
+            f"{run_name:<12} {row['step_s'] * 1e3:8.0f} {vs['ddp']:6.2f} {vs['ddp+fused']:11.2f} "
+            f"{vs['fsdp2']:7.2f} "
             f"{row['peak_rss'] / 2**20:12.0f} {row['model_state_bytes'] / 2**20:9.2f} "
             f"{row['state_vs_ideal']:7.3f}"
         )

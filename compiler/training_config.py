@@ -54,6 +54,20 @@ def _optional_layer_decay(instance, attribute, value) -> None:
         )
 
 
+def _use_fused(fused: bool | None, foreach: bool | None, param_groups: list[dict]) -> bool:
+    """torch's fused kernel unless the user chose otherwise: it exists for floating-point
+    CPU and CUDA tensors and is several times faster than the per-tensor loop torch
+    picks on CPU (bench/zero.py: 3 ms vs 20 ms for 5.3M parameters, one thread)."""
+    if fused is not None:
+        return fused
+    if foreach:
+        return False
+    params = [p for group in param_groups for p in group["params"]]
+    return bool(params) and all(
+        p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params
+    )
+
+
 def _patterns(value) -> tuple[str, ...]:
     if isinstance(value, str):
         return (value,)
@@ -96,15 +110,21 @@ class AdamW:
     foreach: bool | None = None
     """torch's multi-tensor implementation: None lets torch choose."""
 
+    fused: bool | None = None
+    """torch's fused kernel: None uses it where it exists (floating-point CPU and CUDA
+    parameters) unless `foreach` is True; it matches the loop within float rounding."""
+
     def build(self, param_groups: list[dict]) -> torch.optim.Optimizer:
         """The torch optimizer over `param_groups` (dicts with 'params' and 'weight_decay')."""
+        fused = _use_fused(self.fused, self.foreach, param_groups)
         return torch.optim.AdamW(
             param_groups,
             lr=self.lr,
             betas=self.betas,
             eps=self.eps,
             weight_decay=self.weight_decay,
-            foreach=self.foreach,
+            foreach=None if fused else self.foreach,
+            fused=fused or None,
         )
 
     def state_bytes(self, param: torch.Tensor) -> int:
@@ -143,11 +163,15 @@ class SGD:
     foreach: bool | None = None
     """torch's multi-tensor implementation: None lets torch choose."""
 
+    fused: bool | None = None
+    """torch's fused kernel: None uses it where it exists, as for AdamW.fused."""
+
     def __attrs_post_init__(self) -> None:
         if self.nesterov and (self.momentum <= 0 or self.dampening != 0):
             raise StrategyError("SGD.nesterov: needs momentum > 0 and dampening 0.")
 
     def build(self, param_groups: list[dict]) -> torch.optim.Optimizer:
+        fused = _use_fused(self.fused, self.foreach, param_groups)
         return torch.optim.SGD(
             param_groups,
             lr=self.lr,
@@ -155,7 +179,8 @@ class SGD:
             dampening=self.dampening,
             nesterov=self.nesterov,
             weight_decay=self.weight_decay,
-            foreach=self.foreach,
+            foreach=None if fused else self.foreach,
+            fused=fused or None,
         )
 
     def state_bytes(self, param: torch.Tensor) -> int:

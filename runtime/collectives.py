@@ -7,12 +7,20 @@ full input). The engine reports the growth of these counters as stats()["comm_by
 
 With no process group initialised (a single process) every call is a local no-op
 (all_gather/reduce_scatter copy), so single-process code needs no special case.
+
+On gloo, all-gather and reduce-scatter run as direct algorithms built from gloo's
+fastest primitives: reduce-scatter is one all_to_all plus a local sum, all-gather is one
+broadcast per rank. Each rank sends the same (N-1)/N of the payload as gloo's ring
+versions, in 0.4-0.7x their time (measured in bench/collectives.py, 2 ranks). Set
+STRATO_GLOO_NATIVE_COLLECTIVES=1 to use gloo's own.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import Counter
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -55,6 +63,39 @@ class _Done:
         return True
 
 
+class _Then:
+    """Work handles that finish with a local step (a sum, a copy) once they complete."""
+
+    def __init__(self, works: Sequence[Any], finish: Callable[[], None] | None = None) -> None:
+        self._works, self._finish = list(works), finish
+
+    def wait(self) -> bool:
+        for work in self._works:
+            work.wait()
+        self._works = []
+        if self._finish is not None:
+            finish, self._finish = self._finish, None
+            finish()
+        return True
+
+    def is_completed(self) -> bool:
+        return not self._works and self._finish is None
+
+
+def _direct(group: Any | None) -> bool:
+    """Whether to use the direct all_to_all / broadcast algorithms (gloo; see the top)."""
+    if os.environ.get("STRATO_GLOO_NATIVE_COLLECTIVES", "0") not in ("", "0"):
+        return False
+    return dist.get_backend(group) == "gloo"
+
+
+def _finished(work: _Then, async_op: bool):
+    if async_op:
+        return work
+    work.wait()
+    return None
+
+
 def all_reduce(
     tensor: torch.Tensor,
     op: Any = None,
@@ -87,6 +128,21 @@ def all_gather_into_tensor(
         output.copy_(input.reshape(output.shape))
         return _Done() if async_op else None
     _count("all_gather", input)
+    if _direct(group) and output.is_contiguous():
+        # One broadcast per rank into its slot of `output`; global ranks for `src`.
+        slots = output.view(n, -1)
+        me = rank(group)
+        slots[me].copy_(input.reshape(-1))
+        works = [
+            dist.broadcast(
+                slots[r],
+                src=dist.get_global_rank(group, r) if group else r,
+                group=group,
+                async_op=True,
+            )
+            for r in range(n)
+        ]
+        return _finished(_Then(works), async_op)
     # torch 2.13 names it all_gather_single (all_gather_into_tensor warns); 2.11-2.12 lack it.
     single = getattr(dist, "all_gather_single", None) or getattr(
         dist, "all_gather_into_tensor", None
@@ -117,6 +173,15 @@ def reduce_scatter_tensor(
         output.copy_(input.reshape(output.shape))
         return _Done() if async_op else None
     _count("reduce_scatter", input)
+    if _direct(group) and op == dist.ReduceOp.SUM and output.is_contiguous():
+        # Chunk r of every rank lands on rank r, which sums what it received.
+        received = torch.empty_like(input.reshape(-1))
+        work = dist.all_to_all_single(received, input.reshape(-1), group=group, async_op=True)
+
+        def sum_received() -> None:
+            torch.sum(received.view(n, -1), dim=0, out=output.view(-1))
+
+        return _finished(_Then([work], sum_received), async_op)
     single = getattr(dist, "reduce_scatter_single", None) or getattr(
         dist, "reduce_scatter_tensor", None
     )

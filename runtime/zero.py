@@ -554,8 +554,11 @@ class ZeroManager:
 
     def clip_grad_norm_(self, max_norm: float | None) -> float:
         grads = self._grads()
-        local = sum((g.double().pow(2).sum() for g in grads), torch.zeros((), dtype=torch.float64))
-        total = local.reshape(1)
+        # Per-tensor norms in one fused pass, their squares summed in float64.
+        norms = torch._foreach_norm(grads) if grads else []
+        total = torch.zeros(1, dtype=torch.float64)
+        for norm in norms:
+            total += norm.double() ** 2
         collectives.all_reduce(total, group=self.group)
         norm = math.sqrt(float(total.item()))
         if max_norm is not None and grads:
@@ -566,37 +569,70 @@ class ZeroManager:
 
     # ------------------------------------------------------------------ update
     def step(self, lr_factor: float) -> None:
+        """Update this rank's shards. Stages 1/2 step bucket by bucket and start each
+        bucket's all-gather as soon as its shards are updated, so it overlaps the next
+        bucket's update."""
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor
-        self.optimizer.step()
+        grads = {name: master.grad for name, master in self.masters.items()}
+        in_buckets = {name for bucket in self.buckets for name in bucket.names}
+        rest = [name for name in self.masters if name not in in_buckets]
+        gathers = []
+        for bucket in self.buckets:  # every rank gathers every bucket, stepped or not
+            self._step_only(bucket.names, grads)
+            gathers.append(self._launch_gather(bucket))
+        if self._step_only(rest, grads):
+            self._write_back(rest)
+        for master, grad in zip(self.masters.values(), grads.values()):
+            master.grad = grad
         self._offload_new_state()
         # Measured while gradients and states are all alive (the per-step high-water mark).
         self._step_breakdown = self.model_state_breakdown()
+        for bucket, out, work in gathers:
+            work.wait()
+            self._scatter_gathered(bucket, out)
+
+    def _step_only(self, names: list[str], grads: dict[str, torch.Tensor | None]) -> bool:
+        """One optimizer step over the masters `names` (torch skips tensors without .grad)."""
+        chosen = set(names)
+        any_grad = False
+        for name, master in self.masters.items():
+            master.grad = grads[name] if name in chosen else None
+            any_grad = any_grad or master.grad is not None
+        if any_grad:
+            self.optimizer.step()
+        return any_grad
+
+    def _write_back(self, names: list[str]) -> None:
+        """Copy updated masters that live elsewhere (offload) back into the parameters."""
         with torch.no_grad():
-            for name, master in self.masters.items():
-                view = self.device_views[name]
+            for name in names:
+                if name not in self.masters:  # frozen or unused by the graph
+                    continue
+                master, view = self.masters[name], self.device_views[name]
                 if view.data_ptr() != master.data_ptr():
                     view.copy_(master.detach())
-            self._gather_buckets()
 
-    def _gather_buckets(self) -> None:
-        """All-gather each bucket's updated shards back into the full parameters."""
-        works = []
-        for bucket in self.buckets:
-            send = torch.zeros(bucket.shard_numel, device=self.device)
+    def _launch_gather(self, bucket: Group) -> tuple[Group, torch.Tensor, Any]:
+        """Start the all-gather of a bucket's updated shards."""
+        self._write_back(bucket.names)
+        send = torch.zeros(bucket.shard_numel, device=self.device)
+        with torch.no_grad():
             for p, offset in zip(bucket.params, bucket.offsets):
                 lo, hi = self._owned(p.numel())
                 send[offset : offset + hi - lo].copy_(p.detach().reshape(-1)[lo:hi])
-            out = torch.empty(self.world_size * bucket.shard_numel, device=self.device)
-            work = collectives.all_gather_into_tensor(out, send, group=self.group, async_op=True)
-            works.append((bucket, out, work))
-        for bucket, out, work in works:
-            work.wait()
-            rows = out.view(self.world_size, bucket.shard_numel)
+        out = torch.empty(self.world_size * bucket.shard_numel, device=self.device)
+        work = collectives.all_gather_into_tensor(out, send, group=self.group, async_op=True)
+        return bucket, out, work
+
+    def _scatter_gathered(self, bucket: Group, out: torch.Tensor) -> None:
+        """Write a bucket's gathered shards [N, S] into the full parameters."""
+        rows = out.view(self.world_size, bucket.shard_numel)
+        n = self.world_size
+        with torch.no_grad():
             for p, numel, offset, s in zip(
                 bucket.params, bucket.numels, bucket.offsets, bucket.shard_numels
             ):
-                n = self.world_size
                 if s * n == numel:  # one strided copy straight into the parameter
                     p.data.view(n, s).copy_(rows[:, offset : offset + s])
                 else:

@@ -59,7 +59,9 @@ def test_two_ranks_equal_one_process_on_concatenated_batch(two_rank_parity):
     assert results["world_size"] == 2
     reference = tiny_gpt(0)
     ref_losses, _ = eager_train(
-        reference, lambda m: torch.optim.AdamW(reference_groups(m, 0.1), lr=3e-3), steps=10
+        reference,
+        lambda m: torch.optim.AdamW(reference_groups(m, 0.1), lr=3e-3, fused=True),
+        steps=10,
     )
     assert results["losses"] == pytest.approx(ref_losses, abs=TOL)
     for name, p in reference.named_parameters():
@@ -86,7 +88,7 @@ def test_accumulation_communicates_only_at_boundaries_and_clips_globally(tmp_pat
     reference = tiny_gpt(0)
     ref_losses, ref_norms = eager_train(
         reference,
-        lambda m: torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9),
+        lambda m: torch.optim.SGD(m.parameters(), lr=0.2, momentum=0.9, fused=True),
         steps=10,
         clip=0.05,
     )

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import strato
+from strato.compiler.training_config import _use_fused
 from tests.training_utils import (
     batch,
     eager_train,
@@ -32,20 +33,32 @@ def test_fp32_adamw_parity_with_eager():
     All parameters are compared, including the key part of qkv.bias whose true gradient is
     zero (softmax ignores it) so Adam turns its rounding noise into lr-sized steps: the fp32
     graph runs the same ATen ops as eager, so that noise is the same on both sides. If a pass
-    ever reorders those ops, compare that slice separately rather than loosening TOL."""
+    ever reorders those ops, compare that slice separately rather than loosening TOL.
+    The eager side uses torch's fused AdamW, the kernel Strato's AdamW picks on CPU."""
     model = tiny_gpt()
     reference = copy.deepcopy(model)
     engine = compile_engine(model, optimizer=strato.AdamW(lr=3e-3, weight_decay=0.1))
     losses = engine_train(engine, steps=10)
     ref_losses, _ = eager_train(
         reference,
-        lambda m: torch.optim.AdamW(reference_groups(m, 0.1), lr=3e-3),
+        lambda m: torch.optim.AdamW(reference_groups(m, 0.1), lr=3e-3, fused=True),
         steps=10,
     )
     assert losses == pytest.approx(ref_losses, abs=TOL)
     assert losses[-1] < losses[0]
     assert max_weight_diff(model, reference) < TOL
     assert engine.stats()["step"] == 10
+
+
+def test_optimizers_pick_the_fused_kernel_unless_told_otherwise():
+    groups = lambda: [{"params": [torch.nn.Parameter(torch.zeros(3))], "weight_decay": 0.0}]  # noqa: E731
+    assert strato.AdamW().build(groups()).defaults["fused"] is True
+    assert strato.SGD().build(groups()).defaults["fused"] is True
+    looped = strato.AdamW(foreach=True).build(groups()).defaults
+    assert not looped["fused"] and looped["foreach"] is True
+    assert not strato.AdamW(fused=False).build(groups()).defaults["fused"]
+    ints = [{"params": [torch.zeros(3, dtype=torch.long)], "weight_decay": 0.0}]
+    assert _use_fused(None, None, ints) is False
 
 
 def test_grad_accumulation_4x2_equals_1x8():
@@ -72,7 +85,7 @@ def test_clipping_equals_clip_grad_norm():
         engine.step()
         norms.append(engine.stats()["grad_norm"])
     _, ref_norms = eager_train(
-        reference, lambda m: torch.optim.SGD(m.parameters(), lr=0.5), steps=3, clip=0.1
+        reference, lambda m: torch.optim.SGD(m.parameters(), lr=0.5, fused=True), steps=3, clip=0.1
     )
     assert norms == pytest.approx(ref_norms, rel=1e-5)
     assert min(norms) > 0.1  # clipping was active on every step

@@ -135,7 +135,7 @@ def test_schedule_difference_names_the_first_differing_collective():
 def test_zero3_single_process_matches_eager_and_regathers_in_backward():
     """World of one: the whole stage-3 path (gathers, handles, re-gather, reduce) runs."""
     eager = tiny()
-    reference = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9)
+    reference = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9, fused=True)
     engine = strato.compile(
         tiny(),
         strato.Strategy(zero=3, optimizer=strato.SGD(lr=0.1, momentum=0.9)),
@@ -171,7 +171,7 @@ def test_zero_accumulation_clipping_and_small_params_match_eager(stage):
     """Two micro-steps per update, clipping at 0.5, small parameters whole (stage 3: they
     go through the stage-2 bucket path): equal to eager accumulation + clip_grad_norm_."""
     eager = tiny()
-    reference = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9)
+    reference = torch.optim.SGD(eager.parameters(), lr=0.1, momentum=0.9, fused=True)
     engine = strato.compile(
         tiny(),
         strato.Strategy(

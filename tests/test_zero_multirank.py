@@ -59,9 +59,13 @@ def eager_reference(opt: str, world: int) -> tuple[list[float], dict[str, torch.
     torch.manual_seed(0)
     model = GPT(zero_worker.CFG)
     if opt == "adamw":
-        optimizer = torch.optim.AdamW(reference_groups(model, 0.1), lr=zero_worker.LR["adamw"])
+        optimizer = torch.optim.AdamW(
+            reference_groups(model, 0.1), lr=zero_worker.LR["adamw"], fused=True
+        )
     else:
-        optimizer = torch.optim.SGD(model.parameters(), lr=zero_worker.LR["sgd"], momentum=0.9)
+        optimizer = torch.optim.SGD(
+            model.parameters(), lr=zero_worker.LR["sgd"], momentum=0.9, fused=True
+        )
     losses = []
     for step in range(STEPS):
         x, y = batch(step, zero_worker.PER_RANK * world, zero_worker.CFG)
