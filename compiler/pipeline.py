@@ -18,6 +18,10 @@ def builtin_passes(strategy: Strategy) -> list[GraphPass]:
         passes.append(mixed_precision)
     if strategy.quantize is not None:
         passes.append(quantize_linears)
+        if strategy.inference_backend == "inductor":
+            from ..passes.lower_quantized import lower_quantized_linears
+
+            passes.append(lower_quantized_linears)
     if strategy.fuse:
         from ..passes.fuse import fuse_operators
 

@@ -129,6 +129,17 @@ def _check_quantize(instance, attribute, value) -> None:
         )
 
 
+INFERENCE_BACKENDS = ("fx", "inductor")
+
+
+def _check_inference_backend(instance, attribute, value) -> None:
+    if value not in INFERENCE_BACKENDS:
+        raise StrategyError(
+            f"Strategy.inference_backend: expected one of {', '.join(INFERENCE_BACKENDS)}, "
+            f"got {value!r}."
+        )
+
+
 def _check_fuse(instance, attribute, value) -> None:
     if not isinstance(value, bool):
         raise StrategyError(f"Strategy.fuse: expected true or false, got {value!r}.")
@@ -203,6 +214,13 @@ class Strategy:
     quantize: Quantize | None = attrs.field(default=None, validator=_check_quantize)
     """Quantize linear layers of the inference (eval) graph: strato.Quantize(weights='int8'
     or 'int4', ...). None keeps them float. Training graphs are never quantized."""
+
+    inference_backend: str = attrs.field(default="fx", validator=_check_inference_backend)
+    """How eval graphs run. 'fx': the transformed graph runs as Python, one call per node
+    (no compile time). 'inductor': torch.compile compiles it on the first call (seconds to
+    a minute; on CPU it needs a C++ compiler), removing the per-node Python overhead that
+    dominates small-batch decoding; on CPU, quantized linears are first lowered to aten's
+    packed kernels (pass lower_quantized_linears). Training graphs always run as FX."""
 
     # ------------------------------------------------------------------ building
     @classmethod

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable
 
 import attrs
@@ -11,6 +13,7 @@ import torch.fx as fx
 from ..compiler import cost_model
 from ..compiler import inspect as graph_inspect
 from ..compiler.context import CompileContext
+from ..compiler.errors import StratoError
 from ..compiler.pass_manager import PassRecord
 from ..compiler.strategy import Strategy
 
@@ -22,6 +25,24 @@ class CompiledGraph:
     gm: fx.GraphModule
     history: list[PassRecord]
     ctx: CompileContext
+    run: Callable | None = None
+    """What executes the graph: gm itself, or torch.compile(gm) (see `graph_runner`)."""
+
+
+def graph_runner(gm: fx.GraphModule, ctx: CompileContext) -> Callable:
+    """gm, or for eval graphs under Strategy(inference_backend='inductor') torch.compile(gm),
+    which compiles on its first call."""
+    if ctx.training or ctx.strategy.inference_backend != "inductor":
+        return gm
+    on_cpu = all(t.device.type == "cpu" for t in [*gm.parameters(), *gm.buffers()])
+    compilers = (os.environ.get("CXX", ""), "g++", "clang++", "c++")
+    if on_cpu and not any(shutil.which(c) for c in compilers if c):
+        raise StratoError(
+            "Strategy.inference_backend='inductor': inductor compiles CPU graphs to C++, and no "
+            "C++ compiler (g++, clang++, c++ or $CXX) is on PATH; install one, or use "
+            "inference_backend='fx'."
+        )
+    return torch.compile(gm, backend="inductor")
 
 
 class CompiledModel(torch.nn.Module):
@@ -59,7 +80,8 @@ class CompiledModel(torch.nn.Module):
         return self._graphs[training]
 
     def forward(self, *args, **kwargs):
-        return self._graph_for(self.training).gm(*args, **kwargs)
+        graph = self._graph_for(self.training)
+        return (graph.gm if graph.run is None else graph.run)(*args, **kwargs)
 
     def train(self, mode: bool = True) -> CompiledModel:
         self.model.train(mode)

@@ -250,6 +250,12 @@ def export(engine, path: str | os.PathLike) -> Path:
     if not isinstance(engine, CompiledModel):
         raise TypeError(f"strato.export takes a compiled model, got {type(engine).__name__}")
     compiled = engine._graph_for(False)
+    if compiled.ctx.records.get("lower_quantized_linears", {}).get("lowered"):
+        raise ArtifactError(
+            "strato.export: this eval graph was lowered to this machine's packed CPU kernels "
+            "(Strategy(inference_backend='inductor'), pass lower_quantized_linears); those "
+            "layouts are not portable. Export a model compiled with inference_backend='fx'."
+        )
     graph, tensors = graph_to_json(compiled.gm)
     graph_bytes = json.dumps(graph, separators=(",", ":")).encode()
     # safetensors wants distinct, contiguous storages: tied tensors are written once each.
