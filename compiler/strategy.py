@@ -202,9 +202,10 @@ class Strategy:
     """Stage 3: how many layer gathers are issued ahead of use, so communication overlaps
     compute (0: gather only when needed)."""
 
-    zero_bucket_mb: float = attrs.field(default=16.0, validator=check_positive_number)
+    zero_bucket_mb: float = attrs.field(default=4.0, validator=check_positive_number)
     """Stages 1-2 (and stage-3 small parameters): MiB of fp32 gradients per reduce-scatter
-    bucket; smaller buckets start communicating earlier in backward."""
+    bucket; smaller buckets start communicating earlier in backward (a bucket waits for
+    every gradient in it, so one large bucket only communicates after backward)."""
 
     zero_small_param_threshold: int = attrs.field(default=0, validator=check_non_negative_int)
     """Stage 3: parameters with fewer elements stay whole on every rank (saves tiny

@@ -104,7 +104,7 @@ def _buckets(
 
 def _settings(ctx: CompileContext) -> dict[str, Any]:
     strategy = ctx.strategy
-    bucket_mb = float(getattr(strategy, "zero_bucket_mb", 16.0))
+    bucket_mb = float(getattr(strategy, "zero_bucket_mb", 4.0))
     return {
         "prefetch": int(getattr(strategy, "zero_prefetch", 1)),
         "bucket_numel": max(1, int(bucket_mb * 2**20 / 4)),
