@@ -444,17 +444,20 @@ class ZeroManager:
     def _send_buffer(self, group: Group, tensors: list[torch.Tensor | None]) -> torch.Tensor:
         """Rank-major [N, S] buffer: row r holds shard r of every tensor (zero-padded)."""
         n = self.world_size
-        buf = torch.zeros(n, group.shard_numel, device=self.device)
+        # Every column is written below (shards are back to back), so no zero-fill first.
+        buf = torch.empty(n, group.shard_numel, device=self.device)
         for t, numel, offset, s in zip(tensors, group.numels, group.offsets, group.shard_numels):
+            columns = buf[:, offset : offset + s]
             if t is None:
+                columns.zero_()
                 continue
             flat = t.detach().reshape(-1)
             if s * n == numel:
-                buf[:, offset : offset + s].copy_(flat.view(n, s))
-            else:
-                padded = torch.zeros(s * n, device=self.device, dtype=flat.dtype)
+                columns.copy_(flat.view(n, s))
+            else:  # zero-padded to n * s elements, then laid out rank-major
+                padded = flat.new_zeros(s * n)
                 padded[:numel] = flat
-                buf[:, offset : offset + s].copy_(padded.view(n, s))
+                columns.copy_(padded.view(n, s))
         return buf
 
     def launch_reduce_scatter(
@@ -616,11 +619,12 @@ class ZeroManager:
     def _launch_gather(self, bucket: Group) -> tuple[Group, torch.Tensor, Any]:
         """Start the all-gather of a bucket's updated shards."""
         self._write_back(bucket.names)
-        send = torch.zeros(bucket.shard_numel, device=self.device)
+        send = torch.empty(bucket.shard_numel, device=self.device)
         with torch.no_grad():
-            for p, offset in zip(bucket.params, bucket.offsets):
+            for p, offset, s in zip(bucket.params, bucket.offsets, bucket.shard_numels):
                 lo, hi = self._owned(p.numel())
                 send[offset : offset + hi - lo].copy_(p.detach().reshape(-1)[lo:hi])
+                send[offset + hi - lo : offset + s].zero_()  # padding of the last shard
         out = torch.empty(self.world_size * bucket.shard_numel, device=self.device)
         work = collectives.all_gather_into_tensor(out, send, group=self.group, async_op=True)
         return bucket, out, work
