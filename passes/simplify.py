@@ -1,12 +1,18 @@
-"""Inference-graph cleanup: drop export's runtime asserts and no-op casts, merge duplicates.
+"""Inference-graph cleanup: drop export's runtime asserts and no-op casts, inline grad-mode
+regions, merge duplicates.
 
 Export leaves `_assert_tensor_metadata` checks and `to(dtype)` calls that do nothing,
-and models recompute identical values (masks, rotary tables) in every layer. In an
-inference graph each of those is pure interpreter overhead, which dominates small-batch
-decoding on a CPU. Training graphs are left as they are.
+wraps code under `torch.no_grad()` (Hugging Face's rotary embeddings) in
+`wrap_with_set_grad_enabled` submodules, and models recompute identical values (masks,
+rotary tables) in every layer. In an inference graph, which never records autograd, a
+grad-mode region is just its ops, and the rest is pure interpreter overhead, which
+dominates small-batch decoding on a CPU. Inlining also lets such graphs be exported.
+Training graphs are left as they are.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
@@ -75,6 +81,7 @@ def simplify_inference(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModul
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
             casts += 1
+    inlined = _inline_grad_mode_regions(gm)
     # Merging is only safe when nothing writes in place to a value two users would share.
     if not any(_mutates(n) for n in graph.nodes):
         seen: dict = {}
@@ -88,5 +95,47 @@ def simplify_inference(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModul
                 merged += 1
             else:
                 seen[key] = node
-    ctx.record("simplify_inference", asserts=asserts, noop_casts=casts, merged=merged)
+    if inlined:
+        gm.delete_all_unused_submodules()
+    ctx.record(
+        "simplify_inference",
+        asserts=asserts,
+        noop_casts=casts,
+        inlined_grad_mode_regions=inlined,
+        merged=merged,
+    )
     return gm
+
+
+def _inline_grad_mode_regions(gm: fx.GraphModule) -> int:
+    """Replace each `wrap_with_set_grad_enabled(flag, submodule, *inputs)` by the
+    submodule's own nodes; returns how many were inlined."""
+    hop = getattr(torch.ops.higher_order, "wrap_with_set_grad_enabled", None)
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or hop is None or node.target is not hop:
+            continue
+        sub_node, operands = node.args[1], node.args[2:]
+        sub = getattr(gm, sub_node.target) if isinstance(sub_node, fx.Node) else None
+        if not isinstance(sub, fx.GraphModule) or any(
+            n.op in ("get_attr", "call_module") for n in sub.graph.nodes
+        ):
+            continue  # reads its own attributes: leave the region as it is
+        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        if (
+            node.kwargs
+            or len(placeholders) != len(operands)
+            or any(user.target is not operator.getitem for user in node.users)
+        ):
+            continue
+        with gm.graph.inserting_before(node):
+            outputs = gm.graph.graph_copy(sub.graph, dict(zip(placeholders, operands)))
+        outputs = outputs if isinstance(outputs, list | tuple) else (outputs,)
+        for user in list(node.users):
+            user.replace_all_uses_with(outputs[user.args[1]])
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(node)
+        if not sub_node.users:
+            gm.graph.erase_node(sub_node)
+        count += 1
+    return count

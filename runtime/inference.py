@@ -26,6 +26,7 @@ import json
 import operator
 import os
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -417,18 +418,28 @@ def graph_from_json(graph: dict, tensors: dict[str, torch.Tensor]) -> fx.GraphMo
 class LoadedModel(torch.nn.Module):
     """A model loaded from an artifact: call it like the compiled model it was exported from."""
 
-    def __init__(self, gm: fx.GraphModule, manifest: dict, inputs: list[dict]) -> None:
+    def __init__(
+        self,
+        gm: fx.GraphModule,
+        manifest: dict,
+        inputs: list[dict],
+        run: Callable | None = None,
+        lowering: dict | None = None,
+    ) -> None:
         super().__init__()
         self.gm = gm
         self.manifest = manifest
         self.inputs = inputs
+        self.lowering = dict(lowering or {})
+        """What lower_quantized_linears did when loaded with inference_backend='inductor'."""
+        self._run = gm if run is None else run
         self._signature = inspect.signature(gm.forward)
         self.eval()
 
     def forward(self, *args, **kwargs):
         self._check_inputs(args, kwargs)
         with torch.no_grad():
-            return self.gm(*args, **kwargs)
+            return self._run(*args, **kwargs)
 
     def _check_inputs(self, args, kwargs) -> None:
         try:
@@ -460,8 +471,49 @@ class LoadedModel(torch.nn.Module):
         return dict(self.manifest.get("quantize", {}))
 
 
-def load(path: str | os.PathLike) -> LoadedModel:
-    """Verify and load an artifact written by `strato.export`; nothing is unpickled."""
+def _for_inductor(gm: fx.GraphModule, inputs: list[dict]) -> tuple[fx.GraphModule, Callable, dict]:
+    """Lower the quantized linears for this CPU (when every input shape is fixed, so the
+    graph's shapes can be propagated) and wrap the graph in torch.compile."""
+    from ..compiler.context import CompileContext
+    from ..compiler.strategy import Strategy
+    from ..passes.annotate import fill_fake_values
+    from ..passes.lower_quantized import lower_quantized_linears
+    from .compiled_model import graph_runner
+
+    ctx = CompileContext(strategy=Strategy(inference_backend="inductor"), model=gm, training=False)
+    tensors = [spec for spec in inputs if "shape" in spec]
+    if all(None not in spec["shape"] for spec in tensors):
+        # Non-tensor inputs (flags export specialised away) propagate as None.
+        ctx.example_args = tuple(
+            torch.zeros(spec["shape"], dtype=getattr(torch, spec["dtype"]))
+            if "shape" in spec
+            else None
+            for spec in inputs
+        )
+        try:
+            fill_fake_values(gm, ctx)
+        except Exception as exc:  # a graph that computes with a non-tensor input
+            ctx.record("lower_quantized_linears", skipped=f"shapes not propagated ({exc})")
+        else:
+            gm = lower_quantized_linears(gm, ctx)
+    else:
+        ctx.record("lower_quantized_linears", skipped="input shapes are not all fixed")
+    return gm, graph_runner(gm, ctx), ctx.records["lower_quantized_linears"]
+
+
+def load(path: str | os.PathLike, inference_backend: str = "fx") -> LoadedModel:
+    """Verify and load an artifact written by `strato.export`; nothing is unpickled.
+
+    `inference_backend='inductor'` serves it as Strategy(inference_backend='inductor')
+    would: quantized linears lowered to this machine's packed kernels, then torch.compile
+    (on the first call)."""
+    from ..compiler.strategy import INFERENCE_BACKENDS
+
+    if inference_backend not in INFERENCE_BACKENDS:
+        raise ValueError(
+            f"strato.load: inference_backend must be one of {', '.join(INFERENCE_BACKENDS)}, "
+            f"got {inference_backend!r}."
+        )
     manifest, graph, tensors = read_artifact(path)
     try:
         gm = graph_from_json(graph, tensors)
@@ -471,7 +523,11 @@ def load(path: str | os.PathLike) -> LoadedModel:
         raise ArtifactError(
             f"{path}: graph.json is malformed ({type(exc).__name__}: {exc})."
         ) from exc
-    return LoadedModel(gm, manifest, graph.get("inputs", []))
+    inputs = graph.get("inputs", [])
+    if inference_backend == "inductor":
+        gm, run, lowering = _for_inductor(gm, inputs)
+        return LoadedModel(gm, manifest, inputs, run=run, lowering=lowering)
+    return LoadedModel(gm, manifest, inputs)
 
 
 def artifact_bytes(path: str | os.PathLike) -> int:

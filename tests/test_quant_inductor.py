@@ -120,3 +120,27 @@ def test_inductor_decode_generates_the_same_tokens(llama):
         want = fx_gen.graph(6)(prompt, torch.tensor([0]), keys, values)[0]
         got = ind_gen.graph(6)(prompt, torch.tensor([0]), keys, values)[0]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_cxx, reason="inductor needs a C++ compiler on CPU")
+def test_exported_artifact_served_with_inductor(llama, tmp_path):
+    """An artifact exported from the portable ('fx') graph, loaded with
+    inference_backend='inductor': lowered on load, same outputs as the plain load."""
+    ids = torch.randint(0, 256, (1, 7))
+    compiled = strato.compile(
+        llama,
+        strato.Strategy(quantize=SCHEMES["int4 asym"]),
+        example_inputs=(ids,),
+        example_kwargs={"use_cache": False},
+    )
+    path = strato.export(compiled, tmp_path / "model.strato")
+    plain = strato.load(path)
+    served = strato.load(path, inference_backend="inductor")
+    assert served.lowering["lowered"] == {"int4": 9} and not plain.lowering
+    targets = {n.target for n in served.gm.graph.nodes if n.op == "call_function"}
+    assert targets & set(LOWERED_TARGETS)
+    want = plain(ids, use_cache=False).logits
+    torch.testing.assert_close(served(ids, use_cache=False).logits, want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="inference_backend"):
+        strato.load(path, inference_backend="tensorrt")

@@ -63,3 +63,29 @@ def test_hugging_face_llama_eval_graph_shrinks_and_matches():
     simplified = strato.compile(model, example_inputs=(ids,), example_kwargs=kwargs)
     assert len(simplified.graph.graph.nodes) < len(full.graph.graph.nodes)
     assert_parity(model, simplified, (ids,), kwargs, reduce=lambda out: out.logits.pow(2).mean())
+
+
+def test_grad_mode_regions_are_inlined_so_the_graph_exports(tmp_path):
+    """HF rotary embeddings run under torch.no_grad(); export wraps them in a
+    wrap_with_set_grad_enabled submodule, which an eval graph inlines (and can then export)."""
+    model = tiny_llama().eval()
+    ids = torch.randint(0, 100, (2, 12))
+    kwargs = {"use_cache": False}
+    hop = torch.ops.higher_order.wrap_with_set_grad_enabled
+    full = strato.compile(
+        model,
+        strato.Strategy(disable=["simplify_inference"]),
+        example_inputs=(ids,),
+        example_kwargs=kwargs,
+    )
+    assert _calls(full.graph, hop) >= 1  # what capture gives
+    simplified = strato.compile(model, example_inputs=(ids,), example_kwargs=kwargs)
+    assert simplified.context.records["simplify_inference"]["inlined_grad_mode_regions"] >= 1
+    assert _calls(simplified.graph, hop) == 0
+    assert not any(
+        n.op == "get_attr" and n.target.startswith("submod") for n in simplified.graph.graph.nodes
+    )
+    assert_parity(model, simplified, (ids,), kwargs, reduce=lambda out: out.logits.pow(2).mean())
+    served = strato.load(strato.export(simplified, tmp_path / "llama.strato"))
+    with torch.no_grad():
+        assert torch.equal(served(ids, **kwargs).logits, simplified(ids, **kwargs).logits)
