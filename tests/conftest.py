@@ -37,20 +37,21 @@ def assert_parity(model, compiled, args, kwargs=None, *, atol=1e-6, reduce=None,
         torch.testing.assert_close(grads[name], ref_grads[name], atol=atol, rtol=0, msg=name)
 
 
-def tiny_llama():
-    """A two-layer Hugging Face Llama built from a config (grouped-query attention, no download)."""
+def tiny_llama(**changes):
+    """A two-layer Hugging Face Llama built from a config (grouped-query attention, no
+    download); `changes` override config fields."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    return LlamaForCausalLM(
-        LlamaConfig(
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            hidden_size=32,
-            intermediate_size=64,
-            vocab_size=100,
-        )
-    )
+    config = {
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "vocab_size": 100,
+        **changes,
+    }
+    return LlamaForCausalLM(LlamaConfig(**config))
 
 
 @pytest.fixture(autouse=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_llama
 
 import strato
 from strato.runtime.generate import GenerationError, Generator
@@ -12,18 +13,11 @@ transformers = pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
-def tiny_llama():
+def llama():
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,  # grouped-query attention
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    return tiny_llama(
+        vocab_size=256, hidden_size=64, intermediate_size=128, max_position_embeddings=64
+    ).eval()
 
 
 def eager_greedy(model, prompt, new_tokens):
@@ -37,10 +31,10 @@ def eager_greedy(model, prompt, new_tokens):
     return ids, logits
 
 
-def test_kv_cache_generation_matches_eager(tiny_llama):
+def test_kv_cache_generation_matches_eager(llama):
     prompt = torch.randint(0, 256, (1, 5))
-    expected, expected_logits = eager_greedy(tiny_llama, prompt, 8)
-    generator = Generator(tiny_llama, max_len=32)
+    expected, expected_logits = eager_greedy(llama, prompt, 8)
+    generator = Generator(llama, max_len=32)
     result = generator.generate(prompt, 8)
     assert torch.equal(result.tokens, expected)
     assert result.tokens_per_s > 0
@@ -60,9 +54,9 @@ def test_kv_cache_generation_matches_eager(tiny_llama):
             )
 
 
-def test_quantized_decode_graph_generates_and_exports(tiny_llama, tmp_path):
+def test_quantized_decode_graph_generates_and_exports(llama, tmp_path):
     strategy = strato.Strategy(quantize=strato.Quantize(weights="int4", group_size=32))
-    generator = Generator(tiny_llama, strategy, max_len=16)
+    generator = Generator(llama, strategy, max_len=16)
     prompt = torch.randint(0, 256, (1, 4))
     result = generator.generate(prompt, 6)
     assert result.tokens.shape == (1, 10)

@@ -1,7 +1,12 @@
 """Strategy(inference_backend='inductor'): quantized linears lowered to aten's packed CPU
 kernels (pass lower_quantized_linears), then torch.compile. The lowered FX graph must give
 the same numbers as the Strato ops it replaces (they call the same kernels); the compiled
-graph must generate the same tokens."""
+graph must generate the same tokens.
+
+Tolerance for compiled vs FX logits, BF16_TOL: activations are cast to bf16 before every
+quantized matmul, and inductor may round the fp32 glue before a cast differently (fused
+RMSNorm, for one), flipping a bf16 rounding (2^-9 relative) and moving logits of these
+~0.1-1 magnitude models by up to a few 1e-3 (measured 2e-3)."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import tiny_llama
 
 import strato
 from strato.kernels import quantized_linear as ql
@@ -17,21 +23,16 @@ from strato.runtime.generate import Generator
 
 transformers = pytest.importorskip("transformers")
 has_cxx = any(shutil.which(c) for c in ("g++", "clang++", "c++"))
+BF16_TOL = 1e-2
 
 
 @pytest.fixture(scope="module")
 def llama():
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=96,  # int4 pads K to its group; 96 rows pad to 16s trivially
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return transformers.LlamaForCausalLM(config).eval()
+    # K = 96 is padded to the int4 group (64) and the LM head's 250 rows to 16s.
+    return tiny_llama(
+        vocab_size=250, hidden_size=64, intermediate_size=96, max_position_embeddings=64
+    ).eval()
 
 
 SCHEMES = {
@@ -43,7 +44,7 @@ SCHEMES = {
 
 @pytest.mark.parametrize("scheme", list(SCHEMES))
 def test_lowered_graph_equals_the_quantized_ops(llama, scheme):
-    ids = torch.randint(0, 256, (2, 7))
+    ids = torch.randint(0, 250, (2, 7))
     kwargs = {"example_inputs": (ids,), "example_kwargs": {"use_cache": False}}
     portable = strato.compile(llama, strato.Strategy(quantize=SCHEMES[scheme]), **kwargs)
     lowered = strato.compile(
@@ -71,7 +72,7 @@ def test_lowered_graph_equals_the_quantized_ops(llama, scheme):
 
 
 def test_asymmetric_int8_stays_a_strato_op_and_says_why(llama):
-    ids = torch.randint(0, 256, (1, 5))
+    ids = torch.randint(0, 250, (1, 5))
     compiled = strato.compile(
         llama,
         strato.Strategy(
@@ -86,7 +87,7 @@ def test_asymmetric_int8_stays_a_strato_op_and_says_why(llama):
 
 
 def test_export_refuses_a_lowered_graph(llama, tmp_path):
-    ids = torch.randint(0, 256, (1, 5))
+    ids = torch.randint(0, 250, (1, 5))
     compiled = strato.compile(
         llama,
         strato.Strategy(quantize=SCHEMES["int8"], inference_backend="inductor"),
@@ -107,8 +108,8 @@ def test_unknown_backend_is_a_strategy_error():
 @pytest.mark.skipif(not has_cxx, reason="inductor needs a C++ compiler on CPU")
 def test_inductor_decode_generates_the_same_tokens(llama):
     """Greedy tokens from the compiled int4 prefill/decode graphs equal the FX graphs';
-    logits within 1e-4 (inductor fuses the float glue, so rounding may differ)."""
-    prompt = torch.randint(0, 256, (1, 6))
+    logits within BF16_TOL."""
+    prompt = torch.randint(0, 250, (1, 6))
     quantize = SCHEMES["int4 sym"]
     fx_gen = Generator(llama, strato.Strategy(quantize=quantize), max_len=32)
     ind_gen = Generator(
@@ -119,15 +120,15 @@ def test_inductor_decode_generates_the_same_tokens(llama):
     with torch.no_grad():
         want = fx_gen.graph(6)(prompt, torch.tensor([0]), keys, values)[0]
         got = ind_gen.graph(6)(prompt, torch.tensor([0]), keys, values)[0]
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got, want, atol=BF16_TOL, rtol=0)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not has_cxx, reason="inductor needs a C++ compiler on CPU")
 def test_exported_artifact_served_with_inductor(llama, tmp_path):
     """An artifact exported from the portable ('fx') graph, loaded with
-    inference_backend='inductor': lowered on load, same outputs as the plain load."""
-    ids = torch.randint(0, 256, (1, 7))
+    inference_backend='inductor': lowered on load, outputs within BF16_TOL of the plain load."""
+    ids = torch.randint(0, 250, (1, 7))
     compiled = strato.compile(
         llama,
         strato.Strategy(quantize=SCHEMES["int4 asym"]),
@@ -141,6 +142,7 @@ def test_exported_artifact_served_with_inductor(llama, tmp_path):
     targets = {n.target for n in served.gm.graph.nodes if n.op == "call_function"}
     assert targets & set(LOWERED_TARGETS)
     want = plain(ids, use_cache=False).logits
-    torch.testing.assert_close(served(ids, use_cache=False).logits, want, atol=1e-4, rtol=1e-4)
+    got = served(ids, use_cache=False).logits
+    torch.testing.assert_close(got, want, atol=BF16_TOL, rtol=0)
     with pytest.raises(ValueError, match="inference_backend"):
         strato.load(path, inference_backend="tensorrt")
