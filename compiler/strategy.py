@@ -138,6 +138,11 @@ def _check_inference_backend(instance, attribute, value) -> None:
             f"Strategy.inference_backend: expected one of {', '.join(INFERENCE_BACKENDS)}, "
             f"got {value!r}."
         )
+    if value == "inductor" and instance.zero == 3:
+        raise StrategyError(
+            "Strategy.inference_backend: 'inductor' does not run ZeRO stage-3 graphs yet (their "
+            "gather ops talk to the training runtime); use 'fx' with zero=3."
+        )
 
 
 def _check_fuse(instance, attribute, value) -> None:

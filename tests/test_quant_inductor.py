@@ -102,6 +102,8 @@ def test_export_refuses_a_lowered_graph(llama, tmp_path):
 def test_unknown_backend_is_a_strategy_error():
     with pytest.raises(strato.StrategyError, match="inference_backend"):
         strato.Strategy(inference_backend="tvm")
+    with pytest.raises(strato.StrategyError, match="stage-3"):
+        strato.Strategy(zero=3, optimizer=strato.AdamW(), inference_backend="inductor")
 
 
 @pytest.mark.slow
