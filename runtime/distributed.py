@@ -7,6 +7,7 @@ sets none of them and trains as a single process.
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 
@@ -42,7 +43,19 @@ def init_from_env(timeout_s: float | None = None) -> bool:
         backend="nccl" if use_cuda else "gloo",
         timeout=datetime.timedelta(seconds=timeout_s),
     )
+    atexit.register(destroy_at_exit)
     return True
+
+
+def destroy_at_exit() -> None:
+    """Destroy the process group we created while the interpreter is still whole.
+
+    A process that exits with the group alive leaves gloo's worker threads to static
+    destruction, which aborts it ("terminate called without an active exception") and
+    makes torchrun report a run that finished as failed.
+    """
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def is_main_process() -> bool:
