@@ -13,16 +13,18 @@ Weight formats (device-neutral; what graphs and exported artifacts hold):
   inverse factor) and quantized per tensor at run time (unsigned 7-bit, as fbgemm wants).
 
 The ops pick a kernel by device: Triton dequantize-matmul kernels when the backend is
-'triton' (kernels/backend.py), on CPU the aten packed kernels (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`, fbgemm `quantized::linear_dynamic`), which are fast only
-with bf16 activations, so inputs are cast to bf16 around them; otherwise the
-plain-torch reference (dequantize, then matmul).
+'triton' (kernels/backend.py); on CPU, for inputs of at most `cpu_gemv.MAX_ROWS` rows
+(decoding), Strato's AVX2 GEMV kernels (kernels/cpu_gemv.c) where they build, and else
+the aten packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`, fbgemm
+`quantized::linear_dynamic`), which are fast only with bf16 activations, so inputs are
+cast to bf16 around them; otherwise the plain-torch reference (dequantize, then matmul).
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import sys
 import threading
 import types
@@ -34,6 +36,7 @@ import torch
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..compiler.errors import StratoError
+from . import cpu_gemv
 from .backend import kernel_backend
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -321,6 +324,8 @@ def reference_kernels() -> Iterator[None]:
 def _kernel(x: torch.Tensor) -> str:
     if getattr(_state, "reference", False):
         return "reference"
+    if x.device.type == "cpu" and not os.environ.get("STRATO_KERNELS"):
+        return "aten"  # the common case, decided without the backend's checks (once a token)
     backend = kernel_backend(x.device)
     if backend == "triton":
         return "triton"
@@ -335,6 +340,11 @@ _bf16_scales = WeakTensorKeyDictionary()
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
+
+
+def _rows(x: torch.Tensor) -> int:
+    """Rows of the [rows, in_features] matrix the op multiplies (tokens, when decoding)."""
+    return x.numel() // x.shape[-1] if x.shape[-1] else 0
 
 
 def _finish(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None, n: int) -> torch.Tensor:
@@ -465,6 +475,18 @@ _SCHEMAS = {
 }
 
 
+def uses_cpu_gemv(rows: int, group_size: int = 32) -> bool:
+    """Whether an 'aten'-kernel call on `rows` input rows runs Strato's CPU GEMV instead."""
+    return rows <= cpu_gemv.MAX_ROWS and group_size % 32 == 0 and cpu_gemv.available()
+
+
+def _gemv_finish(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The GEMV kernels' fp32 output [..., N] in x's dtype, plus the bias."""
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
 def _int8_impl(x, qweight, scales, zeros, bias):
     """y = x @ ((qweight - zeros) * scales).T + bias, int8 per-channel weights."""
     kernel = _kernel(x)
@@ -472,6 +494,8 @@ def _int8_impl(x, qweight, scales, zeros, bias):
         from .quantized_linear_triton import int8_linear_triton
 
         return int8_linear_triton(x, qweight, scales, zeros, bias)
+    if kernel == "aten" and uses_cpu_gemv(_rows(x)):
+        return _gemv_finish(cpu_gemv.int8_gemv(x, qweight, scales, zeros), x, bias)
     if kernel == "aten" and qweight.shape[1] % 16 == 0:  # the aten kernel misreads other K
         return _int8_linear_aten(x, qweight, scales, zeros, bias)
     return int8_linear_reference(x, qweight, scales, zeros, bias)
@@ -484,6 +508,8 @@ def _int4_impl(x, qweight, scales, zeros, bias, group_size, in_features):
         from .quantized_linear_triton import int4_linear_triton
 
         return int4_linear_triton(x, qweight, scales, zeros, bias, group_size, in_features)
+    if kernel == "aten" and uses_cpu_gemv(_rows(x), group_size):
+        return _gemv_finish(cpu_gemv.int4_gemv(x, qweight, scales, zeros, group_size), x, bias)
     if kernel == "aten":
         return _int4_linear_aten(x, qweight, scales, zeros, bias, group_size, in_features)
     return int4_linear_reference(x, qweight, scales, zeros, bias, group_size, in_features)

@@ -37,6 +37,19 @@ def _parts(model: nn.Module):
     return inner, model.lm_head
 
 
+def _matmul_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b, with a single row of `a` doubled and the copy dropped again.
+
+    Inductor lowers a one-row batched matmul on CPU (decoding without grouped queries) to
+    an elementwise product and a sum, into which it folds everything that made `a` (the
+    rotary embedding of the query, the softmax), recomputed for every cached position:
+    10-20x slower than the BLAS call two rows get.
+    """
+    if a.shape[-2] != 1:
+        return a @ b
+    return (a.expand(*a.shape[:-2], 2, a.shape[-1]) @ b)[..., :1, :]
+
+
 class KVCacheStep(nn.Module):
     """One forward step: (ids [B, q], pos [1], keys, values) -> (last logits, new keys, new values).
 
@@ -78,12 +91,12 @@ class KVCacheStep(nn.Module):
             # Group query heads onto their kv head: [B, kv, groups * q, D].
             qg = q.reshape(batch, self.n_kv_heads, groups * q_len, self.head_dim)
             scale = self.head_dim**-0.5
-            past = (qg @ keys[i].transpose(-1, -2)) * scale  # [B, kv, g*q, max_len]
+            past = _matmul_rows(qg, keys[i].transpose(-1, -2)) * scale  # [B, kv, g*q, max_len]
             past = past.masked_fill(~past_ok, float("-inf"))
             new = (qg @ k.transpose(-1, -2)) * scale  # [B, kv, g*q, q]
             new = new.masked_fill(~causal.repeat(groups, 1), float("-inf"))
             probs = torch.cat([past, new], dim=-1).softmax(dim=-1)
-            out = probs[..., :max_len] @ values[i] + probs[..., max_len:] @ v
+            out = _matmul_rows(probs[..., :max_len], values[i]) + probs[..., max_len:] @ v
             out = out.reshape(batch, self.n_heads, q_len, self.head_dim).transpose(1, 2)
             h = h + attn.o_proj(out.reshape(batch, q_len, self.n_heads * self.head_dim))
             h = h + layer.mlp(layer.post_attention_layernorm(h))

@@ -1,5 +1,6 @@
 """Strategy(inference_backend='inductor'): quantized linears lowered to aten's packed CPU
-kernels (pass lower_quantized_linears), then torch.compile. The lowered FX graph must give
+kernels (pass lower_quantized_linears; decode-sized inputs keep Strato's GEMV ops), then
+torch.compile. The lowered FX graph must give
 the same numbers as the Strato ops it replaces (they call the same kernels); the compiled
 graph must generate the same tokens.
 
@@ -17,6 +18,7 @@ import torch
 from conftest import tiny_llama
 
 import strato
+from strato.kernels import cpu_gemv
 from strato.kernels import quantized_linear as ql
 from strato.passes.lower_quantized import LOWERED_TARGETS
 from strato.runtime.generate import Generator
@@ -72,7 +74,7 @@ def test_lowered_graph_equals_the_quantized_ops(llama, scheme):
 
 
 def test_asymmetric_int8_stays_a_strato_op_and_says_why(llama):
-    ids = torch.randint(0, 250, (1, 5))
+    ids = torch.randint(0, 250, (2, 7))  # more rows than the GEMV kernels take
     compiled = strato.compile(
         llama,
         strato.Strategy(
@@ -87,7 +89,7 @@ def test_asymmetric_int8_stays_a_strato_op_and_says_why(llama):
 
 
 def test_export_refuses_a_lowered_graph(llama, tmp_path):
-    ids = torch.randint(0, 250, (1, 5))
+    ids = torch.randint(0, 250, (2, 7))
     compiled = strato.compile(
         llama,
         strato.Strategy(quantize=SCHEMES["int8"], inference_backend="inductor"),
@@ -97,6 +99,25 @@ def test_export_refuses_a_lowered_graph(llama, tmp_path):
     with pytest.raises(strato.StratoError, match="inference_backend='fx'"):
         strato.export(compiled, tmp_path / "model.strato")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.skipif(not cpu_gemv.available(), reason="Strato's CPU GEMV kernels do not run here")
+@pytest.mark.parametrize("scheme", list(SCHEMES))
+def test_decode_sized_inputs_keep_the_gemv_ops_and_say_why(llama, scheme):
+    """A one-token input stays a Strato op (its GEMV kernel beats the packed kernels there),
+    the record says so, and the graph still matches the portable one."""
+    ids = torch.randint(0, 250, (1, 1))
+    kwargs = {"example_inputs": (ids,), "example_kwargs": {"use_cache": False}}
+    portable = strato.compile(llama, strato.Strategy(quantize=SCHEMES[scheme]), **kwargs)
+    lowered = strato.compile(
+        llama, strato.Strategy(quantize=SCHEMES[scheme], inference_backend="inductor"), **kwargs
+    )
+    record = lowered.context.records["lower_quantized_linears"]
+    assert not record["lowered"] and record["kept"]
+    assert all("GEMV" in why for why in record["kept"].values())
+    with torch.no_grad():
+        want = portable(ids, use_cache=False).logits
+        assert torch.equal(lowered.graph(ids, use_cache=False).logits, want)
 
 
 def test_unknown_backend_is_a_strategy_error():
@@ -130,7 +151,7 @@ def test_inductor_decode_generates_the_same_tokens(llama):
 def test_exported_artifact_served_with_inductor(llama, tmp_path):
     """An artifact exported from the portable ('fx') graph, loaded with
     inference_backend='inductor': lowered on load, outputs within BF16_TOL of the plain load."""
-    ids = torch.randint(0, 250, (1, 7))
+    ids = torch.randint(0, 250, (2, 7))
     compiled = strato.compile(
         llama,
         strato.Strategy(quantize=SCHEMES["int4 asym"]),

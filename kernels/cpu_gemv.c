@@ -1,0 +1,200 @@
+/* Weight-only quantized matrix-vector products for x86-64 CPUs with AVX2.
+
+   y[m, n] = sum_k x[m, k] * w[n, k] for a few rows m (decode: one token per sequence),
+   with w in Strato's portable formats (kernels/quantized_linear.py):
+     int8: q int8 [N, K], w = (q - z[n]) * s[n]            (z NULL: symmetric)
+     int4: q uint8 [N, Kp / 2], even column in the low nibble, groups of g columns,
+           w = (u - z[n, G]) * s[n, G]                      (z NULL: z = 8)
+   At small M the product is bound by reading and widening the weights. Each row of x is
+   rounded once to 16-bit fixed point with its own scale (error at most 2^-16 of the row's
+   largest magnitude, far below the bf16 cast aten's packed kernels need), so codes widen
+   to int16 and multiply-add in pairs (vpmaddwd): 16 weights per two instructions. The
+   int32 sums go to fp32 at least every 256 columns (int4: every group), so they never
+   overflow. Output rows are split over OpenMP threads. Built by kernels/cpu_gemv.py. */
+
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+/* Output rows per block (read together, sharing each load of x), and how many blocks
+   ahead the weights are prefetched: the hardware prefetcher alone leaves a third of the
+   bandwidth unused on rows this short (measured on an AVX2-only AMD EPYC, 1 thread). */
+#ifndef ROWS
+#define ROWS 4
+#endif
+#ifndef PREFETCH_BLOCKS
+#define PREFETCH_BLOCKS 1
+#endif
+#define PREFETCH_HINT _MM_HINT_T0
+
+static inline float hsum_ps(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Row m of x as int16 into xq (length `stride`, a multiple of 32, zero past K) with
+   xq * scale[m] ~ x; `order` 32 puts each run of 32 columns as its 16 even then 16 odd
+   columns (the order of the nibbles of 16 packed bytes). sums[m] = sum_k xq[k] * scale[m]. */
+static void quantize_rows(const float *x, int64_t M, int64_t K, int64_t stride, int order,
+                          int16_t *xq, float *scale, float *sums) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256i low16 = _mm256_set1_epi32(0xFFFF), ones = _mm256_set1_epi16(1);
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * K;
+        int16_t *qm = xq + m * stride;
+        __m256 vmax = _mm256_setzero_ps();
+        int64_t k = 0;
+        for (; k + 8 <= K; k += 8)
+            vmax = _mm256_max_ps(vmax, _mm256_and_ps(_mm256_loadu_ps(xm + k), abs_mask));
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        float amax = _mm_cvtss_f32(h);
+        for (; k < K; k++) amax = fmaxf(amax, fabsf(xm[k]));
+        const float s = amax > 0.0f ? amax / 32767.0f : 1.0f;
+        const __m256 inv = _mm256_set1_ps(1.0f / s);
+        __m256i total = _mm256_setzero_si256();
+        for (k = 0; k < stride; k += 16) {
+            __m256i v;
+            if (k + 16 <= K) { /* round to nearest even, as lrintf */
+                const __m256 lo = _mm256_mul_ps(_mm256_loadu_ps(xm + k), inv);
+                const __m256 hi = _mm256_mul_ps(_mm256_loadu_ps(xm + k + 8), inv);
+                const __m256i a = _mm256_cvtps_epi32(lo), b = _mm256_cvtps_epi32(hi);
+                v = _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8);
+            } else {
+                int16_t tmp[16];
+                for (int j = 0; j < 16; j++)
+                    tmp[j] = k + j < K ? (int16_t)lrintf(xm[k + j] * (1.0f / s)) : 0;
+                v = _mm256_loadu_si256((const __m256i *)tmp);
+            }
+            total = _mm256_add_epi32(total, _mm256_madd_epi16(v, ones));
+            _mm256_store_si256((__m256i *)(qm + k), v);
+        }
+        if (order == 32) /* evens then odds of each 32 columns, in place */
+            for (k = 0; k < stride; k += 32) {
+                const __m256i a = _mm256_load_si256((const __m256i *)(qm + k));
+                const __m256i b = _mm256_load_si256((const __m256i *)(qm + k + 16));
+                const __m256i even = _mm256_packus_epi32(_mm256_and_si256(a, low16),
+                                                         _mm256_and_si256(b, low16));
+                const __m256i odd = _mm256_packs_epi32(_mm256_srai_epi32(a, 16),
+                                                       _mm256_srai_epi32(b, 16));
+                _mm256_store_si256((__m256i *)(qm + k), _mm256_permute4x64_epi64(even, 0xD8));
+                _mm256_store_si256((__m256i *)(qm + k + 16), _mm256_permute4x64_epi64(odd, 0xD8));
+            }
+        int32_t t[8];
+        _mm256_storeu_si256((__m256i *)t, total);
+        scale[m] = s;
+        sums[m] = (float)(t[0] + t[1] + t[2] + t[3] + t[4] + t[5] + t[6] + t[7]) * s;
+    }
+}
+
+/* y [M, N] = x [M, K] @ ((q - z) * s).T */
+void strato_int8_gemv(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t N,
+                      const float *s, const float *z, float *y, int threads) {
+    const int64_t K16 = K & ~(int64_t)15, stride = (K + 31) & ~(int64_t)31;
+    int16_t *xq = aligned_alloc(32, (size_t)(M * stride * 2 + 32));
+    float *xs = malloc(sizeof(float) * (size_t)(2 * M));
+    quantize_rows(x, M, K, stride, 0, xq, xs, xs + M);
+    const int64_t blocks = (N + ROWS - 1) / ROWS;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n0 = b * ROWS, rows = N - n0 < ROWS ? N - n0 : ROWS;
+        const int8_t *w[ROWS];
+        for (int r = 0; r < ROWS; r++) w[r] = q + (n0 + (r < rows ? r : 0)) * K;
+        const int64_t ahead = b + PREFETCH_BLOCKS < blocks ? PREFETCH_BLOCKS * ROWS * K : 0;
+        for (int64_t m = 0; m < M; m++) {
+            const int16_t *xm = xq + m * stride;
+            __m256 f[ROWS];
+            for (int r = 0; r < ROWS; r++) f[r] = _mm256_setzero_ps();
+            for (int64_t k0 = 0; k0 < K16; k0 += 256) {
+                const int64_t k1 = k0 + 256 < K16 ? k0 + 256 : K16;
+                __m256i a[ROWS];
+                for (int r = 0; r < ROWS; r++) a[r] = _mm256_setzero_si256();
+                for (int64_t k = k0; k < k1; k += 16) {
+                    const __m256i xv = _mm256_load_si256((const __m256i *)(xm + k));
+                    for (int r = 0; r < ROWS; r++) {
+                        if (!(k & 63)) /* once a cache line */
+                            _mm_prefetch((const char *)(w[r] + ahead + k), PREFETCH_HINT);
+                        const __m256i wv = _mm256_cvtepi8_epi16(
+                            _mm_loadu_si128((const __m128i *)(w[r] + k)));
+                        a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(wv, xv));
+                    }
+                }
+                for (int r = 0; r < ROWS; r++) f[r] = _mm256_add_ps(f[r], _mm256_cvtepi32_ps(a[r]));
+            }
+            for (int r = 0; r < rows; r++) {
+                int32_t tail = 0;
+                for (int64_t k = K16; k < K; k++) tail += (int32_t)xm[k] * w[r][k];
+                const int64_t n = n0 + r;
+                float dot = (hsum_ps(f[r]) + (float)tail) * xs[m];
+                if (z) dot -= z[n] * xs[M + m];
+                y[m * N + n] = dot * s[n];
+            }
+        }
+    }
+    free(xs);
+    free(xq);
+}
+
+/* y [M, N] = x [M, Kp] @ W.T for int4 group-wise W; g is a multiple of 32. */
+void strato_int4_gemv(const float *x, int64_t M, int64_t Kp, const uint8_t *q, int64_t N,
+                      const float *s, const float *z, int64_t g, float *y, int threads) {
+    const int64_t groups = Kp / g, half = Kp / 2;
+    int16_t *xq = aligned_alloc(32, (size_t)(M * Kp * 2 + 32));
+    float *xs = malloc(sizeof(float) * (size_t)(2 * M + M * groups));
+    float *gsum = xs + 2 * M; /* [M, groups]: per-group sums of the rounded x */
+    quantize_rows(x, M, Kp, Kp, 32, xq, xs, xs + M);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t G = 0; G < groups; G++) {
+            int64_t total = 0;
+            for (int64_t k = G * g; k < (G + 1) * g; k++) total += xq[m * Kp + k];
+            gsum[m * groups + G] = (float)total * xs[m];
+        }
+    const __m256i low = _mm256_set1_epi16(0xF);
+    const int64_t blocks = (N + ROWS - 1) / ROWS;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n0 = b * ROWS, rows = N - n0 < ROWS ? N - n0 : ROWS;
+        int64_t nr[ROWS];
+        for (int r = 0; r < ROWS; r++) nr[r] = n0 + (r < rows ? r : 0);
+        const int64_t ahead = b + PREFETCH_BLOCKS < blocks ? PREFETCH_BLOCKS * ROWS * half : 0;
+        for (int64_t m = 0; m < M; m++) {
+            const int16_t *xm = xq + m * Kp;
+            __m256 f[ROWS];
+            for (int r = 0; r < ROWS; r++) f[r] = _mm256_setzero_ps();
+            float zero_term[ROWS] = {0};
+            for (int64_t G = 0; G < groups; G++) {
+                __m256i a[ROWS];
+                for (int r = 0; r < ROWS; r++) a[r] = _mm256_setzero_si256();
+                for (int64_t k = G * g; k < (G + 1) * g; k += 32) {
+                    const __m256i xe = _mm256_load_si256((const __m256i *)(xm + k));
+                    const __m256i xo = _mm256_load_si256((const __m256i *)(xm + k + 16));
+                    for (int r = 0; r < ROWS; r++) {
+                        if (!(k & 127))
+                            _mm_prefetch((const char *)(q + nr[r] * half + ahead + k / 2),
+                                         PREFETCH_HINT);
+                        const __m256i bytes = _mm256_cvtepu8_epi16(
+                            _mm_loadu_si128((const __m128i *)(q + nr[r] * half + k / 2)));
+                        const __m256i lo = _mm256_and_si256(bytes, low);
+                        const __m256i hi = _mm256_srli_epi16(bytes, 4);
+                        a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(lo, xe));
+                        a[r] = _mm256_add_epi32(a[r], _mm256_madd_epi16(hi, xo));
+                    }
+                }
+                for (int r = 0; r < ROWS; r++) {
+                    const float sc = s[nr[r] * groups + G];
+                    const float zp = z ? z[nr[r] * groups + G] : 8.0f;
+                    f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(a[r]), _mm256_set1_ps(sc), f[r]);
+                    zero_term[r] += sc * zp * gsum[m * groups + G];
+                }
+            }
+            for (int r = 0; r < rows; r++)
+                y[m * N + n0 + r] = hsum_ps(f[r]) * xs[m] - zero_term[r];
+        }
+    }
+    free(xs);
+    free(xq);
+}

@@ -1,0 +1,149 @@
+"""Strato's AVX2 weight-only int8/int4 matrix-vector kernels (cpu_gemv.c), for decoding on CPU.
+
+At one token per sequence a quantized linear layer is bound by reading its weights, and
+aten's packed kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) need bf16
+activations and, on CPUs without AVX-512, run no faster than an fp32 matmul there
+(bench/quantize.py). These kernels read Strato's portable formats directly, keep fp32
+activations (rounded per row to 16-bit fixed point, finer than bf16) and widen codes in
+registers.
+
+The C source is compiled once per machine with the system C compiler ($CC, else cc) into
+the kernel cache folder (codegen/cache.py: $STRATO_CACHE_DIR) and loaded with ctypes.
+`available()` is False, and the ops keep their other kernels, on CPUs without AVX2 + FMA,
+without a compiler, or with STRATO_CPU_GEMV=0; a failed build warns once with the
+compiler's message.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..codegen.cache import cache_dir
+
+SOURCE = Path(__file__).with_name("cpu_gemv.c")
+MAX_ROWS = 8
+"""Input rows (tokens) up to which the GEMV kernels run; larger inputs are matrix products,
+which aten's packed kernels do better."""
+
+_FLAGS = ["-O3", "-mavx2", "-mfma", "-shared", "-fPIC"]
+"""(AVX2 and FMA only: the library must also run on CPUs that have no more.)"""
+_P = ctypes.c_void_p
+_I = ctypes.c_int64
+
+
+def _cpu_supported() -> bool:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def _compile(compiler: str, out: Path) -> None:
+    """Build the shared library at `out` (atomically: ranks may build at once)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        target = Path(tmp) / out.name
+        errors = ""
+        for extra in (["-fopenmp"], []):  # without OpenMP the kernels run on one thread
+            cmd = [compiler, *_FLAGS, *extra, str(SOURCE), "-o", str(target)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode == 0:
+                os.replace(target, out)
+                return
+            errors = proc.stderr.strip()
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{errors}")
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("STRATO_CPU_GEMV", "1").strip() == "0" or not _cpu_supported():
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([compiler, *_FLAGS]).encode())
+    path = cache_dir() / f"cpu_gemv_{key.hexdigest()[:16]}.so"
+    try:
+        if not path.exists():
+            _compile(compiler, path)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, RuntimeError) as exc:
+        warnings.warn(
+            f"Strato's CPU GEMV kernels are unavailable, so quantized decoding uses aten's "
+            f"packed kernels: {exc}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    lib.strato_int8_gemv.argtypes = [_P, _I, _I, _P, _I, _P, _P, _P, ctypes.c_int]
+    lib.strato_int4_gemv.argtypes = [_P, _I, _I, _P, _I, _P, _P, _I, _P, ctypes.c_int]
+    lib.strato_int8_gemv.restype = lib.strato_int4_gemv.restype = None
+    return lib
+
+
+def available() -> bool:
+    """Whether the kernels run on this machine (builds them on first call)."""
+    return _library() is not None
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _prepared(x: torch.Tensor, *weights: torch.Tensor | None) -> torch.Tensor:
+    """x as contiguous fp32; the weights must already be contiguous fp32/int (as stored)."""
+    for w in weights:
+        if w is not None and not w.is_contiguous():
+            raise ValueError("cpu_gemv: quantized weight tensors must be contiguous")
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        x = x.float().contiguous()
+    return x
+
+
+def int8_gemv(
+    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
+) -> torch.Tensor:
+    """x [..., K] -> fp32 [..., N] = x @ ((qweight - zeros) * scales).T (per-row scales)."""
+    lib = _library()
+    assert lib is not None, "int8_gemv called where available() is False"
+    x = _prepared(x, qweight, scales, zeros)
+    k, n = x.shape[-1], qweight.shape[0]
+    y = torch.empty((*x.shape[:-1], n))  # (new_empty costs 4 us more a call)
+    lib.strato_int8_gemv(
+        x.data_ptr(), x.numel() // k, k, qweight.data_ptr(), n, scales.data_ptr(), _ptr(zeros),
+        y.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return y
+
+
+def int4_gemv(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    group_size: int,
+) -> torch.Tensor:
+    """x [..., K] -> fp32 [..., N] for int4 group-wise weights (groups a multiple of 32);
+    x is zero-padded to the weights' padded width."""
+    lib = _library()
+    assert lib is not None, "int4_gemv called where available() is False"
+    x = _prepared(x, qweight, scales, zeros)
+    kp, n = qweight.shape[1] * 2, qweight.shape[0]
+    if x.shape[-1] != kp:
+        x = torch.nn.functional.pad(x, (0, kp - x.shape[-1]))
+    y = torch.empty((*x.shape[:-1], n))  # (new_empty costs 4 us more a call)
+    lib.strato_int4_gemv(
+        x.data_ptr(), x.numel() // kp, kp, qweight.data_ptr(), n, scales.data_ptr(), _ptr(zeros),
+        group_size, y.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return y
