@@ -100,14 +100,23 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _prepared(x: torch.Tensor, *weights: torch.Tensor | None) -> torch.Tensor:
-    """x as contiguous fp32; the weights must already be contiguous fp32/int (as stored)."""
-    for w in weights:
-        if w is not None and not w.is_contiguous():
-            raise ValueError("cpu_gemv: quantized weight tensors must be contiguous")
+def _prepared(x: torch.Tensor, qweight: torch.Tensor, code_dtype: torch.dtype, *qparams):
+    """x as contiguous fp32 and the scales/zeros as fp32; the codes must be stored as the
+    formats say (contiguous, `code_dtype`), since the kernels read their bytes."""
+    if qweight.dtype != code_dtype or not qweight.is_contiguous():
+        raise ValueError(
+            f"cpu_gemv: expected contiguous {code_dtype} codes, got {qweight.dtype} "
+            f"{'' if qweight.is_contiguous() else 'non-contiguous '}{tuple(qweight.shape)}"
+        )
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
-    return x
+    params = [
+        p
+        if p is None or (p.dtype == torch.float32 and p.is_contiguous())
+        else p.float().contiguous()
+        for p in qparams
+    ]
+    return x, *params
 
 
 def int8_gemv(
@@ -116,8 +125,13 @@ def int8_gemv(
     """x [..., K] -> fp32 [..., N] = x @ ((qweight - zeros) * scales).T (per-row scales)."""
     lib = _library()
     assert lib is not None, "int8_gemv called where available() is False"
-    x = _prepared(x, qweight, scales, zeros)
+    x, scales, zeros = _prepared(x, qweight, torch.int8, scales, zeros)
     k, n = x.shape[-1], qweight.shape[0]
+    if qweight.shape[1] != k or scales.shape != (n,) or (zeros is not None and zeros.shape != (n,)):
+        raise ValueError(
+            f"cpu_gemv.int8_gemv: input [..., {k}] does not fit codes {tuple(qweight.shape)} "
+            f"with scales {tuple(scales.shape)}"
+        )
     y = torch.empty((*x.shape[:-1], n))  # (new_empty costs 4 us more a call)
     lib.strato_int8_gemv(
         x.data_ptr(), x.numel() // k, k, qweight.data_ptr(), n, scales.data_ptr(), _ptr(zeros),
@@ -137,8 +151,20 @@ def int4_gemv(
     x is zero-padded to the weights' padded width."""
     lib = _library()
     assert lib is not None, "int4_gemv called where available() is False"
-    x = _prepared(x, qweight, scales, zeros)
+    x, scales, zeros = _prepared(x, qweight, torch.uint8, scales, zeros)
     kp, n = qweight.shape[1] * 2, qweight.shape[0]
+    groups = (n, kp // group_size)
+    if (
+        x.shape[-1] > kp
+        or group_size % 32
+        or kp % group_size
+        or scales.shape != groups
+        or (zeros is not None and zeros.shape != groups)
+    ):
+        raise ValueError(
+            f"cpu_gemv.int4_gemv: input [..., {x.shape[-1]}] does not fit codes "
+            f"{tuple(qweight.shape)} in groups of {group_size} with scales {tuple(scales.shape)}"
+        )
     if x.shape[-1] != kp:
         x = torch.nn.functional.pad(x, (0, kp - x.shape[-1]))
     y = torch.empty((*x.shape[:-1], n))  # (new_empty costs 4 us more a call)

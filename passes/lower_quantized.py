@@ -7,13 +7,15 @@ op would make: a cast to bf16, `_weight_int4pack_mm_for_cpu` on the packed int4 
 `_weight_int8pack_mm`, a cast back, the bias. Inductor then sees plain aten ops, with no
 Python between them, and may use its own int8 weight-only GEMM. Ops on a few input rows
 (decode graphs) stay Strato ops where Strato's CPU GEMV kernels run (kernels/cpu_gemv.py),
-since those beat the packed kernels there. The packed layouts
-replace the portable tensors on the graph module, so a lowered graph belongs to this
-machine: export the 'fx' graph and lower where it is served.
+and so do ops on many rows on CPUs without AVX-512, where dequantize + fp32 BLAS wins:
+both beat the packed kernels there. The packed layouts replace the portable tensors on
+the graph module, so a lowered graph belongs to this machine: export the 'fx' graph and
+lower where it is served.
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 
 import torch
@@ -77,12 +79,13 @@ def _why_not(gm: fx.GraphModule, node: fx.Node) -> str | None:
     val = x.meta.get("val") if isinstance(x, fx.Node) else None
     if not isinstance(val, torch.Tensor):
         return "the input's shape is unknown"
-    rows = 1
-    for size in val.shape[:-1]:
-        rows = rows * int(size) if is_concrete_int(size) else ql.cpu_gemv.MAX_ROWS + 1
+    sizes = val.shape[:-1]
+    rows = math.prod(int(d) for d in sizes) if all(map(is_concrete_int, sizes)) else None
     group_size = node.args[5] if node.target is ql.quant_linear_int4 else 32
-    if ql.uses_cpu_gemv(rows, group_size):
+    if rows is not None and ql.uses_cpu_gemv(rows, group_size):
         return f"{rows} input rows: Strato's CPU GEMV kernel beats the packed kernels there"
+    if rows is not None and ql.dequantize_wins(rows):
+        return f"{rows} input rows on a CPU without AVX-512: dequantize + fp32 BLAS is faster"
     if node.target is ql.quant_linear_int8:
         if node.args[3] is not None:
             return "asymmetric int8 (the packed kernel has no zero points)"

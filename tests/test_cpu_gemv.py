@@ -75,6 +75,17 @@ def test_int32_sums_do_not_overflow():
     torch.testing.assert_close(y4, torch.full((1, 4), 7.0 * k), rtol=1e-6, atol=0)
 
 
+def test_mismatched_tensors_are_refused_before_the_kernel_reads_them():
+    qw = ql.quantize_int8(torch.randn(8, 64))
+    with pytest.raises(ValueError, match="does not fit"):
+        cpu_gemv.int8_gemv(torch.randn(1, 32), qw.qweight, qw.scales, None)
+    with pytest.raises(ValueError, match="contiguous torch.int8 codes"):
+        cpu_gemv.int8_gemv(torch.randn(1, 8), qw.qweight.t(), qw.scales, None)
+    q4 = ql.quantize_int4(torch.randn(8, 64), group_size=32)
+    with pytest.raises(ValueError, match="does not fit"):
+        cpu_gemv.int4_gemv(torch.randn(1, 64), q4.qweight, q4.scales[:, :1], None, 32)
+
+
 def test_threads_split_rows_without_changing_results():
     torch.manual_seed(0)
     qw = ql.quantize_int4(torch.randn(300, 512), group_size=64)

@@ -239,3 +239,22 @@ def test_sibling_layers_are_stacked_without_changing_results(weights):
             outs[stack] = compiled(x)
     for stacked, single in zip(outs[True], outs[False]):
         torch.testing.assert_close(stacked, single, atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("capability", "want"), [("AVX2", "reference"), ("AVX512", "aten")])
+def test_many_rows_dequantize_on_cpus_without_avx512(monkeypatch, capability, want):
+    """aten's bf16 packed kernels are 2-3x slower than dequantize + fp32 BLAS on AVX2-only
+    CPUs at large batch; on AVX-512 CPUs they stay. Both give the weight's product."""
+    monkeypatch.setattr(ql, "_cpu_capability", lambda: capability)
+    ran = []
+    for name in ("int8_linear_reference", "_int8_linear_aten"):
+        real = getattr(ql, name)
+        monkeypatch.setattr(
+            ql, name, lambda *a, _n=name, _f=real: ran.append(_n) or _f(*a), raising=True
+        )
+    qw = ql.quantize_int8(torch.randn(32, 64))
+    x = torch.randn(2, ql.DEQUANTIZE_MIN_ROWS, 64)
+    y = ql._int8_impl(x, qw.qweight, qw.scales, qw.zeros, None)
+    assert ran == ["int8_linear_reference" if want == "reference" else "_int8_linear_aten"]
+    expected = x @ ql.dequantize_int8(qw).t()
+    torch.testing.assert_close(y, expected, atol=0.05 if want == "aten" else 1e-4, rtol=0.01)
