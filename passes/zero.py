@@ -6,10 +6,12 @@ Parameters are grouped for communication, and the group's collective buffer is l
 rank-major ([N, S], each parameter's shard at a fixed offset of the S columns), so one
 all-gather or reduce-scatter serves the whole group.
 
-- zero1 / zero2: the graph is unchanged; parameters go into *buckets* in the order their
-  gradients become ready (reverse first use). Stage 1 reduce-scatters the buckets at the
-  accumulation boundary, stage 2 as soon as a bucket's gradients are complete in backward;
-  after the update each bucket's shards are all-gathered back into the full parameters.
+- zero1 / zero2: parameters go into *buckets* in the order their gradients become ready
+  (reverse first use). Stage 1 reduce-scatters the buckets at the accumulation boundary,
+  stage 2 as soon as a bucket's gradients are complete in backward; after the update each
+  bucket's shards are all-gathered back into the full parameters, in forward order
+  (`gather_order`), and left in flight: a `strato::zero_await_bucket` node before the
+  bucket's first use in forward lands it, so the gathers overlap the next forward.
 - zero3: parameters are grouped into *units* (one per numbered layer, e.g. 'blocks.3', else
   per top-level module), ordered by first use. Each unit's parameter reads become one
   `strato::zero_gather` node before the first use and one `strato::zero_release` node
@@ -161,6 +163,7 @@ def plan_zero(gm: fx.GraphModule, ctx: CompileContext, stage: int) -> fx.GraphMo
                 }
     if units:
         _insert_gathers(gm, units, uses, tensors, n)
+    gather_order = _insert_bucket_waits(gm, buckets, uses)
     ctx.record(
         "zero",
         stage=stage,
@@ -178,10 +181,43 @@ def plan_zero(gm: fx.GraphModule, ctx: CompileContext, stage: int) -> fx.GraphMo
             for name, t in tensors.items()
         },
         buckets=buckets,
+        gather_order=gather_order,
+        await_gathers=bool(gather_order)
+        and any(n.target is torch.ops.strato.zero_await_bucket.default for n in gm.graph.nodes),
         units=units,
         forward_order=[u["name"] for u in units],
     )
     return gm
+
+
+def _insert_bucket_waits(
+    gm: fx.GraphModule, buckets: list[dict], uses: dict[str, list[fx.Node]]
+) -> list[int]:
+    """Put a `strato::zero_await_bucket` before each bucket's first use in forward; return
+    the bucket indices in that order (buckets forward never reads last)."""
+    graph = gm.graph
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    first: dict[int, tuple[int, fx.Node, fx.Node]] = {}
+    for index, bucket in enumerate(buckets):
+        reads = [
+            (order[user], user, node)
+            for name in bucket["params"]
+            for node in uses.get(name, [])
+            for user in node.users
+        ]
+        if reads:
+            first[index] = min(reads, key=lambda r: r[0])
+    for index, (_, user, read) in first.items():
+        # The read of the first-used parameter precedes its user, so it can be the argument
+        # through which the runtime is found.
+        with graph.inserting_before(user):
+            wait = graph.call_function(torch.ops.strato.zero_await_bucket.default, ([read], index))
+        wait.meta["strato_zero"] = {
+            "bucket": buckets[index]["name"],
+            "lands": "the bucket's parameter all-gather started by the last update",
+        }
+    used = sorted(first, key=lambda i: first[i][0])
+    return used + [i for i in range(len(buckets)) if i not in first]
 
 
 def _insert_gathers(

@@ -53,7 +53,8 @@ def zero_schedule(record: dict[str, Any], group_name: str = "world") -> list[Col
                 group_name,
             )
         )
-    for bucket in record["buckets"]:
+    for index in record.get("gather_order", range(len(record["buckets"]))):
+        bucket = record["buckets"][index]  # after the update, in forward order
         schedule.append(
             ("all_gather", (n, bucket["shard_numel"]), group_dtype(bucket["params"]), group_name)
         )

@@ -157,6 +157,9 @@ class DataParallelManager:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
+    def synchronize(self) -> None:
+        """Nothing outlives a step here."""
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return optimizer_state_dict(self.model, self.optimizer)

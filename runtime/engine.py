@@ -77,7 +77,15 @@ class TrainingEngine(CompiledModel):
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         if first is not None and self.training:
             self._tokens += first.numel()
+        if not self.training:  # the eval graph has no waits for in-flight parameter gathers
+            self.manager.synchronize()
         return super().forward(*args, **kwargs)
+
+    def synchronize(self) -> None:
+        """Land communication the last step left in flight (ZeRO stage 1/2 parameter
+        all-gathers, which the next training forward waits for layer by layer): call it
+        before reading the model's parameters directly between steps."""
+        self.manager.synchronize()
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate one micro-step's loss (divided by grad_accumulation, scaled for fp16)."""

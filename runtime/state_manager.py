@@ -70,10 +70,16 @@ class StateManager(Protocol):
 
     def step(self, lr_factor: float) -> None:
         """Set each group's lr to base_lr * lr_factor and update the parameters this rank
-        owns; afterwards every rank sees the full updated parameters it needs for forward."""
+        owns; afterwards every rank sees the full updated parameters it needs for forward
+        (once the graph's waits or `synchronize` have landed what is still in flight)."""
 
     def zero_grad(self) -> None:
         """Drop gradients (set to None) after a step, skipped or not."""
+
+    def synchronize(self) -> None:
+        """Finish communication the last step left in flight, so the parameters hold the
+        updated values (ZeRO stages 1/2 overlap their parameter all-gathers with the next
+        forward; the training graph waits for each before its first use)."""
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """(tensors, metadata) to checkpoint: tensors by name (model parameters and buffers

@@ -14,7 +14,10 @@ the optimizer holds one tensor per parameter (this rank's shard), so its state i
   all its gradients on the boundary micro-step; full gradients are dropped, each rank keeps
   its shard gradients only.
 - Stage 1/2 after the update: each bucket's updated shards are all-gathered into the full
-  parameters.
+  parameters, in forward order; where the graph has `strato::zero_await_bucket` nodes the
+  gathers are left in flight when step() returns and each lands before its bucket's first
+  use in the next forward (`synchronize()` lands them all: checkpoints, eval forwards and
+  `full_parameters` call it; so must code that reads the parameters directly).
 - Stage 3: parameters hold only their shard. `strato::zero_gather` nodes gather a unit for
   forward (prefetching the next `prefetch` units asynchronously); while forward runs,
   autograd saves gathered parameters as handles and backward gathers them again; the
@@ -46,7 +49,7 @@ from .buckets import BucketReadiness, attach_grad_ready_hooks
 from .collective_schedule import verify_collective_schedule, zero_schedule
 from .data_parallel import load_optimizer_state_dict, optimizer_state_dict
 from .optim import param_groups
-from .zero_ops import UNIT_ATTR
+from .zero_ops import BUCKET_ATTR, UNIT_ATTR
 
 
 @attrs.define(eq=False)
@@ -377,6 +380,13 @@ class ZeroManager:
         self._reduce_now = False
         self._readiness = BucketReadiness([b.params for b in self.buckets])
         self._in_flight: list[tuple[Group, torch.Tensor, Any]] = []
+        self.gather_order = list(record.get("gather_order", range(len(self.buckets))))
+        self.defer_gathers = bool(record.get("await_gathers"))
+        self._pending_gathers: dict[int, tuple[Group, torch.Tensor, Any]] = {}
+        if self.defer_gathers:
+            for bucket in self.buckets:
+                for p in bucket.params:
+                    setattr(p, BUCKET_ATTR, self)
         attach_grad_ready_hooks((p for b in self.buckets for p in b.params), self._on_grad_ready)
 
     # ------------------------------------------------------------------ setup
@@ -572,18 +582,20 @@ class ZeroManager:
 
     # ------------------------------------------------------------------ update
     def step(self, lr_factor: float) -> None:
-        """Update this rank's shards. Stages 1/2 step bucket by bucket and start each
-        bucket's all-gather as soon as its shards are updated, so it overlaps the next
-        bucket's update."""
+        """Update this rank's shards. Stages 1/2 step bucket by bucket, in forward order, and
+        start each bucket's all-gather as soon as its shards are updated, so it overlaps
+        the next bucket's update (and, left in flight, the next forward)."""
+        self.synchronize()  # a gather still in flight would overwrite this update
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor
         grads = {name: master.grad for name, master in self.masters.items()}
         in_buckets = {name for bucket in self.buckets for name in bucket.names}
         rest = [name for name in self.masters if name not in in_buckets]
-        gathers = []
-        for bucket in self.buckets:  # every rank gathers every bucket, stepped or not
+        gathers = {}
+        for index in self.gather_order:  # every rank gathers every bucket, stepped or not
+            bucket = self.buckets[index]
             self._step_only(bucket.names, grads)
-            gathers.append(self._launch_gather(bucket))
+            gathers[index] = self._launch_gather(bucket)
         if self._step_only(rest, grads):
             self._write_back(rest)
         for master, grad in zip(self.masters.values(), grads.values()):
@@ -591,9 +603,24 @@ class ZeroManager:
         self._offload_new_state()
         # Measured while gradients and states are all alive (the per-step high-water mark).
         self._step_breakdown = self.model_state_breakdown()
-        for bucket, out, work in gathers:
+        self._pending_gathers = gathers
+        if not self.defer_gathers:
+            self.synchronize()
+
+    def await_bucket(self, index: int) -> None:
+        """Land bucket `index`'s parameter all-gather if it is in flight (the graph's
+        `strato::zero_await_bucket` calls this before the bucket's first use)."""
+        pending = self._pending_gathers.pop(index, None)
+        if pending is not None:
+            bucket, out, work = pending
             work.wait()
             self._scatter_gathered(bucket, out)
+
+    def synchronize(self) -> None:
+        """Land every parameter all-gather in flight: afterwards the parameters hold the
+        values of the last update on every rank."""
+        for index in list(self._pending_gathers):
+            self.await_bucket(index)
 
     def _step_only(self, names: list[str], grads: dict[str, torch.Tensor | None]) -> bool:
         """One optimizer step over the masters `names` (torch skips tensors without .grad)."""
@@ -670,6 +697,7 @@ class ZeroManager:
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """This rank's file: model tensors (stage 3: the shards) and its optimizer shards."""
+        self.synchronize()
         tensors, metadata = optimizer_state_dict(self.model, self.optimizer)
         metadata["zero"] = {"stage": self.stage, "world_size": self.world_size, "rank": self.rank}
         return tensors, metadata
@@ -682,6 +710,7 @@ class ZeroManager:
                 f"{saved.get('world_size')} ranks; this engine runs stage {self.stage} on "
                 f"{self.world_size}. Resharding is not supported yet."
             )
+        self.synchronize()  # (a gather landing later would overwrite what is loaded)
         with torch.no_grad():
             load_optimizer_state_dict(self.model, self.optimizer, tensors, metadata)
             # The optimizer's copies must match the loaded parameters.
@@ -731,6 +760,7 @@ class ZeroManager:
 
     def full_parameters(self) -> dict[str, torch.Tensor]:
         """Every parameter in full (stage 3: all-gathered; call on all ranks)."""
+        self.synchronize()
         out = {}
         for name, p in self.model.named_parameters():
             out[name] = p.detach().clone()
@@ -741,6 +771,7 @@ class ZeroManager:
         return out
 
     def close(self) -> None:
+        self.synchronize()
         self.store.close()
 
 

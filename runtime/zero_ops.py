@@ -1,5 +1,5 @@
-"""The ZeRO stage-3 custom ops the zero pass puts in the graph: `strato::zero_gather`
-and `strato::zero_release`.
+"""The ZeRO custom ops the zero pass puts in the graph: `strato::zero_gather` and
+`strato::zero_release` (stage 3), and `strato::zero_await_bucket` (every stage).
 
 `zero_gather(shards, unit, shapes)` turns the local shards of one unit's parameters into
 the full parameters (an all-gather). Its backward hands the full gradients back to the
@@ -10,6 +10,10 @@ end of the unit's use in forward, so its full parameters can be freed.
 gathered parameter as a handle and backward gathers it again. Which unit a shard
 belongs to is attached to the shard Parameter by the runtime (runtime/zero.py); the ops
 themselves hold no state. Fake impls let the compiler propagate shapes without a runtime.
+
+`zero_await_bucket(params, bucket)` stands before the first forward use of a bucket's
+parameters: the all-gather that brings them up to date after an update is left in flight
+when the step returns, and lands here, so it overlaps the forward up to this point.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from torch import Tensor
 
 UNIT_ATTR = "_strato_zero_unit"
 """Name of the attribute that binds a shard Parameter to its runtime unit."""
+BUCKET_ATTR = "_strato_zero_buckets"
+"""Name of the attribute that binds a bucketed Parameter to the runtime's buckets."""
 
 
 class GatherUnit(Protocol):
@@ -132,6 +138,20 @@ def _zero_forward_end_fake(shards: list[Tensor]) -> None:
     return None
 
 
-# Dead-code elimination must keep the release even though nothing uses its result.
-for _op in ("zero_release", "zero_forward_begin", "zero_forward_end"):
+@torch.library.custom_op("strato::zero_await_bucket", mutates_args=())
+def zero_await_bucket(params: list[Tensor], bucket: int) -> None:
+    """Land bucket `bucket`'s parameter all-gather, if one is in flight, before its first use.
+    Without a runtime (shape propagation, a graph run on its own) nothing is in flight."""
+    buckets = getattr(params[0], BUCKET_ATTR, None) if params else None
+    if buckets is not None:
+        buckets.await_bucket(bucket)
+
+
+@zero_await_bucket.register_fake
+def _zero_await_bucket_fake(params: list[Tensor], bucket: int) -> None:
+    return None
+
+
+# Dead-code elimination must keep these even though nothing uses their results.
+for _op in ("zero_release", "zero_forward_begin", "zero_forward_end", "zero_await_bucket"):
     torch.fx.node.has_side_effect(getattr(torch.ops.strato, _op).default)

@@ -91,6 +91,28 @@ def test_small_parameters_stay_whole_and_go_to_buckets():
     assert gathered | bucketed == set(record["params"])
 
 
+def test_bucket_gathers_are_awaited_before_first_use_in_forward_order():
+    """Stage 1/2: one zero_await_bucket per bucket forward reads, each before the first
+    node that reads one of the bucket's parameters; the gathers are issued in that order."""
+    model = tiny()
+    strategy = strato.Strategy(passes=[zero_stage1], zero_bucket_mb=0.002)  # several buckets
+    compiled = strato.compile(model, strategy, example_inputs=batch(0, 2, CFG))
+    record = compiled.context.records["zero"]
+    waits = calls(compiled.graph, "zero_await_bucket")
+    assert len(record["buckets"]) > 2 and record["await_gathers"]
+    assert [w.args[1] for w in waits] == record["gather_order"][: len(waits)]
+    assert sorted(record["gather_order"]) == list(range(len(record["buckets"])))
+    order = {n: i for i, n in enumerate(compiled.graph.graph.nodes)}
+    targets = {b["name"]: set() for b in record["buckets"]}
+    for node in compiled.graph.graph.nodes:
+        if node.op == "get_attr" and "strato_zero" in node.meta:
+            targets[node.meta["strato_zero"]["bucket"]].add(node)
+    for wait in waits:
+        reads = targets[record["buckets"][wait.args[1]]["name"]]
+        first_read_use = min(order[u] for r in reads for u in r.users if u is not wait)
+        assert order[wait] < first_read_use
+
+
 def test_zero_passes_conflict():
     with pytest.raises(strato.PassContractError, match="zero"):
         strato.compile(
