@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,6 +28,13 @@ import torch.distributed as dist
 
 _lock = threading.Lock()
 _bytes: Counter[str] = Counter()
+_recent: deque[tuple[torch.Tensor, ...]] = deque(maxlen=2)
+"""The tensors of the last few collectives, held so that Python never drops a tensor
+before gloo's worker thread drops the work that used it: that thread would then need
+the GIL to free it, and a process exiting right after a collective aborted when the
+thread asked for the GIL during interpreter shutdown ("terminate called without an
+active exception"). Once dynamo is imported, destroy_process_group no longer stops
+those threads, so destroying the group at exit cannot prevent this."""
 
 
 def comm_bytes() -> dict[str, int]:
@@ -36,9 +43,11 @@ def comm_bytes() -> dict[str, int]:
         return dict(_bytes)
 
 
-def _count(kind: str, tensor: torch.Tensor) -> None:
+def _count(kind: str, tensor: torch.Tensor, *more: torch.Tensor) -> None:
+    """Count a collective's payload and hold its tensors (see `_recent`)."""
     with _lock:
         _bytes[kind] += tensor.numel() * tensor.element_size()
+        _recent.append((tensor, *more))
 
 
 def is_distributed() -> bool:
@@ -127,7 +136,7 @@ def all_gather_into_tensor(
     if n == 1:
         output.copy_(input.reshape(output.shape))
         return _Done() if async_op else None
-    _count("all_gather", input)
+    _count("all_gather", input, output)
     if _direct(group) and output.is_contiguous():
         # One broadcast per rank into its slot of `output`; global ranks for `src`.
         slots = output.view(n, -1)
@@ -172,10 +181,12 @@ def reduce_scatter_tensor(
     if n == 1:
         output.copy_(input.reshape(output.shape))
         return _Done() if async_op else None
-    _count("reduce_scatter", input)
+    _count("reduce_scatter", input, output)
     if _direct(group) and op == dist.ReduceOp.SUM and output.is_contiguous():
         # Chunk r of every rank lands on rank r, which sums what it received.
         received = torch.empty_like(input.reshape(-1))
+        with _lock:
+            _recent[-1] = (*_recent[-1], received)
         work = dist.all_to_all_single(received, input.reshape(-1), group=group, async_op=True)
 
         def sum_received() -> None:

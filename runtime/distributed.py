@@ -50,9 +50,12 @@ def init_from_env(timeout_s: float | None = None) -> bool:
 def destroy_at_exit() -> None:
     """Destroy the process group we created while the interpreter is still whole.
 
-    A process that exits with the group alive leaves gloo's worker threads to static
-    destruction, which aborts it ("terminate called without an active exception") and
-    makes torchrun report a run that finished as failed.
+    A process that exits with the group alive leaves gloo's worker threads running into
+    interpreter shutdown, where freeing a tensor of the last collective aborts the process
+    ("terminate called without an active exception") and torchrun reports a finished run
+    as failed. Once dynamo is imported something still holds the group after this, so the
+    threads live on: runtime/collectives.py also holds the last collectives' tensors, so
+    those threads never need the interpreter to free them.
     """
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
