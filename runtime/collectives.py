@@ -142,9 +142,12 @@ def all_gather_into_tensor(
         slots = output.view(n, -1)
         me = rank(group)
         slots[me].copy_(input.reshape(-1))
+        rows = [slots[r] for r in range(n)]  # the views gloo's works hold, held here too
+        with _lock:
+            _recent[-1] = (*_recent[-1], *rows)
         works = [
             dist.broadcast(
-                slots[r],
+                rows[r],
                 src=dist.get_global_rank(group, r) if group else r,
                 group=group,
                 async_op=True,
@@ -184,10 +187,10 @@ def reduce_scatter_tensor(
     _count("reduce_scatter", input, output)
     if _direct(group) and op == dist.ReduceOp.SUM and output.is_contiguous():
         # Chunk r of every rank lands on rank r, which sums what it received.
-        received = torch.empty_like(input.reshape(-1))
+        received, flat = torch.empty_like(input.reshape(-1)), input.reshape(-1)
         with _lock:
-            _recent[-1] = (*_recent[-1], received)
-        work = dist.all_to_all_single(received, input.reshape(-1), group=group, async_op=True)
+            _recent[-1] = (*_recent[-1], received, flat)
+        work = dist.all_to_all_single(received, flat, group=group, async_op=True)
 
         def sum_received() -> None:
             torch.sum(received.view(n, -1), dim=0, out=output.view(-1))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
+import time
 
 import torch
 import torch.distributed as dist
@@ -58,6 +59,9 @@ def destroy_at_exit() -> None:
     those threads never need the interpreter to free them.
     """
     if dist.is_available() and dist.is_initialized():
+        # A worker thread may be blocked waiting for the GIL to free the last collective's
+        # tensors (views our shim does not hold); let it have it before shutdown starts.
+        time.sleep(0.05)
         dist.destroy_process_group()
 
 
