@@ -225,8 +225,9 @@ class Strategy:
     """How eval graphs run. 'fx': the transformed graph runs as Python, one call per node
     (no compile time). 'inductor': torch.compile compiles it on the first call (seconds to
     a minute; on CPU it needs a C++ compiler), removing the per-node Python overhead that
-    dominates small-batch decoding; on CPU, quantized linears are first lowered to aten's
-    packed kernels (pass lower_quantized_linears). Training graphs always run as FX."""
+    dominates small-batch decoding; on CPU, quantized linears are first lowered to this
+    CPU's kernels and weight layouts (pass lower_quantized_linears). Training graphs always
+    run as FX."""
 
     # ------------------------------------------------------------------ building
     @classmethod

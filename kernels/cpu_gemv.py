@@ -35,6 +35,8 @@ SOURCE = Path(__file__).with_name("cpu_gemv.c")
 MAX_ROWS = 8
 """Input rows (tokens) up to which the GEMV kernels run; larger inputs are matrix products,
 which aten's packed kernels do better."""
+BLOCK_ROWS = 4
+"""Output rows the kernels read together (ROWS in cpu_gemv.c): the blocked layout's unit."""
 
 _FLAGS = ["-O3", "-mavx2", "-mfma", "-shared", "-fPIC"]
 """(AVX2 and FMA only: the library must also run on CPUs that have no more.)"""
@@ -85,8 +87,9 @@ def _library() -> ctypes.CDLL | None:
             stacklevel=2,
         )
         return None
-    lib.strato_int8_gemv.argtypes = [_P, _I, _I, _P, _I, _P, _P, _P, ctypes.c_int]
-    lib.strato_int4_gemv.argtypes = [_P, _I, _I, _P, _I, _P, _P, _I, _P, ctypes.c_int]
+    _C = ctypes.c_int
+    lib.strato_int8_gemv.argtypes = [_P, _I, _I, _P, _I, _P, _P, _P, _C, _C]
+    lib.strato_int4_gemv.argtypes = [_P, _I, _I, _P, _I, _P, _P, _I, _P, _C, _C]
     lib.strato_int8_gemv.restype = lib.strato_int4_gemv.restype = None
     return lib
 
@@ -100,14 +103,8 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _prepared(x: torch.Tensor, qweight: torch.Tensor, code_dtype: torch.dtype, *qparams):
-    """x as contiguous fp32 and the scales/zeros as fp32; the codes must be stored as the
-    formats say (contiguous, `code_dtype`), since the kernels read their bytes."""
-    if qweight.dtype != code_dtype or not qweight.is_contiguous():
-        raise ValueError(
-            f"cpu_gemv: expected contiguous {code_dtype} codes, got {qweight.dtype} "
-            f"{'' if qweight.is_contiguous() else 'non-contiguous '}{tuple(qweight.shape)}"
-        )
+def _prepared(x: torch.Tensor, *qparams):
+    """x as contiguous fp32 and the scales/zeros as fp32 (the kernels read their bytes)."""
     if x.dtype != torch.float32 or not x.is_contiguous():
         x = x.float().contiguous()
     params = [
@@ -119,15 +116,57 @@ def _prepared(x: torch.Tensor, qweight: torch.Tensor, code_dtype: torch.dtype, *
     return x, *params
 
 
+def block_codes(qweight: torch.Tensor) -> torch.Tensor:
+    """The kernels' blocked layout of portable int8 [N, K] or int4 [N, Kp / 2] codes:
+    [N / BLOCK_ROWS, chunks, BLOCK_ROWS, 16] bytes, 16 bytes of each row of a block in
+    turn, rows (and int8 columns, to whole chunks) padded with zeros. The layout is a
+    reordering of the same bytes, read as one stream (see cpu_gemv.c)."""
+    n, width = qweight.shape
+    rows, cols = -n % BLOCK_ROWS, -width % 16
+    padded = torch.nn.functional.pad(qweight.detach(), (0, cols, 0, rows))
+    blocks = padded.view((n + rows) // BLOCK_ROWS, BLOCK_ROWS, (width + cols) // 16, 16)
+    return blocks.permute(0, 2, 1, 3).contiguous()
+
+
+def _layout(qweight: torch.Tensor, code_dtype: torch.dtype, blocked: bool, n: int) -> int:
+    """The codes' bytes per row (padded, when blocked), after checking their layout."""
+    if qweight.dtype != code_dtype or not qweight.is_contiguous():
+        raise ValueError(
+            f"cpu_gemv: expected contiguous {code_dtype} codes, got {qweight.dtype} "
+            f"{'' if qweight.is_contiguous() else 'non-contiguous '}{tuple(qweight.shape)}"
+        )
+    if not blocked:
+        if qweight.dim() != 2 or qweight.shape[0] != n:
+            raise ValueError(
+                f"cpu_gemv: codes {tuple(qweight.shape)} do not have the scales' {n} rows"
+            )
+        return qweight.shape[1]
+    blocks = -(-n // BLOCK_ROWS)
+    if qweight.dim() != 4 or qweight.shape[0] != blocks or qweight.shape[2:] != (BLOCK_ROWS, 16):
+        raise ValueError(
+            f"cpu_gemv: blocked codes for {n} rows must be [{blocks}, chunks, {BLOCK_ROWS}, 16] "
+            f"(block_codes builds them), got {tuple(qweight.shape)}"
+        )
+    return qweight.shape[1] * 16
+
+
 def int8_gemv(
-    x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor | None,
+    *,
+    blocked: bool = False,
 ) -> torch.Tensor:
-    """x [..., K] -> fp32 [..., N] = x @ ((qweight - zeros) * scales).T (per-row scales)."""
+    """x [..., K] -> fp32 [..., N] = x @ ((qweight - zeros) * scales).T (per-row scales);
+    `qweight` int8 [N, K], or block_codes() of it when `blocked`."""
     lib = _library()
     assert lib is not None, "int8_gemv called where available() is False"
-    x, scales, zeros = _prepared(x, qweight, torch.int8, scales, zeros)
-    k, n = x.shape[-1], qweight.shape[0]
-    if qweight.shape[1] != k or scales.shape != (n,) or (zeros is not None and zeros.shape != (n,)):
+    x, scales, zeros = _prepared(x, scales, zeros)
+    k, n = x.shape[-1], scales.shape[0]
+    width = _layout(qweight, torch.int8, blocked, n)
+    fits = width == k if not blocked else width == -(-k // 16) * 16
+    if not fits or scales.shape != (n,) or (zeros is not None and zeros.shape != (n,)):
         raise ValueError(
             f"cpu_gemv.int8_gemv: input [..., {k}] does not fit codes {tuple(qweight.shape)} "
             f"with scales {tuple(scales.shape)}"
@@ -135,7 +174,7 @@ def int8_gemv(
     y = torch.empty((*x.shape[:-1], n))  # (new_empty costs 4 us more a call)
     lib.strato_int8_gemv(
         x.data_ptr(), x.numel() // k, k, qweight.data_ptr(), n, scales.data_ptr(), _ptr(zeros),
-        y.data_ptr(), torch.get_num_threads(),
+        y.data_ptr(), blocked, torch.get_num_threads(),
     )  # fmt: skip
     return y
 
@@ -146,13 +185,17 @@ def int4_gemv(
     scales: torch.Tensor,
     zeros: torch.Tensor | None,
     group_size: int,
+    *,
+    blocked: bool = False,
 ) -> torch.Tensor:
-    """x [..., K] -> fp32 [..., N] for int4 group-wise weights (groups a multiple of 32);
-    x is zero-padded to the weights' padded width."""
+    """x [..., K] -> fp32 [..., N] for int4 group-wise weights (groups a multiple of 32),
+    `qweight` uint8 [N, Kp / 2] or block_codes() of it when `blocked`; x is zero-padded to
+    the weights' padded width Kp."""
     lib = _library()
     assert lib is not None, "int4_gemv called where available() is False"
-    x, scales, zeros = _prepared(x, qweight, torch.uint8, scales, zeros)
-    kp, n = qweight.shape[1] * 2, qweight.shape[0]
+    x, scales, zeros = _prepared(x, scales, zeros)
+    n = scales.shape[0]
+    kp = _layout(qweight, torch.uint8, blocked, n) * 2
     groups = (n, kp // group_size)
     if (
         x.shape[-1] > kp
@@ -170,6 +213,6 @@ def int4_gemv(
     y = torch.empty((*x.shape[:-1], n))  # (new_empty costs 4 us more a call)
     lib.strato_int4_gemv(
         x.data_ptr(), x.numel() // kp, kp, qweight.data_ptr(), n, scales.data_ptr(), _ptr(zeros),
-        group_size, y.data_ptr(), torch.get_num_threads(),
+        group_size, y.data_ptr(), blocked, torch.get_num_threads(),
     )  # fmt: skip
     return y

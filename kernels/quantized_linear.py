@@ -473,6 +473,11 @@ _SCHEMAS = {
     "int group_size, int in_features) -> Tensor",
     "quant_linear_int8_dynamic": "(Tensor x, Tensor qweight, Tensor scales, Tensor? act_scale, "
     "Tensor? bias) -> Tensor",
+    # Decode graphs lowered for this CPU (passes/lower_quantized.py): the GEMV kernels on
+    # codes in their blocked layout (cpu_gemv.block_codes), N from the scales.
+    "cpu_gemv_int8": "(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor? bias) -> Tensor",
+    "cpu_gemv_int4": "(Tensor x, Tensor codes, Tensor scales, Tensor? zeros, Tensor? bias, "
+    "int group_size) -> Tensor",
 }
 
 
@@ -538,8 +543,21 @@ def _int8_dynamic_impl(x, qweight, scales, act_scale, bias):
     return int8_dynamic_linear_reference(x, qweight, scales, act_scale, bias)
 
 
+def _cpu_gemv_int8_impl(x, codes, scales, zeros, bias):
+    return _gemv_finish(cpu_gemv.int8_gemv(x, codes, scales, zeros, blocked=True), x, bias)
+
+
+def _cpu_gemv_int4_impl(x, codes, scales, zeros, bias, group_size):
+    y = cpu_gemv.int4_gemv(x, codes, scales, zeros, group_size, blocked=True)
+    return _gemv_finish(y, x, bias)
+
+
 def _fake_out(x: torch.Tensor, qweight: torch.Tensor, *rest) -> torch.Tensor:
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
+
+
+def _fake_gemv_out(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, *rest):
+    return x.new_empty((*x.shape[:-1], scales.shape[0]))
 
 
 def _register_ops() -> None:
@@ -547,14 +565,17 @@ def _register_ops() -> None:
         return  # registered by another import of this file (see `_holder` above)
     library = torch.library.Library("strato", "FRAGMENT")
     impls = {
-        "quant_linear_int8": _int8_impl,
-        "quant_linear_int4": _int4_impl,
-        "quant_linear_int8_dynamic": _int8_dynamic_impl,
+        "quant_linear_int8": (_int8_impl, "CompositeExplicitAutograd", _fake_out),
+        "quant_linear_int4": (_int4_impl, "CompositeExplicitAutograd", _fake_out),
+        "quant_linear_int8_dynamic": (_int8_dynamic_impl, "CompositeExplicitAutograd", _fake_out),
+        "cpu_gemv_int8": (_cpu_gemv_int8_impl, "CPU", _fake_gemv_out),
+        "cpu_gemv_int4": (_cpu_gemv_int4_impl, "CPU", _fake_gemv_out),
     }
     for name, schema in _SCHEMAS.items():
+        impl, key, fake = impls[name]
         library.define(name + schema)
-        library.impl(name, impls[name], "CompositeExplicitAutograd")
-        torch.library.register_fake(f"strato::{name}", _fake_out, lib=library)
+        library.impl(name, impl, key)
+        torch.library.register_fake(f"strato::{name}", fake, lib=library)
     _holder.library = library  # the registrations live as long as this object
 
 
@@ -562,6 +583,8 @@ _register_ops()
 quant_linear_int8 = torch.ops.strato.quant_linear_int8.default
 quant_linear_int4 = torch.ops.strato.quant_linear_int4.default
 quant_linear_int8_dynamic = torch.ops.strato.quant_linear_int8_dynamic.default
+cpu_gemv_int8 = torch.ops.strato.cpu_gemv_int8.default
+cpu_gemv_int4 = torch.ops.strato.cpu_gemv_int4.default
 
 
 def call_quantized_linear(x: torch.Tensor, qw: QuantizedWeight, bias: torch.Tensor | None):

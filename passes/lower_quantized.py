@@ -1,16 +1,19 @@
-"""Lower quantized-linear ops to aten's packed CPU kernels, for graphs inductor compiles.
+"""Lower quantized-linear ops to this CPU's kernels, for graphs inductor compiles.
 
 Strato's quantized-linear ops keep a portable weight format (kernels/quantized_linear.py)
 and pick a kernel on every call, in Python. When an eval graph runs under
-`Strategy(inference_backend='inductor')` on CPU, this pass writes out the aten calls the
-op would make: a cast to bf16, `_weight_int4pack_mm_for_cpu` on the packed int4 layout or
-`_weight_int8pack_mm`, a cast back, the bias. Inductor then sees plain aten ops, with no
-Python between them, and may use its own int8 weight-only GEMM. Ops on a few input rows
-(decode graphs) stay Strato ops where Strato's CPU GEMV kernels run (kernels/cpu_gemv.py),
-and so do ops on many rows on CPUs without AVX-512, where dequantize + fp32 BLAS wins:
-both beat the packed kernels there. The packed layouts replace the portable tensors on
-the graph module, so a lowered graph belongs to this machine: export the 'fx' graph and
-lower where it is served.
+`Strategy(inference_backend='inductor')` on CPU, this pass writes out the kernel the op
+would pick, on the layout that kernel reads best:
+- ops on a few input rows (decode graphs): Strato's CPU GEMV kernels (kernels/cpu_gemv.py)
+  on codes in their blocked layout, `strato::cpu_gemv_int8/int4` (the layout doubles the
+  bandwidth the kernels get from DRAM, since each block of rows is one stream);
+- else the aten packed kernels: a cast to bf16, `_weight_int4pack_mm_for_cpu` on the
+  packed int4 layout or `_weight_int8pack_mm`, a cast back, the bias. Inductor then sees
+  plain aten ops, with no Python between them, and may use its own int8 weight-only GEMM.
+Ops on many rows on CPUs without AVX-512 stay Strato ops: dequantize + fp32 BLAS beats the
+packed kernels there. The new layouts replace the portable tensors on the graph module,
+so a lowered graph belongs to this machine: export the 'fx' graph and lower where it is
+served.
 """
 
 from __future__ import annotations
@@ -24,11 +27,17 @@ from torch.fx.experimental.symbolic_shapes import is_concrete_int
 
 from ..compiler.context import CompileContext
 from ..compiler.pass_manager import graph_pass
+from ..kernels import cpu_gemv
 from ..kernels import quantized_linear as ql
 from .annotate import getattr_path
 
 aten = torch.ops.aten
-LOWERED_TARGETS = (aten._weight_int4pack_mm_for_cpu.default, aten._weight_int8pack_mm.default)
+LOWERED_TARGETS = (
+    aten._weight_int4pack_mm_for_cpu.default,
+    aten._weight_int8pack_mm.default,
+    ql.cpu_gemv_int8,
+    ql.cpu_gemv_int4,
+)
 """Ops only a lowered graph contains (export refuses them: their layouts are this CPU's)."""
 
 
@@ -48,17 +57,14 @@ def lower_quantized_linears(gm: fx.GraphModule, ctx: CompileContext) -> fx.Graph
             ql.quant_linear_int4,
         ):
             continue
-        reason = _why_not(gm, node)
-        if reason is not None:
+        kernel, reason = _lowering(gm, node)
+        if kernel is None:
             kept[node.name] = reason
             continue
+        scheme = "int4" if node.target is ql.quant_linear_int4 else "int8"
         with gm.graph.inserting_before(node):
-            if node.target is ql.quant_linear_int4:
-                out = _lower_int4(gm, node)
-                lowered["int4"] += 1
-            else:
-                out = _lower_int8(gm, node)
-                lowered["int8"] += 1
+            out = _LOWER[scheme, kernel](gm, node)
+        lowered[scheme if kernel == "packed" else f"{scheme} {kernel}"] += 1
         out.meta.update({k: v for k, v in node.meta.items() if k != "val"})
         node.replace_all_uses_with(out)
         retired.update(a.target for a in node.args[1:4] if isinstance(a, fx.Node))
@@ -70,28 +76,29 @@ def lower_quantized_linears(gm: fx.GraphModule, ctx: CompileContext) -> fx.Graph
     return gm
 
 
-def _why_not(gm: fx.GraphModule, node: fx.Node) -> str | None:
-    """Why `node` stays a Strato op (None: it can be lowered)."""
+def _lowering(gm: fx.GraphModule, node: fx.Node) -> tuple[str | None, str | None]:
+    """The kernel `node` is lowered to ('gemv' or 'packed', None), or (None, why it stays
+    a Strato op)."""
     x = node.args[0]
     qweight = getattr_path(gm, node.args[1].target)
     if ql._kernel(qweight) != "aten":
-        return "not on CPU, or STRATO_KERNELS picks another kernel"
+        return None, "not on CPU, or STRATO_KERNELS picks another kernel"
     val = x.meta.get("val") if isinstance(x, fx.Node) else None
     if not isinstance(val, torch.Tensor):
-        return "the input's shape is unknown"
+        return None, "the input's shape is unknown"
     sizes = val.shape[:-1]
     rows = math.prod(int(d) for d in sizes) if all(map(is_concrete_int, sizes)) else None
     group_size = node.args[5] if node.target is ql.quant_linear_int4 else 32
     if rows is not None and ql.uses_cpu_gemv(rows, group_size):
-        return f"{rows} input rows: Strato's CPU GEMV kernel beats the packed kernels there"
+        return "gemv", None
     if rows is not None and ql.dequantize_wins(rows):
-        return f"{rows} input rows on a CPU without AVX-512: dequantize + fp32 BLAS is faster"
+        return None, f"{rows} input rows on a CPU without AVX-512: dequantize + fp32 BLAS is faster"
     if node.target is ql.quant_linear_int8:
         if node.args[3] is not None:
-            return "asymmetric int8 (the packed kernel has no zero points)"
+            return None, "asymmetric int8 (the packed kernel has no zero points)"
         if qweight.shape[1] % 16:
-            return "in_features not a multiple of 16 (aten's int8 kernel misreads it)"
-    return None
+            return None, "in_features not a multiple of 16 (aten's int8 kernel misreads it)"
+    return "packed", None
 
 
 def _attr(gm: fx.GraphModule, name: str, make) -> fx.Node:
@@ -152,6 +159,26 @@ def _lower_int8(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     xb = _flat_bf16(gm, x, qweight.shape[1])
     y = gm.graph.call_function(aten._weight_int8pack_mm.default, (xb, qweight_node, s))
     return _finish(gm, node, y, qweight.shape[0])
+
+
+def _lower_gemv(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """The same op on this CPU's GEMV kernel, its codes in the kernel's blocked layout."""
+    x, qweight_node, scales_node, zeros_node, bias = node.args[:5]
+    qweight = getattr_path(gm, qweight_node.target)
+    base = qweight_node.target.replace(".", "_")
+    codes = _attr(gm, f"{base}__gemv_blocks", lambda: cpu_gemv.block_codes(qweight))
+    if node.target is ql.quant_linear_int4:
+        args = (x, codes, scales_node, zeros_node, bias, node.args[5])
+        return gm.graph.call_function(ql.cpu_gemv_int4, args)
+    return gm.graph.call_function(ql.cpu_gemv_int8, (x, codes, scales_node, zeros_node, bias))
+
+
+_LOWER = {
+    ("int4", "packed"): _lower_int4,
+    ("int8", "packed"): _lower_int8,
+    ("int4", "gemv"): _lower_gemv,
+    ("int8", "gemv"): _lower_gemv,
+}
 
 
 def _drop_unused_attrs(gm: fx.GraphModule, targets: set[str]) -> None:

@@ -253,7 +253,7 @@ def export(engine, path: str | os.PathLike) -> Path:
     compiled = engine._graph_for(False)
     if compiled.ctx.records.get("lower_quantized_linears", {}).get("lowered"):
         raise ArtifactError(
-            "strato.export: this eval graph was lowered to this machine's packed CPU kernels "
+            "strato.export: this eval graph was lowered to this machine's CPU kernels and layouts "
             "(Strategy(inference_backend='inductor'), pass lower_quantized_linears); those "
             "layouts are not portable. Export a model compiled with inference_backend='fx'."
         )
@@ -505,7 +505,7 @@ def load(path: str | os.PathLike, inference_backend: str = "fx") -> LoadedModel:
     """Verify and load an artifact written by `strato.export`; nothing is unpickled.
 
     `inference_backend='inductor'` serves it as Strategy(inference_backend='inductor')
-    would: quantized linears lowered to this machine's packed kernels, then torch.compile
+    would: quantized linears lowered to this machine's kernels, then torch.compile
     (on the first call)."""
     from ..compiler.strategy import INFERENCE_BACKENDS
 

@@ -1,6 +1,9 @@
 """Strato's AVX2 GEMV kernels (kernels/cpu_gemv.c) against the dequantize-then-matmul
 references, on shapes that are not multiples of the kernels' 4-row blocks or 16/32-column
-steps, and the ops' choice of them.
+steps, in both code layouts (portable, and blocked: the same bytes reordered, so the same
+results bit for bit, but for int8 rows that end in a partial 16-column step, which the
+blocked layout pads with zeros and the portable one sums apart), and the ops' choice of
+them.
 
 Tolerance: the kernels round each row of x to 16-bit fixed point (step amax / 32767, so
 an error of at most half a step per element) and accumulate in int32 / fp32; the error of
@@ -47,6 +50,10 @@ def test_int8_gemv_matches_the_dequantized_product(symmetric, rows, n, k):
     y = cpu_gemv.int8_gemv(x, qw.qweight, qw.scales, qw.zeros)
     assert y.shape == (rows, n) and y.dtype == torch.float32
     _check(y, x, ql.dequantize_int8(qw))
+    blocks = cpu_gemv.block_codes(qw.qweight)
+    y_blocked = cpu_gemv.int8_gemv(x, blocks, qw.scales, qw.zeros, blocked=True)
+    _check(y_blocked, x, ql.dequantize_int8(qw))
+    assert torch.equal(y_blocked, y) or k % 16
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
@@ -59,6 +66,9 @@ def test_int4_gemv_matches_the_dequantized_product(symmetric, group_size, n, k, 
     y = cpu_gemv.int4_gemv(x, qw.qweight, qw.scales, qw.zeros, group_size)
     assert y.shape == (2, rows, n)
     _check(y, x, ql.dequantize_int4(qw))
+    blocks = cpu_gemv.block_codes(qw.qweight)
+    y_blocked = cpu_gemv.int4_gemv(x, blocks, qw.scales, qw.zeros, group_size, blocked=True)
+    assert torch.equal(y_blocked, y)
 
 
 def test_int32_sums_do_not_overflow():
@@ -84,6 +94,10 @@ def test_mismatched_tensors_are_refused_before_the_kernel_reads_them():
     q4 = ql.quantize_int4(torch.randn(8, 64), group_size=32)
     with pytest.raises(ValueError, match="does not fit"):
         cpu_gemv.int4_gemv(torch.randn(1, 64), q4.qweight, q4.scales[:, :1], None, 32)
+    with pytest.raises(ValueError, match="blocked codes for 8 rows"):  # portable, not blocked
+        cpu_gemv.int4_gemv(torch.randn(1, 64), q4.qweight, q4.scales, None, 32, blocked=True)
+    with pytest.raises(ValueError, match="do not have the scales' 4 rows"):
+        cpu_gemv.int8_gemv(torch.randn(1, 64), qw.qweight, qw.scales[:4], None)
 
 
 def test_threads_split_rows_without_changing_results():
