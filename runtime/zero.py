@@ -171,6 +171,8 @@ class Stage3Units:
         self.forward_full: dict[int, list[torch.Tensor]] = {}
         self.backward_order: list[int] = []
         self.saved_units: list[int] = []
+        self.gathered = 0
+        """Units gathered in this forward so far."""
         self.reductions: list[tuple[Group, torch.Tensor, Any]] = []
         self._hooks_pushed = False
         self._callback_queued = False
@@ -224,6 +226,7 @@ class Stage3Units:
                 f"{unit.name!r} of the runtime; recompile this graph with the same strategy."
             )
         fulls = self._gather(i, self.forward_order())
+        self.gathered += 1
         if self._hooks_pushed:  # (grad mode is off inside the op: ask the hooks instead)
             # Held until zero_release, so no other tensor can reuse these addresses while
             # the pack hook still maps them to this unit.
@@ -236,6 +239,18 @@ class Stage3Units:
         self.forward_full.pop(i, None)
         for ptr in [ptr for ptr, (u, _) in self.live.items() if u == i]:
             del self.live[ptr]
+        if self._hooks_pushed and not self.forward_full and self.gathered == len(self.units):
+            # Forward has gathered every unit and holds none now: start the gathers backward
+            # needs first, so they overlap the loss and the start of backward.
+            for j in list(reversed(self.saved_units))[: self.prefetch]:
+                if j not in self.in_flight:
+                    self.in_flight[j] = self._issue(j)
+
+    def drop_prefetched(self) -> None:
+        """Land and drop gathers issued ahead but never used (before parameters change)."""
+        for _, work in self.in_flight.values():
+            work.wait()
+        self.in_flight.clear()
 
     # -------------------------------------------------------------- saved tensors
     def begin_forward(self) -> None:
@@ -244,6 +259,7 @@ class Stage3Units:
         self.live.clear()
         self.forward_full.clear()
         self.saved_units = []
+        self.gathered = 0
         torch._C._autograd._push_saved_tensors_default_hooks(self._pack, self._unpack)
         self._hooks_pushed = True
 
@@ -290,9 +306,7 @@ class Stage3Units:
             self.manager.accumulate_shard_grad(unit, out)
         self.reductions = []
         self.backward_full.clear()
-        for _, work in self.in_flight.values():  # prefetched but never used
-            work.wait()
-        self.in_flight.clear()
+        self.drop_prefetched()
 
 
 @attrs.define(eq=False)
@@ -621,6 +635,8 @@ class ZeroManager:
         values of the last update on every rank."""
         for index in list(self._pending_gathers):
             self.await_bucket(index)
+        if self.units is not None:  # a forward without backward leaves gathers it prefetched
+            self.units.drop_prefetched()
 
     def _step_only(self, names: list[str], grads: dict[str, torch.Tensor | None]) -> bool:
         """One optimizer step over the masters `names` (torch skips tensors without .grad)."""

@@ -171,8 +171,10 @@ def test_zero3_single_process_matches_eager_and_regathers_in_backward():
         reference.step()
         reference.zero_grad()
         loss = engine(x, y)
-        # Forward kept no full parameter: autograd holds handles, backward gathers again.
+        # Forward kept no full parameter: autograd holds handles, backward gathers again,
+        # the unit it needs first already issued.
         assert not units.forward_full and units.saved_units
+        assert list(units.in_flight) == units.saved_units[-1:]
         engine.backward(loss)
         engine.step()
         assert abs(loss.item() - ref_loss.item()) <= 1e-6
@@ -186,6 +188,24 @@ def test_zero3_single_process_matches_eager_and_regathers_in_backward():
         torch.testing.assert_close(engine(x, y), eager(x, y), atol=1e-5, rtol=0)
     text = str(engine.explain())
     assert "ZeRO stage 3" in text
+
+
+def test_zero3_gathers_prefetched_for_backward_never_outlive_a_parameter_change(tmp_path):
+    """A forward leaves the gather backward needs first in flight; a forward without
+    backward, then a checkpoint load, must not hand those stale values to the next forward."""
+    strategy = strato.Strategy(zero=3, optimizer=strato.SGD(lr=0.5))
+    trained = strato.compile(tiny(), strategy, example_inputs=batch(0, 2, CFG))
+    for step in range(2):
+        trained.backward(trained(*batch(step, 2, CFG)))
+        trained.step()
+    trained.save_checkpoint(tmp_path / "ckpt")
+    engine = strato.compile(tiny(), strategy, example_inputs=batch(0, 2, CFG))
+    x, y = batch(3, 2, CFG)
+    engine(x, y)  # forward only
+    assert engine.manager.units.in_flight
+    engine.load_checkpoint(tmp_path / "ckpt")
+    assert not engine.manager.units.in_flight
+    assert torch.equal(engine(x, y), trained(x, y))
 
 
 @pytest.mark.parametrize("stage", [2, 3])
