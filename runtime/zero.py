@@ -242,9 +242,13 @@ class Stage3Units:
         if self._hooks_pushed and not self.forward_full and self.gathered == len(self.units):
             # Forward has gathered every unit and holds none now: start the gathers backward
             # needs first, so they overlap the loss and the start of backward.
-            for j in list(reversed(self.saved_units))[: self.prefetch]:
-                if j not in self.in_flight:
-                    self.in_flight[j] = self._issue(j)
+            self.prefetch_units(list(reversed(self.saved_units))[: self.prefetch])
+
+    def prefetch_units(self, indices: list[int]) -> None:
+        """Start the gathers of units `indices` (their next _gather takes them)."""
+        for j in indices:
+            if j not in self.in_flight:
+                self.in_flight[j] = self._issue(j)
 
     def drop_prefetched(self) -> None:
         """Land and drop gathers issued ahead but never used (before parameters change)."""
@@ -598,8 +602,10 @@ class ZeroManager:
     def step(self, lr_factor: float) -> None:
         """Update this rank's shards. Stages 1/2 step bucket by bucket, in forward order, and
         start each bucket's all-gather as soon as its shards are updated, so it overlaps
-        the next bucket's update (and, left in flight, the next forward)."""
+        the next bucket's update (and, left in flight, the next forward). Stage 3 updates
+        the units the next forward gathers first before the rest, and starts those gathers."""
         self.synchronize()  # a gather still in flight would overwrite this update
+        self._drop_prefetched()
         for group in self.optimizer.param_groups:
             group["lr"] = group["base_lr"] * lr_factor
         grads = {name: master.grad for name, master in self.masters.items()}
@@ -610,6 +616,13 @@ class ZeroManager:
             bucket = self.buckets[index]
             self._step_only(bucket.names, grads)
             gathers[index] = self._launch_gather(bucket)
+        if self.units is not None and self.units.prefetch:
+            head = self.units.forward_order()[: self.units.prefetch]
+            names = [name for i in head for name in self.units.units[i].names]
+            if self._step_only(names, grads):
+                self._write_back(names)
+            self.units.prefetch_units(head)
+            rest = [name for name in rest if name not in set(names)]
         if self._step_only(rest, grads):
             self._write_back(rest)
         for master, grad in zip(self.masters.values(), grads.values()):
@@ -635,7 +648,11 @@ class ZeroManager:
         values of the last update on every rank."""
         for index in list(self._pending_gathers):
             self.await_bucket(index)
-        if self.units is not None:  # a forward without backward leaves gathers it prefetched
+
+    def _drop_prefetched(self) -> None:
+        """Land and drop stage-3 gathers issued ahead (the next forward's first units, or a
+        forward's for its backward that never ran): the parameters are about to change."""
+        if self.units is not None:
             self.units.drop_prefetched()
 
     def _step_only(self, names: list[str], grads: dict[str, torch.Tensor | None]) -> bool:
@@ -727,6 +744,7 @@ class ZeroManager:
                 f"{self.world_size}. Resharding is not supported yet."
             )
         self.synchronize()  # (a gather landing later would overwrite what is loaded)
+        self._drop_prefetched()
         with torch.no_grad():
             load_optimizer_state_dict(self.model, self.optimizer, tensors, metadata)
             # The optimizer's copies must match the loaded parameters.
@@ -788,6 +806,7 @@ class ZeroManager:
 
     def close(self) -> None:
         self.synchronize()
+        self._drop_prefetched()
         self.store.close()
 
 

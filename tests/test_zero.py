@@ -177,6 +177,7 @@ def test_zero3_single_process_matches_eager_and_regathers_in_backward():
         assert list(units.in_flight) == units.saved_units[-1:]
         engine.backward(loss)
         engine.step()
+        assert list(units.in_flight) == [0]  # the next forward's first unit, updated first
         assert abs(loss.item() - ref_loss.item()) <= 1e-6
     full = engine.manager.full_parameters()
     for name, p in eager.named_parameters():
