@@ -205,7 +205,8 @@ class Strategy:
 
     zero_prefetch: int = attrs.field(default=1, validator=check_non_negative_int)
     """Stage 3: how many layer gathers are issued ahead of use, so communication overlaps
-    compute (0: gather only when needed)."""
+    compute, also from the end of forward into backward and from the update into the next
+    forward (0: gather only when needed)."""
 
     zero_bucket_mb: float = attrs.field(default=4.0, validator=check_positive_number)
     """Stages 1-2 (and stage-3 small parameters): MiB of fp32 gradients per reduce-scatter

@@ -21,7 +21,11 @@ the optimizer holds one tensor per parameter (this rank's shard), so its state i
 - Stage 3: parameters hold only their shard. `strato::zero_gather` nodes gather a unit for
   forward (prefetching the next `prefetch` units asynchronously); while forward runs,
   autograd saves gathered parameters as handles and backward gathers them again; the
-  gather's backward reduce-scatters gradients straight into the shards' `.grad`.
+  gather's backward reduce-scatters gradients straight into the shards' `.grad`. Gathers
+  are also issued ahead across the boundaries: forward's last release starts the units
+  backward needs first, and the update starts the next forward's first units (it updates
+  them before the rest, so their gathers overlap the rest of the update). Prefetched
+  gathers are dropped where parameters change outside an update (checkpoint load).
   Stage-3 gradients are reduce-scattered on every micro-step, so accumulation never needs
   full gradients.
 - Offload: the optimizer's tensors (its copy of the shards and its states) live on CPU, or
