@@ -33,7 +33,7 @@
 #ifndef PREFETCH_BYTES
 #define PREFETCH_BYTES 16384
 #endif
-#ifndef BLOCKED_PREFETCH_BYTES
+#ifndef BLOCKED_PREFETCH_BYTES /* 0: just the next block; the hardware follows the stream */
 #define BLOCKED_PREFETCH_BYTES 0
 #endif
 #define PREFETCH_HINT _MM_HINT_T0
