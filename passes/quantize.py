@@ -1,7 +1,8 @@
 """Rewrite linear layers on constant weights into quantized-linear custom ops.
 
 Matches ATen `linear(x, W, b)`, `addmm(b, x, W.t())` and `mm(x, W.t())` where W is a
-2-D float `get_attr`; packs W as the strategy asks (kernels/quantized_linear.py) and
+2-D float `get_attr`, and `addmm(b, x, V)` / `mm(x, V)` on a constant V = W.t() stored
+[in, out] (GPT-2's Conv1D); packs W as the strategy asks (kernels/quantized_linear.py) and
 registers the packed tensors on the graph module. Layers whose module path matches a
 `Quantize.skip` glob stay float. With int8 activations, the graph first runs on the
 calibration inputs to record each layer's per-input-channel |x| maximum (SmoothQuant).
@@ -60,16 +61,31 @@ def match_linear(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None] | Non
         if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
             return None
         bias, x, wt = node.args[:3]
-        weight = _transposed_weight(wt)
+        weight = _transposed_weight(wt) or _stored_in_out(wt)
         if weight is not None and isinstance(bias, fx.Node):
             bias_val = bias.meta.get("val")
             if isinstance(bias_val, torch.Tensor) and bias_val.dim() == 1:
                 return x, weight, bias
         return None
     if node.target is aten.mm.default:
-        weight = _transposed_weight(node.args[1])
+        weight = _transposed_weight(node.args[1]) or _stored_in_out(node.args[1])
         return (node.args[0], weight, None) if weight is not None else None
     return None
+
+
+def _stored_in_out(node: fx.Node) -> fx.Node | None:
+    """`node` when it is a constant multiplied as is: a weight stored [in, out]."""
+    return node if isinstance(node, fx.Node) and node.op == "get_attr" else None
+
+
+def linear_weight(gm: fx.GraphModule, node: fx.Node, weight: fx.Node) -> torch.Tensor:
+    """The [out, in] weight of the linear layer `node` (a view of an [in, out] constant)."""
+    value = getattr_path(gm, weight.target)
+    stored_in_out = weight in node.args[1:3] and node.target in (
+        aten.addmm.default,
+        aten.mm.default,
+    )
+    return value.t() if stored_in_out and isinstance(value, torch.Tensor) else value
 
 
 def layer_path(node: fx.Node, weight: fx.Node) -> str:
@@ -263,7 +279,7 @@ def quantize_linears(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             continue
         weight = match[1]
         path = layer_path(node, weight)
-        value = getattr_path(gm, weight.target)
+        value = linear_weight(gm, node, weight)
         if not isinstance(value, torch.Tensor) or value.dim() != 2 or not value.is_floating_point():
             skipped[path] = "weight is not a 2-D float tensor"
             continue
@@ -311,7 +327,7 @@ def _rewrite_group(
     matches = [match_linear(node) for _, node in members]
     x = matches[0][0]
     weights = [m[1] for m in matches]
-    values = [getattr_path(gm, w.target) for w in weights]
+    values = [linear_weight(gm, node, w) for (_, node), w in zip(members, weights)]
     first_key, first = members[0]
     stacked = values[0] if len(values) == 1 else torch.cat([v.detach() for v in values])
     qw = _quantize_weight(stacked, config, f"layer {first_key!r}", stat)
@@ -368,6 +384,8 @@ def _retire(gm, key, node, match, value, qw, buffers, row0, total_rows) -> dict:
         if node.target is aten.mm.default
         else (node.args[2] if node.target is aten.addmm.default else None)
     )
+    if transposed is weight:  # stored [in, out]: no transpose node
+        transposed = None
     gm.graph.erase_node(node)
     for maybe_dead in (transposed, weight, match[2]):
         if isinstance(maybe_dead, fx.Node) and not maybe_dead.users:

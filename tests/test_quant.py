@@ -98,7 +98,10 @@ def test_gptq_beats_round_to_nearest_on_correlated_inputs():
 
 
 class MixedLinears(nn.Module):
-    """Linear layers written three ways (linear, addmm, mm on W.t()) plus one to skip."""
+    """Linear layers written five ways (linear, addmm and mm on W.t(), addmm and mm on a
+    weight stored [in, out] as GPT-2's Conv1D does) plus one to skip."""
+
+    STORED_IN_OUT = ("mix_weight", "proj_weight")
 
     def __init__(self) -> None:
         super().__init__()
@@ -106,12 +109,17 @@ class MixedLinears(nn.Module):
         self.down_weight = nn.Parameter(torch.randn(64, 128) * 0.1)
         self.down_bias = nn.Parameter(torch.randn(64) * 0.1)
         self.gate_weight = nn.Parameter(torch.randn(64, 64) * 0.1)
-        self.head = nn.Linear(64, 10)
+        self.mix_weight = nn.Parameter(torch.randn(64, 80) * 0.1)  # [in, out]
+        self.mix_bias = nn.Parameter(torch.randn(80) * 0.1)
+        self.proj_weight = nn.Parameter(torch.randn(80, 72) * 0.1)  # [in, out]
+        self.head = nn.Linear(72, 10)
 
     def forward(self, x):
         h = F.gelu(self.up(x))
         h = torch.addmm(self.down_bias, h, self.down_weight.t())
         h = h + torch.mm(h, self.gate_weight.t())
+        h = torch.addmm(self.mix_bias, h, self.mix_weight)
+        h = torch.mm(h, self.proj_weight)
         return self.head(h)
 
 
@@ -134,15 +142,19 @@ def test_pass_rewrites_linear_addmm_mm_and_matches_dequantized_eager(quantize):
     compiled = strato.compile(model, strato.Strategy(quantize=quantize), example_inputs=(x,))
     ops = _ops(compiled.graph)
     quant_ops = [op for op in ops if op.startswith("strato.quant_linear")]
-    assert len(quant_ops) == 3, ops
+    assert len(quant_ops) == 5, ops
     assert ops.count("aten.linear.default") == 1  # the skipped head
     assert "aten.addmm.default" not in ops and "aten.mm.default" not in ops
     record = compiled.context.records["quantize"]
     assert sorted(rec["weight"] for rec in record["layers"].values()) == [
         "down_weight",
         "gate_weight",
+        "mix_weight",
+        "proj_weight",
         "up.weight",
     ]
+    shapes = {rec["weight"]: rec["shape"] for rec in record["layers"].values()}
+    assert shapes["mix_weight"] == [80, 64] and shapes["proj_weight"] == [72, 80]  # [out, in]
     assert record["skipped"] == {"head": "matches skip glob 'head'"}
     assert record["bytes_after"] < record["bytes_before"] / (3 if quantize.weights == "int8" else 5)
 
@@ -166,17 +178,20 @@ def test_pass_rewrites_linear_addmm_mm_and_matches_dequantized_eager(quantize):
     reference = MixedLinears().eval()
     reference.load_state_dict(model.state_dict())
     with torch.no_grad():
-        for weight_name, w in deq.items():
-            reference.get_parameter(weight_name).copy_(w)
+        for weight_name, w in deq.items():  # (records hold [out, in] weights)
+            stored_in_out = weight_name in MixedLinears.STORED_IN_OUT
+            reference.get_parameter(weight_name).copy_(w.t() if stored_in_out else w)
         expected = reference(x)
         with ql.reference_kernels():
             got = compiled(x)
     tol = 1e-5 if quantize.activations is None else 0.05
     torch.testing.assert_close(got, expected, atol=tol * expected.abs().max(), rtol=0)
-    # And quantization is close to the float model at all.
+    # And quantization is close to the float model at all (int4 g32 noise, through five
+    # quantized layers of random weights, reaches ~15% of the output range).
     with torch.no_grad():
         float_out = model(x)
-    assert (got - float_out).abs().max() < 0.1 * float_out.abs().max()
+    bound = 0.1 if quantize.weights == "int8" else 0.25
+    assert (got - float_out).abs().max() < bound * float_out.abs().max()
 
 
 def test_pass_leaves_training_graph_float_and_explain_counts_bytes():
