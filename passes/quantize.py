@@ -78,13 +78,17 @@ def _stored_in_out(node: fx.Node) -> fx.Node | None:
     return node if isinstance(node, fx.Node) and node.op == "get_attr" else None
 
 
+def _matrix_arg(node: fx.Node) -> fx.Node | None:
+    """The right-hand matrix of an addmm/mm node (W.t(), or a weight stored [in, out])."""
+    if node.target is aten.addmm.default:
+        return node.args[2]
+    return node.args[1] if node.target is aten.mm.default else None
+
+
 def linear_weight(gm: fx.GraphModule, node: fx.Node, weight: fx.Node) -> torch.Tensor:
     """The [out, in] weight of the linear layer `node` (a view of an [in, out] constant)."""
     value = getattr_path(gm, weight.target)
-    stored_in_out = weight in node.args[1:3] and node.target in (
-        aten.addmm.default,
-        aten.mm.default,
-    )
+    stored_in_out = _matrix_arg(node) is weight
     return value.t() if stored_in_out and isinstance(value, torch.Tensor) else value
 
 
@@ -379,11 +383,7 @@ def _rewrite_group(
 def _retire(gm, key, node, match, value, qw, buffers, row0, total_rows) -> dict:
     """Erase a replaced layer (and its now-unused transpose/weight nodes); its record."""
     weight = match[1]
-    transposed = (
-        node.args[1]
-        if node.target is aten.mm.default
-        else (node.args[2] if node.target is aten.addmm.default else None)
-    )
+    transposed = _matrix_arg(node)
     if transposed is weight:  # stored [in, out]: no transpose node
         transposed = None
     gm.graph.erase_node(node)

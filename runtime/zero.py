@@ -626,7 +626,8 @@ class ZeroManager:
             if self._step_only(names, grads):
                 self._write_back(names)
             self.units.prefetch_units(head)
-            rest = [name for name in rest if name not in set(names)]
+            stepped = set(names)
+            rest = [name for name in rest if name not in stepped]
         if self._step_only(rest, grads):
             self._write_back(rest)
         for master, grad in zip(self.masters.values(), grads.values()):
