@@ -17,12 +17,12 @@ class CaptureError(StratoError):
     """The model could not be traced into an FX graph."""
 
 
-class PassContractError(StratoError):
-    """The set of passes violates a requires / conflicts contract."""
-
-
 class PassError(StratoError):
     """A pass raised, or returned a graph that does not lint or run."""
+
+
+class PassContractError(PassError):
+    """The set of passes violates a requires / conflicts / before / after contract."""
 
 
 def did_you_mean(name: str, choices) -> str:

@@ -2,9 +2,10 @@
 
 A pass is a function `(gm, ctx) -> gm` declared with `@graph_pass`. Its contract names
 capabilities (free-form strings such as "shapes" or "zero3") that it requires from an
-earlier pass, provides to later ones, or conflicts with (a capability or a pass name).
-The manager checks the whole set before anything runs, then runs each pass, lints and
-recompiles its graph and keeps a `PassRecord`.
+earlier pass, provides to later ones, or conflicts with (a capability or a pass name),
+and capabilities or pass names it must run `before` or `after` when they are present
+(a pipeline cut before ZeRO, say). The manager checks the whole set before anything
+runs, then runs each pass, lints and recompiles its graph and keeps a `PassRecord`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ class GraphPass:
     requires: tuple[str, ...] = ()
     provides: tuple[str, ...] = ()
     conflicts: tuple[str, ...] = ()
+    before: tuple[str, ...] = ()
+    """Capabilities or pass names this pass must run before, when an active pass has them."""
+    after: tuple[str, ...] = ()
+    """Capabilities or pass names this pass must run after, when an active pass has them
+    (unlike `requires`, nothing is missing when none does)."""
     description: str = ""
 
     def __call__(self, gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
@@ -55,6 +61,8 @@ def graph_pass(
     requires: str | Iterable[str] | None = None,
     provides: str | Iterable[str] | None = None,
     conflicts: str | Iterable[str] | None = None,
+    before: str | Iterable[str] | None = None,
+    after: str | Iterable[str] | None = None,
 ) -> Callable[[PassFn], PassFn]:
     """Declare `fn(gm, ctx) -> gm` a graph pass; the function stays callable as before."""
 
@@ -65,6 +73,8 @@ def graph_pass(
             requires=_names(requires),
             provides=_names(provides),
             conflicts=_names(conflicts),
+            before=_names(before),
+            after=_names(after),
             description=(fn.__doc__ or "").strip().split("\n")[0],
         )
         fn.graph_pass = gp  # type: ignore[attr-defined]
@@ -92,8 +102,9 @@ def as_graph_pass(obj) -> GraphPass:
 def plan_passes(passes: Sequence[GraphPass], disable: Sequence[str] = ()) -> list[GraphPass]:
     """Drop disabled passes, order the rest by their contracts, and check them.
 
-    The order keeps the given order except where a pass must move after the passes
-    that provide what it requires. Raises PassContractError naming the pass at fault.
+    The order keeps the given order except where a pass must move after the passes that
+    provide what it requires, or that its `before`/`after` name. Raises PassContractError
+    naming the pass at fault (both passes, for an ordering cycle).
     """
     names = [p.name for p in passes]
     duplicates = {n for n in names if names.count(n) > 1}
@@ -141,22 +152,62 @@ def _order_by_requirements(
                     f"pass {p.name!r} requires {req!r}, which no pass provides{why}; "
                     f"add a pass that provides {req!r} or remove {p.name!r}."
                 )
+    runs_after = _ordering_edges(active, providers)
     ordered: list[GraphPass] = []
     placed: set[str] = set()
     pending = list(active)
     while pending:
         for i, p in enumerate(pending):
-            deps = {prov for req in p.requires for prov in providers[req] if prov != p.name}
-            if deps <= placed:
+            if set(runs_after[p.name]) <= placed:
                 ordered.append(pending.pop(i))
                 placed.add(p.name)
                 break
         else:
-            cycle = ", ".join(p.name for p in pending)
-            raise PassContractError(
-                f"passes {cycle} require each other in a cycle; none can run first."
-            )
+            raise PassContractError(_cycle_message(pending, runs_after, placed))
     return ordered
+
+
+def _ordering_edges(
+    active: Sequence[GraphPass], providers: dict[str, list[str]]
+) -> dict[str, dict[str, str]]:
+    """For each pass, the passes that must run before it, each with the contract saying so."""
+    runs_after: dict[str, dict[str, str]] = {p.name: {} for p in active}
+    for p in active:
+        for req in p.requires:
+            for other in providers[req]:
+                if other != p.name:
+                    runs_after[p.name].setdefault(other, f"{p.name!r} requires {req!r}")
+        for cap in p.after:
+            for other in providers.get(cap, ()):
+                if other != p.name:
+                    runs_after[p.name].setdefault(other, f"{p.name!r} runs after={cap!r}")
+        for cap in p.before:
+            for other in providers.get(cap, ()):
+                if other != p.name:
+                    runs_after[other].setdefault(p.name, f"{p.name!r} runs before={cap!r}")
+    return runs_after
+
+
+def _cycle_message(
+    pending: Sequence[GraphPass], runs_after: dict[str, dict[str, str]], placed: set[str]
+) -> str:
+    """Name the passes of one ordering cycle among `pending`, and the contract of each edge."""
+    chain = [pending[0].name]
+    while True:
+        nxt = next(n for n in runs_after[chain[-1]] if n not in placed)
+        if nxt in chain:
+            chain = chain[chain.index(nxt) :] + [nxt]
+            break
+        chain.append(nxt)
+    steps = [
+        f"{later!r} must run after {earlier!r} ({runs_after[later][earlier]})"
+        for later, earlier in zip(chain, chain[1:])
+    ]
+    names = ", ".join(repr(n) for n in chain[:-1])
+    return (
+        f"passes {names} cannot be ordered: " + "; ".join(steps) + ". Change one of these "
+        "contracts, or disable one of the passes (Strategy(disable=[...]))."
+    )
 
 
 # ------------------------------------------------------------------ running

@@ -171,3 +171,69 @@ def test_pass_leaving_a_graph_that_cannot_run_is_named_at_compile_time():
     model, x = _model_and_input()
     with pytest.raises(strato.PassError, match=r"node 'view\w*'.*made by pass 'bad_reshape'"):
         strato.compile(model, strato.Strategy(passes=[bad_reshape]), example_inputs=(x,))
+
+
+def _order_of(*passes, disable=()):
+    model, x = _model_and_input()
+    compiled = strato.compile(
+        model, strato.Strategy(passes=list(passes), disable=list(disable)), example_inputs=(x,)
+    )
+    return [r.name for r in compiled.history]
+
+
+def test_before_and_after_order_passes_by_name_or_capability():
+    cut = _noop("cut", before="sharded")
+    shard = _noop("shard", provides="sharded")
+    late = _noop("late", after=("shard", "cut"))
+    order = _order_of(late, shard, cut)
+    assert order.index("cut") < order.index("shard") < order.index("late")
+    # Built-in passes move too: a user pass can ask to run before dead-code elimination.
+    early = _noop("early", before="dead_code_free")
+    order = _order_of(early)
+    assert order.index("early") < order.index("eliminate_dead_code")
+
+
+def test_before_or_after_something_absent_is_no_constraint():
+    order = _order_of(_noop("cut", before="sharded"), _noop("tail", after="not_here"))
+    assert order[-2:] == ["cut", "tail"]
+    # Disabling the pass an ordering names lifts the ordering, not the pass.
+    shard = _noop("shard", provides="sharded")
+    assert "cut" in _order_of(shard, _noop("cut", before="sharded"), disable=["shard"])
+
+
+def test_ordering_cycle_names_both_passes_before_anything_runs():
+    ran = []
+
+    @strato.graph_pass(name="cut", provides="pipeline_stages", before="sharded")
+    def cut(gm, ctx):
+        ran.append("cut")
+        return gm
+
+    @strato.graph_pass(name="shard", provides="sharded", before="pipeline_stages")
+    def shard(gm, ctx):
+        ran.append("shard")
+        return gm
+
+    model, x = _model_and_input()
+    with pytest.raises(strato.PassError, match=r"passes 'cut', 'shard' cannot be ordered") as info:
+        strato.compile(model, strato.Strategy(passes=[cut, shard]), example_inputs=(x,))
+    text = str(info.value)
+    assert "'shard' must run after 'cut' ('cut' runs before='sharded')" in text
+    assert "'cut' must run after 'shard' ('shard' runs before='pipeline_stages')" in text
+    assert ran == []
+
+
+def test_ordering_that_contradicts_a_requirement_is_a_contract_error():
+    needs = _noop("needs", requires="thing", before="maker")
+    maker = _noop("maker", provides="thing")
+    with pytest.raises(strato.PassContractError) as info:
+        _order_of(needs, maker)
+    text = str(info.value)
+    assert "'needs' must run after 'maker' ('needs' requires 'thing')" in text
+    assert "'maker' must run after 'needs' ('needs' runs before='maker')" in text
+    # A cycle through three passes names each link.
+    a = _noop("a", after="c")
+    b = _noop("b", after="a")
+    c = _noop("c", after="b")
+    with pytest.raises(strato.PassContractError, match="passes 'a', 'c', 'b' cannot be ordered"):
+        _order_of(a, b, c)
