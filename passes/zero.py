@@ -34,14 +34,10 @@ import torch.fx as fx
 from ..compiler.context import CompileContext
 from ..compiler.pass_manager import graph_pass
 from ..runtime import zero_ops
+from ..runtime.buckets import shard_numel
 from .annotate import getattr_path
 
 _LAYER = re.compile(r"^(.*?\.\d+)(\.|$)")
-
-
-def shard_numel(numel: int, world_size: int) -> int:
-    """Elements of one rank's shard of a parameter with `numel` elements (padded)."""
-    return -(-numel // world_size)
 
 
 def unit_name(param_name: str) -> str:
@@ -185,6 +181,8 @@ def plan_zero(gm: fx.GraphModule, ctx: CompileContext, stage: int) -> fx.GraphMo
         await_gathers=await_gathers,
         units=units,
         forward_order=[u["name"] for u in units],
+        # The engine reads this: once the manager shards them, parameters cannot be captured.
+        shards_parameters=bool(units),
     )
     return gm
 

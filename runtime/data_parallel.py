@@ -14,11 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from ..compiler.training_config import OptimizerConfig
 from . import collectives
-from .buckets import BucketReadiness, attach_grad_ready_hooks
+from .buckets import GradientReducer, broadcast_model
 from .optim import build_optimizer, trainable_parameters
 
 DEFAULT_BUCKET_BYTES = 25 * 2**20
@@ -57,34 +56,16 @@ class DataParallelManager:
         self.optimizer = build_optimizer(model, optimizer_config)
         self.optimizer_config = optimizer_config
         if self.world_size > 1:
-            self._broadcast_model()
+            broadcast_model(model, process_group)
         self.buckets = make_buckets(list(self.params.values())[::-1], bucket_bytes)
-        self._readiness = BucketReadiness(self.buckets)
-        self._reduce_now = False
-        self._in_flight: list[tuple[int, torch.Tensor, Any]] = []
-        if self.world_size > 1:
-            attach_grad_ready_hooks(self.params.values(), self._on_grad_ready)
-
-    def _broadcast_model(self) -> None:
-        """Start every rank from rank 0's parameters and buffers, as DDP does."""
-        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
-        with torch.no_grad():
-            for tensor in [*self.model.parameters(), *self.model.buffers()]:
-                collectives.broadcast(tensor.data, src=src, group=self.group)
+        self.reducer = GradientReducer(self.buckets, self._launch) if self.world_size > 1 else None
 
     # ------------------------------------------------------------------ gradients
     def prepare_micro_step(self, is_boundary: bool) -> None:
-        self._reduce_now = is_boundary and self.world_size > 1
-        self._readiness.reset()
-        self._in_flight = []
+        if self.reducer is not None:
+            self.reducer.prepare_micro_step(is_boundary)
 
-    def _on_grad_ready(self, param: torch.Tensor) -> None:
-        if not self._reduce_now:
-            return
-        for index in self._readiness.mark_ready(param):
-            self._launch(index)
-
-    def _launch(self, index: int) -> None:
+    def _launch(self, index: int) -> tuple[int, torch.Tensor, Any]:
         """All-reduce bucket `index`: its gradients, then one 'has a gradient' flag per parameter."""
         bucket = self.buckets[index]
         parts = [
@@ -97,20 +78,18 @@ class DataParallelManager:
         )
         flat = torch.cat([*parts, flags])
         work = collectives.all_reduce(flat, group=self.group, async_op=True)
-        self._in_flight.append((index, flat, work))
+        return index, flat, work
 
     def finish_backward(self) -> None:
-        if self.world_size == 1:
+        if self.reducer is None:
             return
-        if not self._reduce_now:
+        if not self.reducer.reduce_now:
             raise RuntimeError(
                 "finish_backward called after a non-boundary micro-step: the engine must mark "
                 "the last micro-step of each accumulation as the boundary."
             )
-        for index in self._readiness.release_rest():
-            self._launch(index)
         with torch.no_grad():
-            for index, flat, work in self._in_flight:
+            for index, flat, work in self.reducer.finish():
                 work.wait()
                 bucket = self.buckets[index]
                 flat.div_(self.world_size)
@@ -125,8 +104,6 @@ class DataParallelManager:
                         p.grad = reduced.clone()
                     else:
                         p.grad.copy_(reduced)
-        self._in_flight = []
-        self._reduce_now = False
 
     def _grads(self) -> list[torch.Tensor]:
         return [p.grad for p in self.params.values() if p.grad is not None]

@@ -1,5 +1,6 @@
-"""ZeRO stages 1-3 at run time: sharded buffers, bucketed reduce-scatter / all-gather,
-stage-3 gathers with prefetch, and optimizer-state offload to CPU or to memory-mapped files.
+"""ZeRO stages 1-3 at run time: the state manager over sharded buffers, bucketed
+reduce-scatter / all-gather, stage-3 units (runtime/zero_units.py) and optimizer-state
+offload (runtime/offload.py).
 
 Everything follows the layout the zero pass recorded in ctx.records['zero'] (see
 passes/zero.py): each trainable parameter is flattened, padded to a multiple of N and cut
@@ -18,16 +19,9 @@ the optimizer holds one tensor per parameter (this rank's shard), so its state i
   gathers are left in flight when step() returns and each lands before its bucket's first
   use in the next forward (`synchronize()` lands them all: checkpoints, eval forwards and
   `full_parameters` call it; so must code that reads the parameters directly).
-- Stage 3: parameters hold only their shard. `strato::zero_gather` nodes gather a unit for
-  forward (prefetching the next `prefetch` units asynchronously); while forward runs,
-  autograd saves gathered parameters as handles and backward gathers them again; the
-  gather's backward reduce-scatters gradients straight into the shards' `.grad`. Gathers
-  are also issued ahead across the boundaries: forward's last release starts the units
-  backward needs first, and the update starts the next forward's first units (it updates
-  them before the rest, so their gathers overlap the rest of the update). Prefetched
-  gathers are dropped where parameters change outside an update (checkpoint load).
-  Stage-3 gradients are reduce-scattered on every micro-step, so accumulation never needs
-  full gradients.
+- Stage 3 (runtime/zero_units.py): parameters hold only their shard and are gathered per
+  unit around their use. Stage-3 gradients are reduce-scattered on every micro-step, so
+  accumulation never needs full gradients.
 - Offload: the optimizer's tensors (its copy of the shards and its states) live on CPU, or
   in memory-mapped files under NVMe(path); the update runs there, and the updated shards
   are copied back. With stage 3 the parameter shards themselves live there too.
@@ -36,9 +30,6 @@ the optimizer holds one tensor per parameter (this rank's shard), so its state i
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import tempfile
 import weakref
 from typing import Any
 
@@ -49,11 +40,13 @@ import torch.distributed as dist
 from ..compiler.context import CompileContext
 from ..compiler.strategy import Strategy
 from . import collectives
-from .buckets import BucketReadiness, attach_grad_ready_hooks
+from .buckets import GradientReducer, broadcast_model, owned_range, shard_numel
 from .collective_schedule import verify_collective_schedule, zero_schedule
 from .data_parallel import load_optimizer_state_dict, optimizer_state_dict
+from .offload import offload_store
 from .optim import param_groups
-from .zero_ops import BUCKET_ATTR, UNIT_ATTR
+from .zero_ops import BUCKET_ATTR
+from .zero_units import Stage3Units
 
 
 @attrs.define(eq=False)
@@ -83,7 +76,7 @@ def _group(spec: dict, params: dict[str, torch.nn.Parameter], n: int) -> Group:
         numels=numels,
         shapes=[tuple(p.shape) for p in ps],
         offsets=[spec["offsets"][name] for name in names],
-        shard_numels=[-(-k // n) for k in numels],
+        shard_numels=[shard_numel(k, n) for k in numels],
         shard_numel=spec["shard_numel"],
     )
 
@@ -101,243 +94,6 @@ def ring_sent_bytes(payload: dict[str, int], world_size: int) -> dict[str, int]:
         "broadcast": 1,
     }
     return {k: int(round(v * factor.get(k, 1))) for k, v in payload.items()}
-
-
-# ---------------------------------------------------------------------- offload storage
-
-
-@attrs.define
-class OffloadStore:
-    """Where the optimizer's tensors live: None (with the parameters), 'cpu', or a folder
-    of memory-mapped files (NVMe)."""
-
-    kind: str | None
-    folder: str | None = None
-    files: list[str] = attrs.field(factory=list)
-
-    def place(self, tensor: torch.Tensor, name: str) -> torch.Tensor:
-        """A copy of `tensor` where this store keeps tensors (mmap-backed for NVMe)."""
-        if self.kind is None:
-            return tensor
-        if self.kind == "cpu":
-            out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu")
-            if torch.cuda.is_available():
-                out = out.pin_memory()
-            return out.copy_(tensor)
-        assert self.folder is not None
-        safe = name.replace("/", "_")
-        path = os.path.join(self.folder, f"{safe}.{len(self.files)}.bin")
-        nbytes = max(1, tensor.numel() * tensor.element_size())
-        with open(path, "wb") as f:
-            f.truncate(nbytes)
-        self.files.append(path)
-        mapped = torch.from_file(path, shared=True, size=tensor.numel(), dtype=tensor.dtype)
-        return mapped.view(tensor.shape).copy_(tensor)
-
-    def holds(self, tensor: torch.Tensor) -> bool:
-        return self.kind is not None and tensor.device.type == "cpu"
-
-    def close(self) -> None:
-        """Delete the memory-mapped files (the tensors mapping them must be gone or unused)."""
-        if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
-        self.files.clear()
-
-
-def _offload_store(strategy: Strategy, rank: int) -> OffloadStore:
-    offload = getattr(strategy, "offload", None)
-    if offload is None:
-        return OffloadStore(None)
-    if offload == "cpu":
-        return OffloadStore("cpu")
-    root = str(getattr(offload, "path", offload))
-    os.makedirs(root, exist_ok=True)
-    folder = tempfile.mkdtemp(prefix=f"strato-zero-rank{rank}-", dir=root)
-    return OffloadStore("nvme", folder)
-
-
-# ---------------------------------------------------------------------- stage-3 runtime
-
-
-class Stage3Units:
-    """Gathers, prefetch and saved-tensor handles for the stage-3 units of one model."""
-
-    def __init__(self, manager: ZeroManager, units: list[Group], prefetch: int) -> None:
-        self.manager = manager
-        self.units = units
-        self.prefetch = prefetch
-        self.index = {id(u): i for i, u in enumerate(units)}
-        self.live: dict[int, tuple[int, int]] = {}
-        """storage pointer of a gathered full parameter -> (unit index, parameter index)."""
-        self.in_flight: dict[int, tuple[torch.Tensor, Any]] = {}
-        """unit index -> (gather buffer, work) of gathers issued ahead of use."""
-        self.backward_full: dict[int, list[torch.Tensor]] = {}
-        self.forward_full: dict[int, list[torch.Tensor]] = {}
-        self.backward_order: list[int] = []
-        self.saved_units: list[int] = []
-        self.gathered = 0
-        """Units gathered in this forward so far."""
-        self.reductions: list[tuple[Group, torch.Tensor, Any]] = []
-        self._hooks_pushed = False
-        self._callback_queued = False
-        for i, unit in enumerate(units):
-            handle = UnitHandle(self, i)
-            for p in unit.params:
-                setattr(p, UNIT_ATTR, handle)
-
-    # -------------------------------------------------------------- gathering
-    def _issue(self, i: int) -> tuple[torch.Tensor, Any]:
-        unit = self.units[i]
-        n = self.manager.world_size
-        send = torch.cat([p.detach().reshape(-1) for p in unit.params])
-        if send.device != self.manager.device:
-            send = send.to(self.manager.device)
-        out = torch.empty(n * unit.shard_numel, dtype=send.dtype, device=send.device)
-        work = collectives.all_gather_into_tensor(
-            out, send, group=self.manager.group, async_op=True
-        )
-        return out, work
-
-    def _gather(self, i: int, order: list[int]) -> list[torch.Tensor]:
-        """Full parameters of unit i; issue the next `prefetch` gathers of `order` ahead."""
-        out, work = self.in_flight.pop(i, None) or self._issue(i)
-        if i in order:
-            pos = order.index(i)
-            for j in order[pos + 1 : pos + 1 + self.prefetch]:
-                if j not in self.in_flight:
-                    self.in_flight[j] = self._issue(j)
-        work.wait()
-        unit = self.units[i]
-        rows = out.view(self.manager.world_size, unit.shard_numel)
-        fulls = []
-        for numel, shape, offset, shard in zip(
-            unit.numels, unit.shapes, unit.offsets, unit.shard_numels
-        ):
-            # One copy out of the rank-major buffer; the padding (< N elements) stays behind.
-            full = torch.empty(rows.shape[0], shard, dtype=out.dtype, device=out.device)
-            full.copy_(rows[:, offset : offset + shard])
-            fulls.append(full.view(-1)[:numel].view(shape))
-        return fulls
-
-    def forward_order(self) -> list[int]:
-        return list(range(len(self.units)))
-
-    def gather_for_forward(self, i: int, shards: list[torch.Tensor]) -> list[torch.Tensor]:
-        unit = self.units[i]
-        if len(shards) != len(unit.params) or any(a is not b for a, b in zip(shards, unit.params)):
-            raise RuntimeError(
-                f"strato::zero_gather: the graph gathers another parameter set than unit "
-                f"{unit.name!r} of the runtime; recompile this graph with the same strategy."
-            )
-        fulls = self._gather(i, self.forward_order())
-        self.gathered += 1
-        if self._hooks_pushed:  # (grad mode is off inside the op: ask the hooks instead)
-            # Held until zero_release, so no other tensor can reuse these addresses while
-            # the pack hook still maps them to this unit.
-            self.forward_full[i] = fulls
-            for k, full in enumerate(fulls):
-                self.live[full.untyped_storage().data_ptr()] = (i, k)
-        return fulls
-
-    def release_after_forward(self, i: int) -> None:
-        self.forward_full.pop(i, None)
-        for ptr in [ptr for ptr, (u, _) in self.live.items() if u == i]:
-            del self.live[ptr]
-        if self._hooks_pushed and not self.forward_full and self.gathered == len(self.units):
-            # Forward has gathered every unit and holds none now: start the gathers backward
-            # needs first, so they overlap the loss and the start of backward.
-            self.prefetch_units(list(reversed(self.saved_units))[: self.prefetch])
-
-    def prefetch_units(self, indices: list[int]) -> None:
-        """Start the gathers of units `indices` (their next _gather takes them)."""
-        for j in indices:
-            if j not in self.in_flight:
-                self.in_flight[j] = self._issue(j)
-
-    def drop_prefetched(self) -> None:
-        """Land and drop gathers issued ahead but never used (before parameters change)."""
-        for _, work in self.in_flight.values():
-            work.wait()
-        self.in_flight.clear()
-
-    # -------------------------------------------------------------- saved tensors
-    def begin_forward(self) -> None:
-        if self._hooks_pushed:  # a forward that raised left them pushed
-            torch._C._autograd._pop_saved_tensors_default_hooks()
-        self.live.clear()
-        self.forward_full.clear()
-        self.saved_units = []
-        self.gathered = 0
-        torch._C._autograd._push_saved_tensors_default_hooks(self._pack, self._unpack)
-        self._hooks_pushed = True
-
-    def end_forward(self) -> None:
-        if self._hooks_pushed:
-            torch._C._autograd._pop_saved_tensors_default_hooks()
-            self._hooks_pushed = False
-        self.live.clear()
-        self.forward_full.clear()
-        self.backward_order = list(reversed(self.saved_units))
-
-    def _pack(self, tensor: torch.Tensor) -> Any:
-        if not self.live or tensor.layout != torch.strided:
-            return tensor
-        hit = self.live.get(tensor.untyped_storage().data_ptr())
-        if hit is None:
-            return tensor
-        if hit[0] not in self.saved_units:
-            self.saved_units.append(hit[0])
-        return ("strato-zero", *hit, tuple(tensor.shape), tensor.stride(), tensor.storage_offset())
-
-    def _unpack(self, packed: Any) -> torch.Tensor:
-        if not (isinstance(packed, tuple) and packed and packed[0] == "strato-zero"):
-            return packed
-        _, i, k, shape, stride, offset = packed
-        if i not in self.backward_full:
-            self.backward_full[i] = self._gather(i, self.backward_order)
-        return self.backward_full[i][k].as_strided(shape, stride, offset)
-
-    # -------------------------------------------------------------- gradients
-    def reduce_gradients(self, i: int, grads: list[torch.Tensor | None]) -> None:
-        self.backward_full.pop(i, None)
-        unit = self.units[i]
-        self.reductions.append(self.manager.launch_reduce_scatter(unit, grads))
-        if not self._callback_queued:
-            self._callback_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self.finish_backward)
-
-    def finish_backward(self) -> None:
-        """End of a backward (queued on the autograd engine): land the reductions."""
-        self._callback_queued = False
-        for unit, out, work in self.reductions:
-            work.wait()
-            self.manager.accumulate_shard_grad(unit, out)
-        self.reductions = []
-        self.backward_full.clear()
-        self.drop_prefetched()
-
-
-@attrs.define(eq=False)
-class UnitHandle:
-    """What a shard Parameter points to (zero_ops.UNIT_ATTR): its unit in the runtime."""
-
-    units: Stage3Units
-    index: int
-
-    def gather_for_forward(self, shards: list[torch.Tensor]) -> list[torch.Tensor]:
-        return self.units.gather_for_forward(self.index, shards)
-
-    def release_after_forward(self) -> None:
-        self.units.release_after_forward(self.index)
-
-    def reduce_gradients(self, grads: list[torch.Tensor | None]) -> None:
-        self.units.reduce_gradients(self.index, grads)
-
-    def begin_forward(self) -> None:
-        self.units.begin_forward()
-
-    def end_forward(self) -> None:
-        self.units.end_forward()
 
 
 # ---------------------------------------------------------------------- the manager
@@ -383,10 +139,10 @@ class ZeroManager:
                 f"ZeRO: parameter {not_fp32[0]!r} is {named[not_fp32[0]].dtype}; ZeRO shards fp32 "
                 "master weights. Keep the model in fp32 and use Strategy(precision='bf16')."
             )
-        self.store = _offload_store(strategy, self.rank)
+        self.store = offload_store(record.get("offload"), self.rank)
         weakref.finalize(self, self.store.close)
         if self.world_size > 1:
-            self._broadcast_model()
+            broadcast_model(model, process_group)
         self.buckets = [_group(b, named, self.world_size) for b in record["buckets"]]
         units = [_group(u, named, self.world_size) for u in record["units"]]
         self.unused = {n for n, info in record["params"].items() if not info["aliases"]}
@@ -394,35 +150,26 @@ class ZeroManager:
         self._groups = param_groups(model, optimizer_config)
         if units:
             self._shard_parameters(units)
-        self.units = Stage3Units(self, units, int(record.get("prefetch", 1))) if units else None
+        index_of = {unit.name: i for i, unit in enumerate(units)}
+        order = [index_of[name] for name in record["forward_order"]]
+        self.units = Stage3Units(self, units, order, int(record["prefetch"])) if units else None
         self.grad_groups = [*self.buckets, *units] if self.stage >= 2 else units
         for group in self.grad_groups:
             group.grad_shard = torch.zeros(group.shard_numel, device=self.device)
         self._build_optimizer(optimizer_config)
-        self._reduce_now = False
-        self._readiness = BucketReadiness([b.params for b in self.buckets])
-        self._in_flight: list[tuple[Group, torch.Tensor, Any]] = []
-        self.gather_order = list(record.get("gather_order", range(len(self.buckets))))
-        self.defer_gathers = bool(record.get("await_gathers"))
+        self.gather_order = list(record["gather_order"])
+        self.defer_gathers = bool(record["await_gathers"])
         self._pending_gathers: dict[int, tuple[Group, torch.Tensor, Any]] = {}
         if self.defer_gathers:
             for bucket in self.buckets:
                 for p in bucket.params:
                     setattr(p, BUCKET_ATTR, self)
-        attach_grad_ready_hooks((p for b in self.buckets for p in b.params), self._on_grad_ready)
+        self.reducer = GradientReducer([b.params for b in self.buckets], self._launch_bucket)
 
     # ------------------------------------------------------------------ setup
-    def _broadcast_model(self) -> None:
-        src = dist.get_global_rank(self.group, 0) if self.group is not None else 0
-        with torch.no_grad():
-            for tensor in [*self.model.parameters(), *self.model.buffers()]:
-                collectives.broadcast(tensor.data, src=src, group=self.group)
-
     def _owned(self, numel: int) -> tuple[int, int]:
         """[lo, hi) of a parameter's flat elements this rank owns (may be empty)."""
-        s = -(-numel // self.world_size)
-        lo = min(numel, self.rank * s)
-        return lo, min(numel, lo + s)
+        return owned_range(numel, self.world_size, self.rank)
 
     def _shard_parameters(self, units: list[Group]) -> None:
         """Stage 3: each unit parameter keeps only this rank's (padded) shard."""
@@ -508,36 +255,25 @@ class ZeroManager:
 
     # ------------------------------------------------------------------ gradients
     def prepare_micro_step(self, is_boundary: bool) -> None:
-        self._reduce_now = is_boundary
-        self._readiness.reset()
-        self._in_flight = []
+        self.reducer.prepare_micro_step(is_boundary)
 
-    def _on_grad_ready(self, param: torch.Tensor) -> None:
-        if not self._reduce_now:
-            return
-        for index in self._readiness.mark_ready(param):
-            self._launch_bucket(index)
-
-    def _launch_bucket(self, index: int) -> None:
+    def _launch_bucket(self, index: int) -> tuple[Group, torch.Tensor, Any]:
         bucket = self.buckets[index]
-        self._in_flight.append(self.launch_reduce_scatter(bucket, [p.grad for p in bucket.params]))
+        launched = self.launch_reduce_scatter(bucket, [p.grad for p in bucket.params])
         if self.stage >= 2:  # stage 2 keeps only the reduced shard
             for p in bucket.params:
                 p.grad = None
+        return launched
 
     def finish_backward(self) -> None:
-        for index in self._readiness.release_rest():  # buckets no hook completed
-            self._launch_bucket(index)
-        for group, out, work in self._in_flight:
+        for group, out, work in self.reducer.finish():
             work.wait()
             if self.stage == 1:
                 self._write_back_owned(group, out)
             else:
                 self.accumulate_shard_grad(group, out)
-        self._in_flight = []
         if self.units is not None and self.units.reductions:
             self.units.finish_backward()
-        self._reduce_now = False
         self._attach_grads()
 
     def _write_back_owned(self, bucket: Group, reduced: torch.Tensor) -> None:
