@@ -93,18 +93,19 @@ def strato_decode_step(generator, prompt: torch.Tensor):
     Returns the step and the seconds its first prefill + decode calls took (compiling,
     under inductor)."""
     keys, values = generator.empty_cache()
+    mask = generator.full_mask()
     state = {"pos": prompt.shape[1]}
     token = prompt[:, -1:]
     start = time.perf_counter()
     prefill, decode = generator.graph(prompt.shape[1]), generator.graph(1)
     with torch.no_grad():
-        _, k, v = prefill(prompt, torch.tensor([0]), keys, values)
+        _, k, v = prefill(prompt, torch.tensor(0), mask, keys, values)
     keys[:, :, :, : prompt.shape[1]], values[:, :, :, : prompt.shape[1]] = k, v
 
     def step():
         if state["pos"] >= prompt.shape[1] + 64:
             state["pos"] = prompt.shape[1]
-        logits, k, v = decode(token, torch.tensor([state["pos"]]), keys, values)
+        logits, k, v = decode(token, torch.tensor(state["pos"]), mask, keys, values)
         keys[:, :, :, state["pos"] : state["pos"] + 1] = k
         values[:, :, :, state["pos"] : state["pos"] + 1] = v
         state["pos"] += 1
@@ -151,8 +152,8 @@ def bench_decode(rounds: int, iters: int, inductor: bool) -> list[dict]:
             keys, values = generators[name].empty_cache()
             with torch.no_grad():
                 logits = generators[name].graph(prompt.shape[1])(
-                    prompt, torch.tensor([0]), keys, values
-                )[0][:, -1]
+                    prompt, torch.tensor(0), generators[name].full_mask(), keys, values
+                )[0]
             graph = generators[name].graph(1)
             quantized = variants[name][0] is not None
             size = quantized_bytes(model, graph) if quantized else param_bytes(model)

@@ -114,6 +114,16 @@ class CompiledModel(torch.nn.Module):
         """Each node with its op, output shape/dtype and owning module path."""
         return graph_inspect.print_graph(self.graph)
 
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **options):
+        """Token ids [batch, prompt + new] continuing `input_ids` with a KV cache, from compiled
+        prefill and decode graphs of a Hugging Face causal LM under this strategy; greedy by
+        default, as transformers' `generate(do_sample=False)`. Options (attention_mask,
+        temperature, top_k, top_p, eos_token_id, pad_token_id, generator, seed): see
+        `strato.runtime.generate.generate`."""
+        from .generate import generate
+
+        return generate(self, input_ids, max_new_tokens, **options)
+
     def kernels(self) -> list[dict]:
         """The fused regions of the current mode's graph, one entry each: 'name', 'kind',
         'kernel' (the custom op; equal regions share one), 'nodes' (the ATen nodes it

@@ -1,17 +1,26 @@
-"""Greedy text generation with a KV cache for Llama-style causal LMs.
+"""Text generation with a static KV cache for Hugging Face causal LMs.
 
-Two compiled graphs of one step module (`KVCacheStep`): a prefill graph for the prompt
-length and a decode graph for one token. Both read the static caches [layers, batch,
-kv_heads, max_len, head_dim] as inputs and return only the new tokens' keys/values;
-the generator writes those into the caches in place between steps. Attention is split
-into the cached part (masked to positions already written) and the new tokens (causal),
-so a step never copies the cache. Both graphs go through the strategy's passes (so
-quantization applies) and can be exported like any compiled model.
+`KVCacheStep` wraps the model's own forward (GPT-2, Llama, Mistral, Qwen2, ...: any
+`transformers` causal LM whose attention goes through the `Cache` API) so one step is a
+pure function of tensors: (ids [B, q], pos [1], attention_mask [B, max_len], keys, values)
+-> (next-token logits [B, vocab], new keys, new values). The static caches
+[layers, B, kv_heads, max_len, head_dim] are graph inputs; a step-local cache object hands
+the model its past slab concatenated with the new tokens' keys/values, and the step returns
+only the new ones, which the generator writes into the caches in place. The step builds the
+4-D attention mask itself (cached slots below `pos`, causal among the new tokens, left
+padding from `attention_mask`, sliding windows per layer type), so every family's masking
+code is bypassed the same way, and the positions as Hugging Face's `generate` does
+(cumulative sum of the mask). Two compiled graphs of the step (a prefill graph per prompt
+length and a decode graph for one token) go through the strategy's passes, so quantization
+and fusion apply, and each can be exported like any compiled model.
 """
 
 from __future__ import annotations
 
+import inspect
 import time
+from collections import OrderedDict
+from collections.abc import Sequence
 
 import attrs
 import torch
@@ -24,84 +33,269 @@ class GenerationError(StratoError, ValueError):
     """The model or the request does not fit the KV-cache generator."""
 
 
-def _parts(model: nn.Module):
-    """The decoder stack and LM head of a Hugging Face Llama-style causal LM."""
-    inner = getattr(model, "model", None)
-    needed = ("embed_tokens", "layers", "norm", "rotary_emb")
-    if inner is None or not all(hasattr(inner, n) for n in needed) or not hasattr(model, "lm_head"):
+CACHE_ALIGN = 64
+"""`compiled.generate` sizes its caches to prompt + new tokens rounded up to this, so
+requests of similar lengths share compiled graphs."""
+MAX_GENERATORS = 2
+"""Generators (cache shapes) `compiled.generate` keeps; each holds its compiled graphs."""
+MAX_PREFILL_GRAPHS = 4
+"""Prefill graphs (prompt lengths) one Generator keeps, least recently used dropped."""
+
+
+# ---------------------------------------------------------------------- the model
+
+
+def check_causal_lm(model: nn.Module) -> None:
+    """Raise GenerationError unless `model` is a Hugging Face causal LM with a KV cache."""
+    name = type(model).__name__
+    config = getattr(model, "config", None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if config is None or not hasattr(model, "can_generate"):
         raise GenerationError(
-            f"{type(model).__name__}: the KV-cache generator supports Llama-style causal LMs "
-            "(model.model.{embed_tokens, layers, norm, rotary_emb} and model.lm_head), e.g. "
-            "transformers LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM."
+            f"generate: {name} is not a Hugging Face transformers model; generate runs the "
+            "causal LMs of transformers (e.g. GPT2LMHeadModel, LlamaForCausalLM)."
         )
-    return inner, model.lm_head
+    if head is None or not model.can_generate() or getattr(config, "is_encoder_decoder", False):
+        raise GenerationError(
+            f"generate: {name} has no causal-LM head (it is not a decoder-only model that "
+            "predicts next tokens); compile its *ForCausalLM / *LMHeadModel class, e.g. "
+            "LlamaForCausalLM instead of LlamaModel."
+        )
+    if _cache_kwarg(model) is None:
+        raise GenerationError(
+            f"generate: {name}.forward takes no KV cache (no 'cache' / 'past_key_values' "
+            "argument), so it cannot decode one token at a time."
+        )
 
 
-def _matmul_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b, with a single row of `a` doubled and the copy dropped again.
+def _cache_kwarg(model: nn.Module) -> str | None:
+    """The forward argument that takes a transformers Cache ('cache' from transformers 5.x)."""
+    params = inspect.signature(model.forward).parameters
+    return next((n for n in ("cache", "past_key_values") if n in params), None)
 
-    Inductor lowers a one-row batched matmul on CPU (decoding without grouped queries) to
-    an elementwise product and a sum, into which it folds everything that made `a` (the
-    rotary embedding of the query, the softmax), recomputed for every cached position:
-    10-20x slower than the BLAS call two rows get.
-    """
-    if a.shape[-2] != 1:
-        return a @ b
-    return (a.expand(*a.shape[:-2], 2, a.shape[-1]) @ b)[..., :1, :]
+
+def position_limit(config) -> int | None:
+    """How many positions the model's position table holds (None: no stated limit)."""
+    for field in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, field, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_length(config, prompt_len: int, max_new_tokens: int) -> None:
+    """A request longer than the model's position table is refused, naming both numbers."""
+    limit = position_limit(config)
+    total = prompt_len + max_new_tokens
+    if limit is not None and total > limit:
+        field = next(
+            f for f in ("max_position_embeddings", "n_positions") if getattr(config, f, None)
+        )
+        raise GenerationError(
+            f"generate: prompt length {prompt_len} + max_new_tokens {max_new_tokens} = {total} "
+            f"tokens exceeds the model's position table (config.{field} = {limit}); shorten the "
+            "prompt or ask for fewer tokens."
+        )
+
+
+def _layer_windows(config, n_layers: int) -> list[int | None]:
+    """Each layer's sliding attention window (None: full attention), as the config says."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    if types is not None:
+        return [window if t == "sliding_attention" else None for t in types[:n_layers]]
+    if window is not None and getattr(config, "use_sliding_window", True):
+        return [window] * n_layers
+    return [None] * n_layers
+
+
+def _cache_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class StepLayer(DynamicLayer):
+        """One layer's cache for one step: the static past slab, plus what this step adds."""
+
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+            super().__init__()
+            self.keys, self.values = keys, values
+            self.is_initialized = True
+            self.new_keys: torch.Tensor | None = None
+            self.new_values: torch.Tensor | None = None
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            self.new_keys, self.new_values = key_states, value_states
+            return (
+                torch.cat([self.keys, key_states], dim=-2),
+                torch.cat([self.values, value_states], dim=-2),
+            )
+
+    return StepLayer
 
 
 class KVCacheStep(nn.Module):
-    """One forward step: (ids [B, q], pos [1], keys, values) -> (last logits, new keys, new values).
+    """One forward step of a causal LM over a static KV cache.
 
-    `pos` is the cache position of ids[:, 0]; the caches hold positions [0, pos). The new
-    keys/values are [layers, B, kv_heads, q, head_dim], to be written at [pos, pos + q).
+    (ids [B, q], pos [1], attention_mask [B, max_len], keys, values) -> (logits [B, vocab]
+    of the last new token, new keys, new values). `pos` is the cache slot of ids[:, 0]; the
+    caches hold slots [0, pos). `attention_mask` is 1 at every slot that holds (or, for these
+    q tokens, will hold) a real token, 0 at left padding. The new keys/values are
+    [layers, B, kv_heads, q, head_dim], to be written at slots [pos, pos + q).
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        _parts(model)
+        check_causal_lm(model)
         self.model = model
-        config = model.config
-        self.n_heads = config.num_attention_heads
-        self.n_kv_heads = getattr(config, "num_key_value_heads", None) or self.n_heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        self.cache_kwarg = _cache_kwarg(model)
+        params = inspect.signature(model.forward).parameters
+        self.keeps_logits = "logits_to_keep" in params
+        self.layer_shapes = self._probe_cache(model)
+        self.windows = _layer_windows(model.config, len(self.layer_shapes))
 
-    def forward(self, ids, pos, keys, values):
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    def _probe_cache(self, model: nn.Module) -> list[tuple[torch.Size, torch.Size]]:
+        """Per-layer [kv_heads, head_dim] shapes of keys and values, from one eager token."""
+        param = next(model.parameters())
+        ids = torch.zeros(1, 1, dtype=torch.long, device=param.device)
+        with torch.no_grad():
+            out = model(input_ids=ids, use_cache=True)
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        layers = getattr(cache, "layers", None)
+        if not layers or any(getattr(layer, "keys", None) is None for layer in layers):
+            raise GenerationError(
+                f"generate: {type(model).__name__} returned no per-layer key/value cache; "
+                "generate supports models whose attention caches keys and values."
+            )
+        shapes = [(layer.keys.shape, layer.values.shape) for layer in layers]
+        if any(k[2] != 1 or v[2] != 1 for k, v in shapes):
+            raise GenerationError(
+                f"generate: {type(model).__name__} caches something other than one key/value "
+                f"per token ({shapes[0]}); it needs its own cache layout."
+            )
+        if len({(k[1], k[3], v[1], v[3]) for k, v in shapes}) != 1:
+            raise GenerationError(
+                f"generate: {type(model).__name__}'s layers cache keys/values of different "
+                "shapes; one static cache tensor cannot hold them."
+            )
+        return shapes
 
-        inner, lm_head = _parts(self.model)
+    def cache_shapes(self, batch: int, max_len: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        k, v = self.layer_shapes[0]
+        n = len(self.layer_shapes)
+        return (n, batch, k[1], max_len, k[3]), (n, batch, v[1], max_len, v[3])
+
+    def forward(self, ids, pos, attention_mask, keys, values):
+        from transformers.cache_utils import Cache
+
         batch, q_len = ids.shape
         max_len = keys.shape[3]
-        positions = pos + torch.arange(q_len, device=ids.device)  # [q]
-        h = inner.embed_tokens(ids)
-        cos, sin = inner.rotary_emb(h, positions[None].expand(batch, q_len))
-        past_ok = torch.arange(max_len, device=ids.device)[None, :] < pos  # [1, max_len]
-        causal = torch.ones(q_len, q_len, dtype=torch.bool, device=ids.device).tril()
-        groups = self.n_heads // self.n_kv_heads
-        new_keys, new_values = [], []
-        for i, layer in enumerate(inner.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(h)
-            q = attn.q_proj(x).view(batch, q_len, self.n_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(batch, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(batch, q_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            new_keys.append(k)
-            new_values.append(v)
-            # Group query heads onto their kv head: [B, kv, groups * q, D].
-            qg = q.reshape(batch, self.n_kv_heads, groups * q_len, self.head_dim)
-            scale = self.head_dim**-0.5
-            past = _matmul_rows(qg, keys[i].transpose(-1, -2)) * scale  # [B, kv, g*q, max_len]
-            past = past.masked_fill(~past_ok, float("-inf"))
-            new = (qg @ k.transpose(-1, -2)) * scale  # [B, kv, g*q, q]
-            new = new.masked_fill(~causal.repeat(groups, 1), float("-inf"))
-            probs = torch.cat([past, new], dim=-1).softmax(dim=-1)
-            out = _matmul_rows(probs[..., :max_len], values[i]) + probs[..., max_len:] @ v
-            out = out.reshape(batch, self.n_heads, q_len, self.head_dim).transpose(1, 2)
-            h = h + attn.o_proj(out.reshape(batch, q_len, self.n_heads * self.head_dim))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        logits = lm_head(inner.norm(h[:, -1:]))
-        return logits, torch.stack(new_keys), torch.stack(new_values)
+        slots = pos + torch.arange(q_len, device=ids.device)  # [q] cache slots of the new tokens
+        valid = attention_mask.bool()
+        # Positions as transformers' generate counts them: real tokens before, pads at 0.
+        counted = valid.long().cumsum(-1) - 1
+        positions = counted.index_select(1, slots).masked_fill(~valid.index_select(1, slots), 0)
+        layer_class = _cache_layer_class()
+        layers = [layer_class(keys[i], values[i]) for i in range(keys.shape[0])]
+        cache = Cache(layers=layers)
+        masks = {
+            w: self._mask(valid, pos, slots, max_len, w, keys.dtype) for w in set(self.windows)
+        }
+        if len(masks) == 1:
+            mask = next(iter(masks.values()))
+        else:
+            mask = {
+                "full_attention": masks[None],
+                "sliding_attention": next(m for w, m in masks.items() if w is not None),
+            }
+        extra = {"logits_to_keep": 1} if self.keeps_logits else {}
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **{self.cache_kwarg: cache},
+            **extra,
+        )
+        logits = out.logits[:, -1]
+        new_keys = torch.stack([layer.new_keys for layer in layers])
+        new_values = torch.stack([layer.new_values for layer in layers])
+        return logits, new_keys, new_values
+
+    @staticmethod
+    def _mask(valid, pos, slots, max_len, window, dtype):
+        """Additive mask [B, 1, q, max_len + q] over (cached slots, new tokens).
+
+        A query sees cached slots below `pos` and new tokens up to itself that hold real
+        tokens (and lie within `window` slots); it always sees itself, so a padding row
+        stays finite (its output is never read, and a NaN there would poison the rows
+        that multiply its zero-weighted value)."""
+        q_len = slots.shape[0]
+        cached = torch.arange(max_len, device=slots.device)
+        keys_slot = torch.cat([cached, slots])  # [max_len + q]
+        is_new = torch.arange(max_len + q_len, device=slots.device) >= max_len
+        key_valid = torch.cat([valid, valid.index_select(1, slots)], dim=1)  # [B, max_len + q]
+        q_slot = slots[:, None]  # [q, 1]
+        seen = (keys_slot[None] < pos) & ~is_new[None]  # cached slots already written
+        seen = seen | (is_new[None] & (keys_slot[None] <= q_slot))  # causal among new tokens
+        if window is not None:
+            seen = seen & (keys_slot[None] > q_slot - window)
+        allowed = seen[None] & key_valid[:, None, :]  # [B, q, max_len + q]
+        itself = is_new[None] & (keys_slot[None] == q_slot)
+        allowed = (allowed | itself[None])[:, None]
+        zero = torch.zeros((), dtype=dtype, device=slots.device)
+        return torch.where(allowed, zero, torch.finfo(dtype).min)
+
+
+# ---------------------------------------------------------------------- choosing tokens
+
+
+def next_tokens(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The next token per row [B, 1]: argmax at temperature 0, else sampled from
+    softmax(logits / temperature) restricted to the top_k tokens, then to the smallest set
+    whose probability reaches top_p (the order transformers applies them in)."""
+    logits = logits.float()
+    if not temperature:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        ascending, order = logits.sort(dim=-1)
+        cumulative = ascending.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= 1 - top_p
+        drop[:, -1] = False  # the most likely token always stays
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+def _check_sampling(temperature, top_k, top_p) -> None:
+    if not isinstance(temperature, int | float) or temperature < 0:
+        raise GenerationError(
+            f"generate: temperature must be a number >= 0 (0 = greedy), got {temperature!r}"
+        )
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise GenerationError(f"generate: top_k must be an int >= 1 or None, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, int | float) and 0 < top_p <= 1):
+        raise GenerationError(f"generate: top_p must be in (0, 1] or None, got {top_p!r}")
+
+
+def _token_ids(value, field: str) -> list[int]:
+    if value is None:
+        return []
+    ids = [value] if isinstance(value, int) else list(value)
+    if not all(isinstance(i, int) for i in ids):
+        raise GenerationError(f"generate: {field} must be an int or a list of ints, got {value!r}")
+    return ids
+
+
+# ---------------------------------------------------------------------- the generator
 
 
 @attrs.frozen
@@ -109,10 +303,13 @@ class Generation:
     """Generated token ids and how fast they came."""
 
     tokens: torch.Tensor
-    """[batch, prompt + new] token ids."""
+    """[batch, prompt + new] token ids (rows that ended early are padded with pad_token_id)."""
     prefill_s: float
+    """Seconds of the prompt's forward (it yields the first new token)."""
     decode_s: float
+    """Seconds of the decode steps (every new token after the first)."""
     new_tokens: int
+    """New tokens per row, including any padding after a row's end-of-sequence token."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -121,74 +318,223 @@ class Generation:
 
 
 class Generator:
-    """Greedy generation with compiled prefill and decode-step graphs and a static KV cache."""
+    """Generation with compiled prefill and decode-step graphs and a static KV cache of
+    `batch` rows and `max_len` slots."""
 
     def __init__(self, model: nn.Module, strategy=None, *, max_len: int = 256, batch: int = 1):
         self.step = KVCacheStep(model).eval()
+        self.model = model
         self.strategy = strategy
         self.max_len = max_len
         self.batch = batch
         param = next(model.parameters())
-        layers = len(_parts(model)[0].layers)
-        self.cache_shape = (layers, batch, self.step.n_kv_heads, max_len, self.step.head_dim)
+        self.key_shape, self.value_shape = self.step.cache_shapes(batch, max_len)
         self.dtype, self.device = param.dtype, param.device
-        self._graphs: dict[int, nn.Module] = {}
+        self._prefill: OrderedDict[int, nn.Module] = OrderedDict()
+        self._decode: nn.Module | None = None
 
     def empty_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
-        def zeros():
-            return torch.zeros(self.cache_shape, dtype=self.dtype, device=self.device)
+        """Zeroed (keys, values) caches."""
+        return (
+            torch.zeros(self.key_shape, dtype=self.dtype, device=self.device),
+            torch.zeros(self.value_shape, dtype=self.dtype, device=self.device),
+        )
 
-        return zeros(), zeros()
+    def full_mask(self) -> torch.Tensor:
+        """An attention mask of all real tokens [batch, max_len] (no padding)."""
+        return torch.ones(self.batch, self.max_len, dtype=torch.long, device=self.device)
 
     def graph(self, q_len: int) -> nn.Module:
         """The compiled step for `q_len` new tokens (1: the decode graph), built on first use."""
-        if q_len not in self._graphs:
-            from ..compiler.compile import compile
+        if q_len == 1 and self._decode is not None:
+            return self._decode
+        if q_len in self._prefill:
+            self._prefill.move_to_end(q_len)
+            return self._prefill[q_len]
+        from ..compiler.compile import compile
 
-            keys, values = self.empty_cache()
-            ids = torch.zeros(self.batch, q_len, dtype=torch.long, device=self.device)
-            pos = torch.zeros(1, dtype=torch.long, device=self.device)
-            self._graphs[q_len] = compile(
-                self.step, self.strategy, example_inputs=(ids, pos, keys, values)
-            )
-        return self._graphs[q_len]
+        keys, values = self.empty_cache()
+        ids = torch.zeros(self.batch, q_len, dtype=torch.long, device=self.device)
+        pos = torch.zeros((), dtype=torch.long, device=self.device)
+        example = (ids, pos, self.full_mask(), keys, values)
+        compiled = compile(self.step, self.strategy, example_inputs=example)
+        if q_len == 1:
+            self._decode = compiled
+        else:
+            self._prefill[q_len] = compiled
+            if len(self._prefill) > MAX_PREFILL_GRAPHS:
+                self._prefill.popitem(last=False)
+        return compiled
 
     @torch.no_grad()
-    def generate(self, prompt: torch.Tensor, max_new_tokens: int) -> Generation:
-        """Greedy continuation of `prompt` [batch, P] by `max_new_tokens` tokens."""
-        if prompt.dim() != 2 or prompt.shape[0] != self.batch:
-            raise GenerationError(
-                f"prompt must be [batch={self.batch}, length] token ids, got {tuple(prompt.shape)}"
-            )
-        total = prompt.shape[1] + max_new_tokens
-        if total > self.max_len:
-            raise GenerationError(
-                f"prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) = {total} exceeds "
-                f"max_len={self.max_len}; build the Generator with a larger max_len."
-            )
+    def generate(
+        self,
+        prompt: torch.Tensor,
+        max_new_tokens: int,
+        *,
+        attention_mask: torch.Tensor | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | Sequence[int] | None = None,
+        pad_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Generation:
+        """Continue `prompt` [batch, P] (left-padded where `attention_mask` is 0) by up to
+        `max_new_tokens` tokens; stops early once every row has produced an `eos_token_id`,
+        after which a row gets `pad_token_id` (default: the first eos id)."""
+        prompt, mask = self._check_request(prompt, max_new_tokens, attention_mask)
+        _check_sampling(temperature, top_k, top_p)
+        eos = _token_ids(eos_token_id, "eos_token_id")
+        pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
+        eos_ids = torch.tensor(eos, dtype=torch.long, device=self.device)
         prefill, decode = self.graph(prompt.shape[1]), self.graph(1)
         keys, values = self.empty_cache()
-        tokens = [prompt]
+        slots = self.full_mask()
+        slots[:, : prompt.shape[1]] = mask
+        unfinished = torch.ones(self.batch, 1, dtype=torch.bool, device=self.device)
+        tokens, ids, pos = [prompt], prompt, 0
         start = time.perf_counter()
-        pos = 0
-        ids = prompt
         decode_start = None
         for step in range(max_new_tokens):
             graph = prefill if step == 0 else decode
-            logits, new_k, new_v = graph(ids, torch.tensor([pos], device=self.device), keys, values)
+            at = torch.tensor(pos, device=self.device)
+            logits, new_k, new_v = graph(ids, at, slots, keys, values)
             q_len = ids.shape[1]
             keys[:, :, :, pos : pos + q_len] = new_k
             values[:, :, :, pos : pos + q_len] = new_v
             pos += q_len
-            ids = logits[:, -1].argmax(dim=-1, keepdim=True)
+            ids = next_tokens(logits, temperature, top_k, top_p, generator)
+            ids = torch.where(unfinished, ids, pad)
             tokens.append(ids)
             if step == 0:
                 decode_start = time.perf_counter()
+            if eos:
+                unfinished &= ~torch.isin(ids, eos_ids)
+                if not unfinished.any():
+                    break
         end = time.perf_counter()
         decode_start = decode_start or end
         return Generation(
             tokens=torch.cat(tokens, dim=1),
             prefill_s=decode_start - start,
             decode_s=end - decode_start,
-            new_tokens=max_new_tokens,
+            new_tokens=len(tokens) - 1,
         )
+
+    def _check_request(self, prompt, max_new_tokens, attention_mask):
+        if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.dtype != torch.long:
+            got = tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
+            raise GenerationError(
+                f"generate: input_ids must be int64 token ids [batch, length], got {got}"
+            )
+        if prompt.shape[0] != self.batch:
+            raise GenerationError(
+                f"generate: input_ids has batch {prompt.shape[0]}; this Generator was built "
+                f"for batch={self.batch}"
+            )
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise GenerationError(
+                f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}"
+            )
+        check_length(self.model.config, prompt.shape[1], max_new_tokens)
+        total = prompt.shape[1] + max_new_tokens
+        if total > self.max_len:
+            raise GenerationError(
+                f"generate: prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) = "
+                f"{total} exceeds max_len={self.max_len}; build the Generator with a larger max_len."
+            )
+        prompt = prompt.to(self.device)
+        if attention_mask is None:
+            return prompt, torch.ones_like(prompt)
+        if attention_mask.shape != prompt.shape:
+            raise GenerationError(
+                f"generate: attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
+                f"{tuple(prompt.shape)}; they must match."
+            )
+        mask = attention_mask.to(device=self.device, dtype=torch.long)
+        if not bool((mask[:, -1] == 1).all()) or bool((mask.diff(dim=1) < 0).any()):
+            raise GenerationError(
+                "generate: attention_mask must mark left padding (zeros before each row's "
+                "tokens, ones after, the last column all ones); pad prompts on the left "
+                "(tokenizer.padding_side = 'left')."
+            )
+        return prompt, mask
+
+
+# ---------------------------------------------------------------------- compiled.generate
+
+
+def generate(
+    compiled,
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 20,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+) -> torch.Tensor:
+    """`compiled.generate`: token ids [batch, prompt + new] continuing `input_ids`.
+
+    eos/pad ids default to the model's `generation_config`, as transformers' `generate`;
+    pass `eos_token_id=[]` to always produce `max_new_tokens`. Sampling (temperature > 0)
+    draws from `generator`, or from a fresh one seeded with `seed`, else torch's default.
+    """
+    model = compiled.model
+    check_causal_lm(model)
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+        raise GenerationError(
+            "generate: input_ids must be a [batch, length] tensor of token ids, got "
+            f"{getattr(input_ids, 'shape', type(input_ids).__name__)}"
+        )
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise GenerationError(
+            f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}"
+        )
+    check_length(model.config, input_ids.shape[1], max_new_tokens)
+    config = getattr(model, "generation_config", None)
+    if eos_token_id is None:
+        eos_token_id = getattr(config, "eos_token_id", None)
+    if pad_token_id is None:
+        pad_token_id = getattr(config, "pad_token_id", None)
+    if seed is not None:
+        if generator is not None:
+            raise GenerationError("generate: pass either generator or seed, not both")
+        generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+    runner = _generator_for(compiled, input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+    result = runner.generate(
+        input_ids,
+        max_new_tokens,
+        attention_mask=attention_mask,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        generator=generator,
+    )
+    compiled.__dict__["last_generation"] = result
+    return result.tokens
+
+
+def _generator_for(compiled, batch: int, total: int) -> Generator:
+    """The compiled model's Generator for `batch` rows and at least `total` slots."""
+    limit = position_limit(compiled.model.config)
+    max_len = -(-total // CACHE_ALIGN) * CACHE_ALIGN
+    if limit is not None:
+        max_len = min(max_len, limit)
+    cached: OrderedDict = compiled.__dict__.setdefault("_generators", OrderedDict())
+    for (b, length), runner in cached.items():
+        if b == batch and length >= total:
+            cached.move_to_end((b, length))
+            return runner
+    runner = Generator(compiled.model, compiled.strategy, max_len=max_len, batch=batch)
+    cached[(batch, max_len)] = runner
+    if len(cached) > MAX_GENERATORS:
+        cached.popitem(last=False)
+    return runner

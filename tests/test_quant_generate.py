@@ -40,18 +40,17 @@ def test_kv_cache_generation_matches_eager(llama):
     assert result.tokens_per_s > 0
     # Each step's logits, through the cache, equal the full recomputation.
     keys, values = generator.empty_cache()
+    mask = generator.full_mask()
     decode = generator.graph(1)
     seq = expected[:, :-1]
     with torch.no_grad():
-        logits, k, v = generator.graph(5)(seq[:, :5], torch.tensor([0]), keys, values)
+        logits, k, v = generator.graph(5)(seq[:, :5], torch.tensor(0), mask, keys, values)
         keys[:, :, :, :5], values[:, :, :, :5] = k, v
-        torch.testing.assert_close(logits[:, -1], expected_logits[0], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits, expected_logits[0], atol=1e-5, rtol=1e-5)
         for pos in range(5, seq.shape[1]):
-            logits, k, v = decode(seq[:, pos : pos + 1], torch.tensor([pos]), keys, values)
+            logits, k, v = decode(seq[:, pos : pos + 1], torch.tensor(pos), mask, keys, values)
             keys[:, :, :, pos : pos + 1], values[:, :, :, pos : pos + 1] = k, v
-            torch.testing.assert_close(
-                logits[:, -1], expected_logits[pos - 4], atol=1e-5, rtol=1e-5
-            )
+            torch.testing.assert_close(logits, expected_logits[pos - 4], atol=1e-5, rtol=1e-5)
 
 
 def test_quantized_decode_graph_generates_and_exports(llama, tmp_path):
@@ -69,7 +68,7 @@ def test_quantized_decode_graph_generates_and_exports(llama, tmp_path):
     keys, values = generator.empty_cache()
     keys.normal_()
     values.normal_()
-    args = (torch.tensor([[7]]), torch.tensor([3]), keys, values)
+    args = (torch.tensor([[7]]), torch.tensor(3), generator.full_mask(), keys, values)
     with torch.no_grad():
         for got, want in zip(served(*args), decode(*args)):
             assert torch.equal(got, want)

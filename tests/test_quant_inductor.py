@@ -153,8 +153,9 @@ def test_inductor_decode_generates_the_same_tokens(llama):
     assert torch.equal(ind_gen.generate(prompt, 6).tokens, fx_gen.generate(prompt, 6).tokens)
     keys, values = fx_gen.empty_cache()
     with torch.no_grad():
-        want = fx_gen.graph(6)(prompt, torch.tensor([0]), keys, values)[0]
-        got = ind_gen.graph(6)(prompt, torch.tensor([0]), keys, values)[0]
+        args = (prompt, torch.tensor(0), fx_gen.full_mask(), keys, values)
+        want = fx_gen.graph(6)(*args)[0]
+        got = ind_gen.graph(6)(*args)[0]
     torch.testing.assert_close(got, want, atol=BF16_TOL, rtol=0)
 
 
