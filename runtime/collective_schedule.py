@@ -7,58 +7,105 @@ The schedule is the list of collectives one training step issues, in order, as
 schedule (the same collective whatever was compiled, so it cannot hang); only when the
 digests differ (and then on every rank) do the ranks exchange full schedules to name the
 first collective that differs.
+
+The engine verifies once, before any other collective: `step_schedule` (what the compile
+records say one step issues) followed by `launch_entries` (each Strategy field and each
+parameter's shape and dtype), so one digest covers both and a rank that compiled another
+model is told the first collective that differs, or else the field or parameter.
+A schedule already covered by one verified on the same group (a prefix of it) is not
+exchanged again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from ..compiler.errors import StratoError
 from . import collectives
 
 Collective = tuple[str, tuple[int, ...], str, str]
-"""(op, shape, dtype, group)."""
+"""(op, shape, dtype, group); launch entries have group '' (see `launch_entries`)."""
+
+_verified: dict[Any, list[Collective]] = {}
+"""The last schedule every rank of a group agreed on, by group (None: the default)."""
 
 
-class CollectiveMismatchError(RuntimeError):
+class CollectiveMismatchError(StratoError, RuntimeError):
     """Ranks compiled different collective schedules; raised on every rank."""
 
 
-def zero_schedule(record: dict[str, Any], group_name: str = "world") -> list[Collective]:
-    """The collectives one step of a ZeRO-compiled graph issues, from the zero pass's record."""
-    n, stage = record["world_size"], record["stage"]
+def zero_schedule(record: dict[str, Any]) -> list[Collective]:
+    """The collectives one step of a ZeRO-compiled graph issues, from the zero pass's
+    record, each with the mesh dimension it runs over."""
+    n, stage = record["shard_size"], record["stage"]
+    shard, replicate = record["shard_dim"], record["replicate_dim"]
+    across = record["replicate_size"] > 1  # reduced shards are all-reduced across replicas
     dtype_of = {name: info["dtype"] for name, info in record["params"].items()}
-    schedule: list[Collective] = [("zero_stage", (stage,), "", group_name)]
+    schedule: list[Collective] = [("zero_stage", (stage,), "", shard)]
 
     def group_dtype(names: list[str]) -> str:
         return dtype_of[names[0]] if names else ""
 
+    def reduce(group: dict) -> None:
+        dtype = group_dtype(group["params"])
+        schedule.append(("reduce_scatter", (n, group["shard_numel"]), dtype, shard))
+        if across:
+            schedule.append(("all_reduce", (group["shard_numel"],), dtype, replicate))
+
     for unit in record["units"]:  # forward gathers
-        schedule.append(
-            ("all_gather", (n, unit["shard_numel"]), group_dtype(unit["params"]), group_name)
-        )
-    for unit in reversed(record["units"]):  # backward: gather again, then reduce-scatter
-        dtype = group_dtype(unit["params"])
-        schedule.append(("all_gather", (n, unit["shard_numel"]), dtype, group_name))
-        schedule.append(("reduce_scatter", (n, unit["shard_numel"]), dtype, group_name))
+        schedule.append(("all_gather", (n, unit["shard_numel"]), group_dtype(unit["params"]), shard))
+    for unit in reversed(record["units"]):  # backward: gather again, then reduce
+        schedule.append(("all_gather", (n, unit["shard_numel"]), group_dtype(unit["params"]), shard))
+        reduce(unit)
     for bucket in record["buckets"]:
-        schedule.append(
-            (
-                "reduce_scatter",
-                (n, bucket["shard_numel"]),
-                group_dtype(bucket["params"]),
-                group_name,
-            )
-        )
-    for index in record.get("gather_order", range(len(record["buckets"]))):
+        reduce(bucket)
+    for index in record["gather_order"]:
         bucket = record["buckets"][index]  # after the update, in forward order
         schedule.append(
-            ("all_gather", (n, bucket["shard_numel"]), group_dtype(bucket["params"]), group_name)
+            ("all_gather", (n, bucket["shard_numel"]), group_dtype(bucket["params"]), shard)
         )
     return schedule
+
+
+def data_parallel_schedule(record: dict[str, Any]) -> list[Collective]:
+    """The all-reduce per gradient bucket (its elements plus one flag per parameter)."""
+    group = ",".join(record["mesh_dims"])
+    return [
+        ("all_reduce", (b["numel"] + len(b["params"]),), b["dtype"], group)
+        for b in record["buckets"]
+    ]
+
+
+def step_schedule(records: dict[str, Any], mesh: Any | None = None) -> list[Collective]:
+    """The collectives one training step issues, as the compile records describe them,
+    then the mesh's dimension sizes (so the digest covers every group)."""
+    schedule: list[Collective] = []
+    if "zero" in records:
+        schedule += zero_schedule(records["zero"])
+    if "data_parallel" in records:
+        schedule += data_parallel_schedule(records["data_parallel"])
+    if mesh is not None:
+        schedule.append(("mesh", tuple(mesh.sizes.values()), "", ",".join(mesh.dims)))
+    return schedule
+
+
+def launch_entries(model: Any, strategy: Any) -> list[Collective]:
+    """What ranks must agree on beyond collectives, as schedule entries: every Strategy
+    field (its value in the dtype slot) and every parameter's name, shape and dtype."""
+    fields = [
+        (f"Strategy.{name}", (), json.dumps(value, sort_keys=True, default=str), "")
+        for name, value in strategy.to_dict().items()
+    ]
+    params = [
+        (f"parameter {name}", tuple(p.shape), str(p.dtype).removeprefix("torch."), "")
+        for name, p in model.named_parameters()
+    ]
+    return fields + params
 
 
 def digest(schedule: list[Collective]) -> list[int]:
@@ -71,7 +118,8 @@ def digest(schedule: list[Collective]) -> list[int]:
 def first_difference(mine: list[Collective], theirs: list[Collective]) -> str:
     for i, (a, b) in enumerate(zip(mine, theirs)):
         if a != b:
-            return f"collective #{i}: {_fmt(a)} here vs {_fmt(b)} there"
+            what = "collective" if a[3] or b[3] else "entry"
+            return f"{what} #{i}: {_fmt(a)} here vs {_fmt(b)} there"
     if len(mine) != len(theirs):
         i = min(len(mine), len(theirs))
         extra = mine[i] if len(mine) > i else theirs[i]
@@ -82,19 +130,23 @@ def first_difference(mine: list[Collective], theirs: list[Collective]) -> str:
 
 def _fmt(c: Collective) -> str:
     op, shape, dtype, group = c
+    if not group:  # a launch entry
+        return f"{op} = {dtype}" if not shape else f"{op} {list(shape)} {dtype}"
     return f"{op}(shape={list(shape)}, dtype={dtype or '-'}, group={group})"
 
 
 def verify_collective_schedule(schedule: list[Collective], group: Any | None = None) -> None:
     """Raise CollectiveMismatchError on every rank unless all ranks have this schedule."""
     n = collectives.world_size(group)
-    if n == 1:
+    if n == 1 or (group in _verified and _verified[group][: len(schedule)] == schedule):
         return
-    mine = torch.tensor(digest(schedule), dtype=torch.int64)
-    everyone = torch.zeros(n * mine.numel(), dtype=torch.int64)
+    device = collectives.device_of(group)
+    mine = torch.tensor(digest(schedule), dtype=torch.int64, device=device)
+    everyone = torch.zeros(n * mine.numel(), dtype=torch.int64, device=device)
     collectives.all_gather_into_tensor(everyone, mine, group=group)
     rows = everyone.view(n, -1).tolist()
     if all(row == rows[0] for row in rows):
+        _verified[group] = list(schedule)
         return
     # Every rank saw the same digests, so every rank takes this branch together.
     schedules: list[Any] = [None] * n
@@ -104,9 +156,11 @@ def verify_collective_schedule(schedule: list[Collective], group: Any | None = N
     for r, other in enumerate(schedules):
         if r != me and rows[r] != rows[me]:
             lines.append(f"  rank {r}: {first_difference(schedule, [tuple(c) for c in other])}")
+    differing = [r for r in range(n) if rows[r] != rows[0]]
     raise CollectiveMismatchError(
-        f"rank {me}: the ranks compiled different collective schedules, so the first step "
-        "would hang. Compared with this rank:\n"
+        f"rank {me}: ranks {differing} were started with a different model or strategy than "
+        "rank 0: the ranks compiled different collective schedules, so the first step would "
+        "hang. Compared with this rank:\n"
         + "\n".join(lines)
         + "\nEvery rank must compile the same model with the same strategy (and world size)."
     )
