@@ -45,6 +45,9 @@ class Explanation:
     world_size: int = 1
     rank: int = 0
     comm_bytes_per_step: dict[str, int] = attrs.field(factory=dict)
+    """Bytes this rank sends per optimizer step (ring algorithms), by collective kind."""
+    comm_bytes_per_dim: dict[str, dict[str, int]] = attrs.field(factory=dict)
+    """The same bytes by mesh dimension ('shard', 'replicate', 'replicate,shard'), then kind."""
     notes: tuple[str, ...] = ()
 
     @property
@@ -64,6 +67,11 @@ class Explanation:
             ("total", self.total_bytes),
         ]
         rows += [(f"comm/step: {kind}", n) for kind, n in sorted(self.comm_bytes_per_step.items())]
+        rows += [
+            (f"  over {dim}: {kind}", n)
+            for dim, kinds in sorted(self.comm_bytes_per_dim.items())
+            for kind, n in sorted(kinds.items())
+        ]
         return rows
 
     def __str__(self) -> str:
@@ -112,6 +120,10 @@ def estimate(gm: fx.GraphModule, ctx: CompileContext) -> Explanation:
         sum(tensor_bytes(p) for p in params.values() if p.requires_grad) if ctx.training else 0
     )
     notes: list[str] = []
+    if "precision" in ctx.records:  # how precision='auto' was resolved, or why bf16 is slow here
+        choice = ctx.records["precision"]
+        arrow = f"{choice['requested']} -> " if choice["requested"] != choice["precision"] else ""
+        notes.append(f"precision {arrow}{choice['precision']}: {choice['reason']}")
     optimizer = getattr(ctx.strategy, "optimizer", None)
     if optimizer is not None and hasattr(optimizer, "state_bytes"):
         opt_bytes = sum(optimizer.state_bytes(p) for p in params.values() if p.requires_grad)
@@ -127,13 +139,20 @@ def estimate(gm: fx.GraphModule, ctx: CompileContext) -> Explanation:
             f"{format_bytes(quantized['bytes_before'])} -> {format_bytes(quantized['bytes_after'])}"
         )
     comm: dict[str, int] = {}
+    comm_by_dim: dict[str, dict[str, int]] = {}
+    if "data_parallel" in ctx.records and ctx.training:
+        from .zero_config import explain_data_parallel
+
+        dp = explain_data_parallel(ctx.records["data_parallel"])
+        comm, comm_by_dim = dp["comm_bytes_per_step"], dp["comm_bytes_per_dim"]
+        notes += dp["notes"]
     if "zero" in ctx.records:  # ZeRO: what this rank holds after sharding, what it sends
         from .zero_config import explain_zero
 
         zero = explain_zero(ctx.records["zero"], optimizer)
         param_bytes, opt_bytes = zero["parameter_bytes"], zero["optimizer_state_bytes"]
         grad_bytes = zero["gradient_bytes"] if ctx.training else 0
-        comm = zero["comm_bytes_per_step"]
+        comm, comm_by_dim = zero["comm_bytes_per_step"], zero["comm_bytes_per_dim"]
         notes += zero["notes"]
     return Explanation(
         parameter_bytes=param_bytes,
@@ -143,5 +162,6 @@ def estimate(gm: fx.GraphModule, ctx: CompileContext) -> Explanation:
         world_size=ctx.world_size,
         rank=ctx.rank,
         comm_bytes_per_step=comm,
+        comm_bytes_per_dim=comm_by_dim,
         notes=tuple(notes),
     )

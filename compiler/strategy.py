@@ -7,6 +7,7 @@ prints them. Later features add their own fields here, each with behaviour behin
 from __future__ import annotations
 
 import importlib
+import json
 import types
 import typing
 from collections.abc import Mapping
@@ -17,6 +18,7 @@ import attrs
 import yaml
 
 from .errors import StrategyError, did_you_mean
+from .mesh_config import Mesh, check_mesh
 from .quantize_config import Quantize
 from .training_config import (  # noqa: F401  (names the field annotations resolve to)
     SGD,
@@ -26,6 +28,7 @@ from .training_config import (  # noqa: F401  (names the field annotations resol
     Polynomial,
     WarmupCosine,
     WarmupLinear,
+    suggest_kind,
 )
 from .zero_config import (
     NVMe,  # noqa: F401  (names the field annotations resolve to)
@@ -85,7 +88,9 @@ def _convert_disable(value: Any) -> tuple[str, ...]:
 def _check_optimizer(instance, attribute, value) -> None:
     if value is not None and not isinstance(value, AdamW | SGD):
         raise StrategyError(
-            f"Strategy.optimizer: expected strato.AdamW(...), strato.SGD(...) or None, got {value!r}."
+            f"Strategy.optimizer: expected strato.AdamW(...), strato.SGD(...) or None (in "
+            f"YAML/dicts a mapping whose 'kind' key names one: {{kind: AdamW, lr: 3e-4}}), "
+            f"got {value!r}."
         )
 
 
@@ -93,16 +98,36 @@ def _check_schedule(instance, attribute, value) -> None:
     if not isinstance(value, Constant | WarmupLinear | WarmupCosine | Polynomial):
         raise StrategyError(
             "Strategy.schedule: expected strato.Constant, WarmupLinear, WarmupCosine or "
-            f"Polynomial, got {value!r}."
+            "Polynomial (in YAML/dicts a mapping whose 'kind' key names one: {kind: "
+            f"WarmupCosine, total_steps: 1000}}), got {value!r}."
         )
+
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 def _check_precision(instance, attribute, value) -> None:
-    if value not in ("fp32", "bf16", "fp16"):
+    if value not in PRECISIONS:
         raise StrategyError(
-            f"Strategy.precision: expected 'fp32', 'bf16' or 'fp16', got {value!r}."
-            f"{did_you_mean(str(value), ['fp32', 'bf16', 'fp16'])}"
+            f"Strategy.precision: expected 'auto', 'fp32', 'bf16' or 'fp16', got {value!r}."
+            f"{did_you_mean(str(value), PRECISIONS)}"
         )
+
+
+def _check_batch_size(instance, attribute, value) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+        raise StrategyError(
+            f"Strategy.{attribute.name}: must be an integer >= 1 or None, got {value!r}."
+        )
+    if attribute.name == "train_batch_size" and value is not None and instance.micro_batch_size:
+        per_rank = instance.micro_batch_size * instance.grad_accumulation
+        if value % per_rank:
+            raise StrategyError(
+                f"Strategy.train_batch_size: {value} is not a multiple of micro_batch_size x "
+                f"grad_accumulation = {instance.micro_batch_size} x {instance.grad_accumulation}"
+                f" = {per_rank}: train_batch_size = micro_batch_size x grad_accumulation x "
+                "data-parallel world size."
+            )
 
 
 def _check_loss_scaling(instance, attribute, value) -> None:
@@ -178,9 +203,12 @@ class Strategy:
     """Learning-rate schedule: a factor of the optimizer's lr per optimizer step."""
 
     precision: str = attrs.field(default="fp32", validator=_check_precision)
-    """'fp32', 'bf16' or 'fp16': matmul-like ops run in the low precision (casts inserted
-    by the 'mixed_precision' pass), weights and optimizer states stay fp32. fp16 adds
-    dynamic loss scaling (see loss_scaling)."""
+    """'auto', 'fp32', 'bf16' or 'fp16': matmul-like ops run in the low precision (casts
+    inserted by the 'mixed_precision' pass), weights and optimizer states stay fp32. fp16 adds
+    dynamic loss scaling (see loss_scaling). 'auto' is resolved at compile: bf16 where the
+    model's device computes it natively (CUDA compute capability 8.0+, CPUs with AVX-512-BF16
+    or AMX), else fp32; `explain()` shows the choice and why. An explicit bf16 where it is
+    emulated trains, and warns once that fp32 is faster there."""
 
     loss_scaling: LossScaling = attrs.field(factory=LossScaling, validator=_check_loss_scaling)
     """Dynamic loss-scaling settings, used when precision is 'fp16'."""
@@ -191,6 +219,16 @@ class Strategy:
 
     grad_clip: float | None = attrs.field(default=None, validator=_check_grad_clip)
     """Clip gradients to this global L2 norm (over all parameters and ranks); None: no clipping."""
+
+    micro_batch_size: int | None = attrs.field(default=None, validator=_check_batch_size)
+    """Samples each rank feeds per micro-step (DeepSpeed's train_micro_batch_size_per_gpu).
+    Strato builds no data loader: this documents the recipe and is checked at compile against
+    train_batch_size and the world size. None: not stated."""
+
+    train_batch_size: int | None = attrs.field(default=None, validator=_check_batch_size)
+    """Samples per optimizer step over all ranks (DeepSpeed's train_batch_size); at compile it
+    must equal micro_batch_size x grad_accumulation x the data-parallel world size, or the
+    compile fails showing the three numbers. None: not stated."""
 
     # ------------------------------------------------------------------ ZeRO
     zero: int = attrs.field(default=0, validator=check_zero)
@@ -217,6 +255,11 @@ class Strategy:
     """Stage 3: parameters with fewer elements stay whole on every rank (saves tiny
     gathers; their gradients and optimizer states are still sharded, as in stage 2)."""
 
+    mesh: Mesh = attrs.field(factory=Mesh, validator=check_mesh)
+    """How the ranks are arranged (strato.Mesh): ZeRO shards over `shard` and replicates
+    across `replicate` (hybrid sharding); data parallelism (zero=0) spans the whole mesh.
+    Default: every rank in one `shard` dimension."""
+
     # ------------------------------------------------------------------ inference
     quantize: Quantize | None = attrs.field(default=None, validator=_check_quantize)
     """Quantize linear layers of the inference (eval) graph: strato.Quantize(weights='int8'
@@ -234,7 +277,67 @@ class Strategy:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Strategy:
         """Build from plain data (as parsed from YAML); unknown keys are errors."""
+        if isinstance(data, Mapping):
+            from .deepspeed import looks_like_deepspeed
+
+            fields = {f.name for f in attrs.fields(cls)}
+            unknown = [k for k in data if k not in fields]
+            if unknown and looks_like_deepspeed(data):
+                raise StrategyError(
+                    f"Strategy.from_dict: unknown field {unknown[0]!r}; this looks like a "
+                    f"DeepSpeed config (keys {', '.join(map(repr, unknown[:4]))}). Read it with "
+                    "strato.Strategy.from_deepspeed(config) (or pass the .json file to "
+                    "strato.compile), which maps each key to its Strato field."
+                )
         return config_from_dict(cls, data, path="Strategy")
+
+    @classmethod
+    def from_deepspeed(
+        cls,
+        source: str | Path | Mapping[str, Any],
+        *,
+        model: Any = None,
+        world_size: int | None = None,
+        auto: Mapping[str, Any] | None = None,
+    ) -> Strategy:
+        """The Strategy a DeepSpeed config (a JSON file or a dict) describes, with DeepSpeed's
+        semantics. `model` and `world_size` resolve Hugging Face Trainer-style "auto" values;
+        `auto` gives the others by dotted key ({"optimizer.params.lr": 3e-4}). Unsupported keys
+        raise one error listing them all; keys without effect here warn once. For the full
+        mapping use `strato.convert_deepspeed`, which also returns the report."""
+        from .deepspeed import convert_deepspeed, warn_about_report
+
+        strategy, report = convert_deepspeed(source, model=model, world_size=world_size, auto=auto)
+        warn_about_report(report)
+        return strategy
+
+    @classmethod
+    def from_file(
+        cls, path: str | Path, *, model: Any = None, world_size: int | None = None
+    ) -> Strategy:
+        """A Strato YAML/JSON strategy or a DeepSpeed JSON config, told apart by content:
+        what `strato.compile(model, "ds_config.json")` reads."""
+        path = Path(path)
+        if not path.is_file():
+            raise StrategyError(
+                f"strategy file {str(path)!r} does not exist; give a Strato YAML (.yaml/.yml) "
+                "or a DeepSpeed / Strato JSON (.json) file."
+            )
+        text = path.read_text()
+        try:
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (json.JSONDecodeError, yaml.YAMLError) as exc:
+            raise StrategyError(f"strategy file {str(path)!r} does not parse: {exc}") from exc
+        if not isinstance(data, Mapping):
+            raise StrategyError(
+                f"strategy file {str(path)!r} must hold a mapping of fields, got "
+                f"{type(data).__name__}."
+            )
+        from .deepspeed import looks_like_deepspeed
+
+        if looks_like_deepspeed(data):
+            return cls.from_deepspeed(path, model=model, world_size=world_size)
+        return cls.from_dict(data)
 
     @classmethod
     def from_yaml(cls, source: str | Path) -> Strategy:
@@ -284,8 +387,37 @@ def _looks_like_path(source: str | Path) -> bool:
 
 def _raise_unknown(cls: type, key: str, path: str) -> typing.NoReturn:
     valid = [f.name for f in attrs.fields(cls)]
+    if path.endswith(f"(kind {cls.__name__})"):
+        valid.append("kind")
     raise StrategyError(
         f"{path}: unknown field {key!r}.{did_you_mean(key, valid)} Valid fields: {', '.join(valid)}."
+    )
+
+
+def check_batch_sizes(strategy: Strategy, world_size: int) -> None:
+    """DeepSpeed's identity train_batch_size = micro x accumulation x data-parallel world,
+    checked once the world size is known (at compile)."""
+    total, micro = strategy.train_batch_size, strategy.micro_batch_size
+    if total is None:
+        return
+    accumulation = strategy.grad_accumulation
+    if micro is None:
+        if total % (accumulation * world_size) == 0:
+            return
+        detail = f"train_batch_size {total} is not divisible by grad_accumulation x world size"
+        detail += f" = {accumulation} x {world_size}"
+    elif total == micro * accumulation * world_size:
+        return
+    else:
+        detail = (
+            f"train_batch_size {total} != micro_batch_size {micro} x grad_accumulation "
+            f"{accumulation} x data-parallel world size {world_size} = "
+            f"{micro * accumulation * world_size}"
+        )
+    raise StrategyError(
+        f"Strategy.train_batch_size: {detail}. Change one of the three (DeepSpeed: "
+        "train_batch_size, train_micro_batch_size_per_gpu, gradient_accumulation_steps), "
+        "or run on the number of processes they were written for."
     )
 
 
@@ -320,17 +452,33 @@ def _value_from_data(hint: Any, value: Any, path: str) -> Any:
         if value.get("kind", config_classes[0].__name__) == config_classes[0].__name__:
             value = {k: v for k, v in value.items() if k != "kind"}  # as config_to_dict writes it
         return config_from_dict(config_classes[0], value, path)
-    if config_classes and "kind" in value:
-        by_kind = {c.__name__.lower(): c for c in config_classes}
-        kind = str(value["kind"]).lower()
-        if kind not in by_kind:
-            raise StrategyError(
-                f"{path}.kind: unknown kind {value['kind']!r}.{did_you_mean(kind, by_kind)} "
-                f"Valid kinds: {', '.join(by_kind)}."
+    if not config_classes:
+        return value
+    names = [c.__name__ for c in config_classes]
+    if "kind" not in value:
+        hint = ""
+        if "type" in value:  # DeepSpeed's {"type": ..., "params": {...}}
+            hint = (
+                f" {{'type': {value['type']!r}, 'params': ...}} is DeepSpeed's form: write "
+                f"{{kind: <name>, <param>: ...}}, or read the whole config with "
+                "strato.Strategy.from_deepspeed."
             )
-        rest = {k: v for k, v in value.items() if k != "kind"}
-        return config_from_dict(by_kind[kind], rest, path)
-    return value
+            suggestion = suggest_kind(str(value["type"]), names)
+            hint += suggestion
+        raise StrategyError(
+            f"{path}: a mapping here needs a 'kind' key naming its class, one of "
+            f"{', '.join(names)} (e.g. {{kind: {names[0]}, ...}}).{hint}"
+        )
+    by_kind = {c.__name__.lower(): c for c in config_classes}
+    kind = str(value["kind"]).lower()
+    if kind not in by_kind:
+        raise StrategyError(
+            f"{path}.kind: unknown kind {value['kind']!r}.{suggest_kind(str(value['kind']), names)}"
+            f" Valid kinds: {', '.join(names)}."
+        )
+    cls = by_kind[kind]
+    rest = {k: v for k, v in value.items() if k != "kind"}
+    return config_from_dict(cls, rest, f"{path} (kind {cls.__name__})")
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:

@@ -194,8 +194,17 @@ OptimizerConfig = AdamW | SGD
 # ---------------------------------------------------------------------- schedules
 
 
+WARMUP_SHAPES = ("linear", "log")
+
+
 def _check_steps(schedule) -> None:
     name = type(schedule).__name__
+    if schedule.total_steps is None:
+        raise StrategyError(
+            f"{name}.total_steps: required (no default): the optimizer step at which the decay "
+            "reaches min_lr_ratio. Set it to the number of optimizer steps you will train; a "
+            "total_steps shorter than the run would hold the lr at its floor for the rest of it."
+        )
     for field in ("warmup_steps", "total_steps"):
         value = getattr(schedule, field)
         if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -207,17 +216,46 @@ def _check_steps(schedule) -> None:
         )
 
 
-def _warmup(step: int, warmup_steps: int) -> float | None:
-    """Linear warmup factor (step+1)/warmup while warming up, else None."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    return None
+def _check_warmup(schedule) -> None:
+    name = type(schedule).__name__
+    start = schedule.warmup_start
+    if start is not None and (
+        not isinstance(start, int | float) or isinstance(start, bool) or not 0 <= start <= 1
+    ):
+        raise StrategyError(f"{name}.warmup_start: must be None or in [0, 1], got {start!r}.")
+    if schedule.warmup_shape not in WARMUP_SHAPES:
+        raise StrategyError(
+            f"{name}.warmup_shape: expected 'linear' or 'log', got {schedule.warmup_shape!r}."
+        )
+    if schedule.warmup_shape == "log" and start is not None and schedule.warmup_steps == 1:
+        raise StrategyError(
+            f"{name}.warmup_steps: a 'log' warmup from warmup_start needs 0 or >= 2 steps, got 1."
+        )
+
+
+def _warmup(schedule, step: int) -> float | None:
+    """The warmup factor while warming up (step < warmup_steps), else None.
+
+    warmup_start None: (step+1)/warmup_steps, so the first step is not at lr 0. A number s:
+    s + (1 - s) * g, g = step/warmup_steps ('linear') or log(step+1)/log(warmup_steps)
+    ('log'), DeepSpeed's warmup_type."""
+    steps = schedule.warmup_steps
+    if step >= steps:
+        return None
+    start = schedule.warmup_start
+    if start is None:
+        if schedule.warmup_shape == "log":
+            return math.log(step + 2) / math.log(steps + 1)
+        return (step + 1) / steps
+    if schedule.warmup_shape == "log":
+        return start + (1 - start) * math.log(step + 1) / math.log(steps)
+    return start + (1 - start) * step / steps
 
 
 def _decayed(schedule, step: int, shape) -> float:
     """Warmup, then min_lr_ratio + (1 - min_lr_ratio) * shape(progress), progress 0 -> 1
     from the end of warmup to total_steps (and 1 after)."""
-    warm = _warmup(step, schedule.warmup_steps)
+    warm = _warmup(schedule, step)
     if warm is not None:
         return warm
     span = schedule.total_steps - schedule.warmup_steps
@@ -227,31 +265,51 @@ def _decayed(schedule, step: int, shape) -> float:
 
 @attrs.frozen(kw_only=True)
 class Constant:
-    """The optimizer's lr at every step, after an optional linear warmup."""
+    """The optimizer's lr at every step, after an optional warmup (warm-up then constant:
+    DeepSpeed's WarmupLR, Hugging Face's constant_with_warmup)."""
 
     warmup_steps: int = attrs.field(default=0, validator=_non_negative)
-    """Optimizer steps of linear warmup from lr/warmup_steps to lr."""
+    """Optimizer steps of warmup to lr."""
+
+    warmup_start: float | None = None
+    """Factor of lr at step 0, rising to 1 at warmup_steps; None starts at 1/warmup_steps
+    (so no step runs at lr 0). DeepSpeed's warmup_min_lr / warmup_max_lr."""
+
+    warmup_shape: str = "linear"
+    """'linear', or 'log' (log(step+1)/log(warmup_steps), DeepSpeed's default warmup_type)."""
+
+    def __attrs_post_init__(self) -> None:
+        _check_warmup(self)
 
     def factor(self, step: int) -> float:
         """LR multiplier for optimizer step `step` (0-based)."""
-        return _warmup(step, self.warmup_steps) or 1.0
+        warm = _warmup(self, step)
+        return 1.0 if warm is None else warm
 
 
 @attrs.frozen(kw_only=True)
 class WarmupLinear:
-    """Linear warmup, then linear decay to min_lr_ratio * lr at total_steps."""
+    """Warmup, then linear decay to min_lr_ratio * lr at total_steps (DeepSpeed's
+    WarmupDecayLR)."""
 
     warmup_steps: int = 0
-    """Optimizer steps of linear warmup."""
+    """Optimizer steps of warmup."""
 
-    total_steps: int = 1000
-    """Step at which the decay reaches its floor (and stays there)."""
+    total_steps: int | None = None
+    """Required: the step at which the decay reaches its floor (and stays there)."""
 
     min_lr_ratio: float = attrs.field(default=0.0, validator=_fraction)
     """Floor of the decay, as a fraction of lr."""
 
+    warmup_start: float | None = None
+    """Factor of lr at step 0 of the warmup (None: 1/warmup_steps), as for Constant."""
+
+    warmup_shape: str = "linear"
+    """'linear' or 'log' warmup, as for Constant."""
+
     def __attrs_post_init__(self) -> None:
         _check_steps(self)
+        _check_warmup(self)
 
     def factor(self, step: int) -> float:
         return _decayed(self, step, lambda progress: 1 - progress)
@@ -259,19 +317,27 @@ class WarmupLinear:
 
 @attrs.frozen(kw_only=True)
 class WarmupCosine:
-    """Linear warmup, then cosine decay to min_lr_ratio * lr at total_steps."""
+    """Warmup, then cosine decay to min_lr_ratio * lr at total_steps (DeepSpeed's
+    WarmupCosineLR)."""
 
     warmup_steps: int = 0
-    """Optimizer steps of linear warmup."""
+    """Optimizer steps of warmup."""
 
-    total_steps: int = 1000
-    """Step at which the cosine reaches its floor (and stays there)."""
+    total_steps: int | None = None
+    """Required: the step at which the cosine reaches its floor (and stays there)."""
 
     min_lr_ratio: float = attrs.field(default=0.0, validator=_fraction)
     """Floor of the decay, as a fraction of lr."""
 
+    warmup_start: float | None = None
+    """Factor of lr at step 0 of the warmup (None: 1/warmup_steps), as for Constant."""
+
+    warmup_shape: str = "linear"
+    """'linear' or 'log' warmup, as for Constant."""
+
     def __attrs_post_init__(self) -> None:
         _check_steps(self)
+        _check_warmup(self)
 
     def factor(self, step: int) -> float:
         return _decayed(self, step, lambda progress: 0.5 * (1 + math.cos(math.pi * progress)))
@@ -279,13 +345,13 @@ class WarmupCosine:
 
 @attrs.frozen(kw_only=True)
 class Polynomial:
-    """Linear warmup, then (1 - progress)**power decay to min_lr_ratio * lr at total_steps."""
+    """Warmup, then (1 - progress)**power decay to min_lr_ratio * lr at total_steps."""
 
     warmup_steps: int = 0
-    """Optimizer steps of linear warmup."""
+    """Optimizer steps of warmup."""
 
-    total_steps: int = 1000
-    """Step at which the decay reaches its floor (and stays there)."""
+    total_steps: int | None = None
+    """Required: the step at which the decay reaches its floor (and stays there)."""
 
     power: float = attrs.field(default=1.0, validator=_positive("power"))
     """Exponent of the decay; 1 is linear."""
@@ -293,14 +359,64 @@ class Polynomial:
     min_lr_ratio: float = attrs.field(default=0.0, validator=_fraction)
     """Floor of the decay, as a fraction of lr."""
 
+    warmup_start: float | None = None
+    """Factor of lr at step 0 of the warmup (None: 1/warmup_steps), as for Constant."""
+
+    warmup_shape: str = "linear"
+    """'linear' or 'log' warmup, as for Constant."""
+
     def __attrs_post_init__(self) -> None:
         _check_steps(self)
+        _check_warmup(self)
 
     def factor(self, step: int) -> float:
         return _decayed(self, step, lambda progress: (1 - progress) ** self.power)
 
 
 ScheduleConfig = Constant | WarmupLinear | WarmupCosine | Polynomial
+
+KIND_SYNONYMS = {
+    # DeepSpeed's scheduler and optimizer types
+    "warmuplr": "Constant",
+    "warmupdecaylr": "WarmupLinear",
+    "warmupcosinelr": "WarmupCosine",
+    "adam": "AdamW",
+    # Hugging Face Trainer's lr_scheduler_type and torch.optim.lr_scheduler names
+    "constant_with_warmup": "Constant",
+    "constantlr": "Constant",
+    "warmup": "Constant",
+    "linear": "WarmupLinear",
+    "linearlr": "WarmupLinear",
+    "cosine": "WarmupCosine",
+    "cosineannealinglr": "WarmupCosine",
+    "polynomiallr": "Polynomial",
+    "polynomial_decay": "Polynomial",
+}
+"""Names other libraries give the optimizers and schedules Strato has, lower-cased, mapped to
+the Strato kind with the same meaning. A did-you-mean must never point a warm-up-then-constant
+schedule at a decaying one (which would take the lr to 0 at a total_steps the user never set)."""
+
+
+def _normalized(name: str) -> str:
+    return "".join(c for c in name.lower() if c.isalnum())
+
+
+def suggest_kind(kind: str, kinds) -> str:
+    """' Did you mean X?' for an unknown `kind`: a synonym from KIND_SYNONYMS (same meaning)
+    first, else the closest spelling."""
+    import difflib
+
+    by_name = {_normalized(k): k for k in kinds}
+    synonyms = {_normalized(k): v for k, v in KIND_SYNONYMS.items()}
+    synonym = synonyms.get(_normalized(kind))
+    if synonym is not None and _normalized(synonym) in by_name:
+        return f" Did you mean {synonym!r} (the same thing in Strato)?"
+    if _normalized(kind) in ("onecycle", "onecyclelr", "cycliclr"):
+        return (
+            " Strato has no cyclic schedule (WarmupLinear with warmup_start is one up-down cycle)."
+        )
+    close = difflib.get_close_matches(_normalized(kind), list(by_name), n=1, cutoff=0.6)
+    return f" Did you mean {by_name[close[0]]!r}?" if close else ""
 
 
 # ---------------------------------------------------------------------- loss scaling

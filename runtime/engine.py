@@ -3,35 +3,48 @@
 It is a CompiledModel (called like the model, inspectable: graph, history, explain...)
 that also trains:
 
+    loss = engine.train_step(x, y)   # grad_accumulation micro-batches, then the update
+
+or the three-call loop, once per micro-batch:
+
     loss = engine(batch)      # the compiled training graph
     engine.backward(loss)     # loss / grad_accumulation (x loss scale for fp16), backward
     engine.step()             # at accumulation boundaries: sync, unscale, clip, update
 
 Gradient sync, optimizer states and the update belong to a state manager
 (runtime/state_manager.py): data parallel or ZeRO, the engine does not know which.
-What the passes decided (e.g. loss scaling from the mixed-precision pass) is read from
-the training graph's `ctx.records`.
+What the passes decided (loss scaling from the mixed-precision pass, whether parameters
+get sharded, whether the engine must own the step) is read from the training graph's
+`ctx.records`, never re-derived from the strategy.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
-import random
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from ..compiler.errors import StratoError
 from ..compiler.strategy import Strategy
-from . import checkpoint, collectives
+from . import collectives, engine_state
+from .collective_schedule import launch_entries, step_schedule, verify_collective_schedule
 from .compiled_model import CompiledGraph, CompiledModel
 from .loss_scaler import DynamicLossScaler
+from .optim import lr_factor
 from .state_manager import make_state_manager
+from .train_step import (
+    MicroBatch,
+    Schedule,
+    given_micro_batches,
+    is_micro_batch_source,
+    loss_of,
+    plain_schedule,
+    split_batch,
+)
 
 
 class TrainingEngine(CompiledModel):
@@ -49,13 +62,24 @@ class TrainingEngine(CompiledModel):
             )
         super().__init__(model, strategy, build_graph)
         train_ctx = self._graph_for(True).ctx
-        _check_ranks_agree(model, strategy)
-        if getattr(strategy, "zero", 0) == 3:
-            # ZeRO-3 leaves each parameter holding only its shard, after which the model
-            # cannot be captured again: build the eval graph now, while parameters are whole.
+        records = train_ctx.records
+        # One exchange, before any other collective: the step's collectives, then the
+        # strategy fields and parameters (a mismatch names the first entry that differs).
+        verify_collective_schedule(
+            step_schedule(records, train_ctx.mesh) + launch_entries(model, strategy)
+        )
+        if _passes_recording(records, "shards_parameters"):
+            # The manager will leave each parameter holding only its shard, after which the
+            # model cannot be captured again: build the eval graph now, while they are whole.
             self._graph_for(False)
+        self.step_owners = _passes_recording(records, "requires_train_step")
+        """Passes whose graphs only `train_step` can drive (e.g. a pipeline's schedule)."""
+        self.schedule: Schedule = plain_schedule
+        """How `train_step` runs forward/backward over its micro-batches (runtime/train_step.py)."""
+        self._in_train_step = False
+        self._loss_fn: Callable | None = None
         self.manager = make_state_manager(strategy, model, train_ctx, strategy.optimizer, None)
-        loss_scaling = train_ctx.records.get("mixed_precision", {}).get("loss_scaling", False)
+        loss_scaling = records.get("mixed_precision", {}).get("loss_scaling", False)
         self.scaler = DynamicLossScaler(strategy.loss_scaling) if loss_scaling else None
         self.global_step = 0
         """Optimizer steps taken (skipped fp16 steps included: the schedule moves on)."""
@@ -71,9 +95,17 @@ class TrainingEngine(CompiledModel):
         self._comm_start = collectives.comm_bytes()
         self._comm_mark = self._comm_start
         self._comm_last_step: dict[str, int] = {}
+        self._comm_dims_start = collectives.comm_bytes_by_dim()
+        self._comm_dims_mark = self._comm_dims_start
+        self._comm_dims_last_step: dict[str, dict[str, int]] = {}
+        self._pending_save = None
+        self._last_save_seconds = 0.0
+        engine_state.install_state_dict_hooks(self)
 
     # ------------------------------------------------------------------ training
     def forward(self, *args, **kwargs):
+        if self.training:
+            self._refuse_outside_train_step("engine(...)")
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
         if first is not None and self.training:
             self._tokens += first.numel()
@@ -89,6 +121,7 @@ class TrainingEngine(CompiledModel):
 
     def backward(self, loss: torch.Tensor) -> None:
         """Backpropagate one micro-step's loss (divided by grad_accumulation, scaled for fp16)."""
+        self._refuse_outside_train_step("engine.backward")
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ValueError(
                 "engine.backward expects the scalar loss tensor of this micro-step, got "
@@ -101,6 +134,73 @@ class TrainingEngine(CompiledModel):
                 "engine.step() after every engine.backward() (it only updates at accumulation "
                 "boundaries)."
             )
+        self.backward_micro_batch(loss)
+        self._backward_pending = True
+
+    def step(self) -> bool:
+        """End a micro-step; at an accumulation boundary update the weights.
+
+        Returns True when an optimizer step happened (or was skipped for an fp16 overflow)."""
+        self._refuse_outside_train_step("engine.step")
+        if not self._backward_pending:
+            raise RuntimeError("engine.step() needs an engine.backward(loss) before it.")
+        self._backward_pending = False
+        if self.micro_step < self.strategy.grad_accumulation:
+            return False
+        self._update()
+        return True
+
+    def train_step(self, *args, loss_fn: Callable | None = None, target: Any = None, **kwargs):
+        """One optimizer step over this rank's batch; returns its mean loss (a float).
+
+        `train_step(*args, **kwargs)` splits every tensor input along dim 0 into
+        `Strategy.grad_accumulation` equal micro-batches; `train_step(micro_batches)` takes
+        a list of exactly that many, or the next that many of an iterator (each a tuple of
+        positional inputs, a dict of keyword inputs, or one tensor). Each micro-batch runs
+        forward and backward (`self.schedule`), then the weights update once.
+
+        The loss is the model's output, or its `.loss` (Hugging Face models given labels);
+        for a model returning logits pass `loss_fn=fn, target=y`: the loss is
+        `fn(output, y_k)` with `y` split like the inputs (with a list of micro-batches,
+        `target` is a list of as many). The returned float is this rank's mean over its
+        micro-batches, as `stats()["loss"]`: average it over data-parallel ranks yourself
+        for the global batch's loss.
+        """
+        if not self.training:
+            raise StratoError(
+                "train_step needs the engine in training mode; call engine.train() first "
+                "(engine.eval() switched it to the eval graph)."
+            )
+        if self.micro_step or self._backward_pending:
+            raise StratoError(
+                f"train_step was called with {self.micro_step} of "
+                f"{self.strategy.grad_accumulation} micro-steps of the three-call loop "
+                "(engine(x), engine.backward, engine.step) still accumulating; finish them "
+                "with engine.step() until it returns True, or use only train_step."
+            )
+        n = self.strategy.grad_accumulation
+        if is_micro_batch_source(args, kwargs):
+            micro_batches = given_micro_batches(args[0], target, n)
+        else:
+            micro_batches = split_batch(args, kwargs, target, n)
+        self._loss_fn = loss_fn
+        self._in_train_step = True
+        try:
+            losses = self.schedule(self, micro_batches)
+        finally:
+            self._in_train_step = False
+            self._loss_fn = None
+        self._update()
+        return sum(float(loss) for loss in losses) / len(losses) if losses else math.nan
+
+    def micro_batch_loss(self, micro_batch: MicroBatch) -> torch.Tensor:
+        """Forward of one micro-batch and its scalar loss (a schedule's forward action)."""
+        output = self(*micro_batch.args, **micro_batch.kwargs)
+        return loss_of(output, micro_batch, self._loss_fn)
+
+    def backward_micro_batch(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch's loss: the manager learns whether it ends the
+        accumulation; the loss is divided by grad_accumulation and scaled for fp16."""
         accumulation = self.strategy.grad_accumulation
         self.manager.prepare_micro_step(is_boundary=self.micro_step + 1 == accumulation)
         scaled = loss / accumulation if accumulation > 1 else loss
@@ -108,18 +208,10 @@ class TrainingEngine(CompiledModel):
             scaled = scaled * self.scaler.scale
         scaled.backward()
         self._loss_sum += float(loss.detach())
-        self._backward_pending = True
-
-    def step(self) -> bool:
-        """End a micro-step; at an accumulation boundary update the weights.
-
-        Returns True when an optimizer step happened (or was skipped for an fp16 overflow)."""
-        if not self._backward_pending:
-            raise RuntimeError("engine.step() needs an engine.backward(loss) before it.")
-        self._backward_pending = False
         self.micro_step += 1
-        if self.micro_step < self.strategy.grad_accumulation:
-            return False
+
+    def _update(self) -> None:
+        """The accumulation boundary: land reductions, unscale, clip, update, count."""
         manager = self.manager
         manager.finish_backward()
         found_inf = False
@@ -131,7 +223,7 @@ class TrainingEngine(CompiledModel):
             grad_norm = math.inf
         else:
             grad_norm = manager.clip_grad_norm_(self.strategy.grad_clip)
-            manager.step(self.strategy.schedule.factor(self.global_step))
+            manager.step(lr_factor(self.strategy.schedule, self.global_step))
         manager.zero_grad()
         now = time.perf_counter()
         elapsed = now - self._step_started
@@ -140,7 +232,7 @@ class TrainingEngine(CompiledModel):
         )
         self._step_started, self._tokens = now, 0
         self._last = {
-            "loss": self._loss_sum / self.strategy.grad_accumulation,
+            "loss": self._loss_sum / max(self.micro_step, 1),
             "grad_norm": grad_norm,
         }
         self._loss_sum = 0.0
@@ -149,9 +241,26 @@ class TrainingEngine(CompiledModel):
         comm_now = collectives.comm_bytes()
         self._comm_last_step = _counter_growth(self._comm_mark, comm_now)
         self._comm_mark = comm_now
-        return True
+        dims_now = collectives.comm_bytes_by_dim()
+        self._comm_dims_last_step = collectives.growth_by_dim(self._comm_dims_mark, dims_now)
+        self._comm_dims_mark = dims_now
+
+    def _refuse_outside_train_step(self, call: str) -> None:
+        if self.step_owners and not self._in_train_step:
+            raise StratoError(
+                f"{call}: pass {self.step_owners[0]!r} recorded that this strategy needs the "
+                "engine to own the training step (its micro-batch schedule), so the three-call "
+                "loop cannot drive it; call engine.train_step(*batch) instead."
+            )
 
     # ------------------------------------------------------------------ reporting
+    @property
+    def mesh(self):
+        """The run's mesh (runtime/mesh.py): print it for the rank grid, the groups of each
+        dimension and the collectives the compiled graphs run over them."""
+        ctx = self._graph_for(True).ctx
+        return ctx.mesh.with_uses(ctx.records)
+
     @property
     def lr(self) -> float:
         """The learning rate the next optimizer step uses (the optimizer's lr x schedule)."""
@@ -174,79 +283,46 @@ class TrainingEngine(CompiledModel):
             "tokens_per_s": self._tokens_per_s,
             "comm_bytes": dict(self._comm_last_step),
             "comm_bytes_total": _counter_growth(self._comm_start, now),
+            # The same bytes by mesh dimension ('shard', 'replicate', 'replicate,shard'...).
+            "comm_bytes_by_dim": dict(self._comm_dims_last_step),
             "model_state_bytes": self.manager.model_state_bytes(),
         }
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, path: str | Path, keep_last: int = 2) -> Path:
+    # (the work is in runtime/engine_state.py; every rank must call these together)
+    def save_checkpoint(
+        self, path: str | Path, keep_last: int = 2, async_save: bool = True
+    ) -> Path:
         """Save model, optimizer, schedule position, loss scale, step and RNG states under
-        `path` (all ranks call it). Returns the step folder written."""
-        if self.micro_step != 0 or self._backward_pending:
-            raise RuntimeError(
-                "save_checkpoint in the middle of a gradient accumulation would lose the "
-                "accumulated gradients; save right after an engine.step() that returned True."
-            )
-        tensors, manager_meta = self.manager.state_dict()
-        rank = collectives.rank()
-        files = {f"rng.rank{rank}.safetensors": _rng_tensors()}
-        if self.manager.sharded:
-            files[f"state.rank{rank}.safetensors"] = tensors
-        elif rank == 0:
-            files["state.safetensors"] = tensors
-        metadata = None
-        if rank == 0:
-            metadata = {
-                "world_size": collectives.world_size(),
-                "sharded": self.manager.sharded,
-                "global_step": self.global_step,
-                "skipped_steps": self.skipped_steps,
-                "loss_scaler": self.scaler.state_dict() if self.scaler is not None else None,
-                "manager": manager_meta,
-                "python_rng": _python_rng_state(),
-                "strategy": self.strategy.to_yaml(),
-                "torch_version": torch.__version__,
-            }
-        return checkpoint.save(path, self.global_step, files, metadata, keep_last=keep_last)
+        `path` as layout-independent pieces (loadable at another world size or ZeRO stage).
+        Returns the step folder it will publish. With `async_save` the tensors are copied to
+        host memory now and written by a background thread; the next save, a load,
+        `wait_for_checkpoint()` or the process exit waits for it."""
+        return engine_state.save(self, path, keep_last, async_save)
+
+    def wait_for_checkpoint(self) -> Path | None:
+        """Wait until the save in progress is written (and, on rank 0, published)."""
+        return engine_state.wait_for_save(self)
 
     def load_checkpoint(self, path: str | Path) -> int:
-        """Restore everything `save_checkpoint` wrote; returns the step it resumes at."""
-        folder = checkpoint.resolve(path)
-        metadata = checkpoint.read_metadata(folder)
-        rank, world = collectives.rank(), collectives.world_size()
-        if metadata.get("sharded") and metadata.get("world_size") != world:
-            raise checkpoint.CheckpointError(
-                f"load_checkpoint: {folder} holds state sharded over {metadata.get('world_size')} "
-                f"ranks; this run has {world}. Resume with the same number of processes."
-            )
-        state_file = (
-            f"state.rank{rank}.safetensors" if metadata.get("sharded") else "state.safetensors"
-        )
-        tensors = checkpoint.read_tensors(folder, state_file, metadata)
-        try:
-            self.manager.load_state_dict(tensors, metadata["manager"])
-        except (KeyError, ValueError, RuntimeError) as exc:
-            raise checkpoint.CheckpointError(
-                f"load_checkpoint: {folder} does not fit this model/strategy: {exc}"
-            ) from exc
-        self.global_step = int(metadata["global_step"])
-        self.skipped_steps = int(metadata.get("skipped_steps", 0))
-        if self.scaler is not None and metadata.get("loss_scaler"):
-            self.scaler.load_state_dict(metadata["loss_scaler"])
-        rng_file = f"rng.rank{rank}.safetensors"
-        if rng_file in metadata.get("files", {}):
-            _set_rng_tensors(checkpoint.read_tensors(folder, rng_file, metadata))
-        else:
-            warnings.warn(
-                f"load_checkpoint: {folder} has no RNG state for rank {rank} (saved with "
-                f"{metadata.get('world_size')} ranks): this rank keeps its current RNG, so "
-                "dropout masks will not repeat the original run.",
-                stacklevel=2,
-            )
-        if rank == 0 and metadata.get("python_rng") is not None:
-            _set_python_rng_state(metadata["python_rng"])
-        self.micro_step = 0
-        self._backward_pending = False
-        return self.global_step
+        """Restore everything `save_checkpoint` wrote (any world size or ZeRO stage), all or
+        nothing: every file and piece is read and checked before anything changes.
+        Returns the step it resumes at."""
+        return engine_state.load(self, path)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Whole tensors under the model's own state-dict names (CPU), for any strategy;
+        call on every rank."""
+        return engine_state.full_state_dict(self)
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write what transformers' `save_pretrained` writes (config.json, model.safetensors
+        with tied weights once) from the whole tensors; call on every rank."""
+        return engine_state.save_pretrained(self, directory)
+
+    def layout(self):
+        """(layout per model tensor, alias -> first name) on this rank, from the records."""
+        return engine_state.layout_of(self)
 
     def __repr__(self) -> str:
         return f"TrainingEngine({type(self.model).__name__}, {self.strategy!r})"
@@ -259,51 +335,8 @@ def _counter_growth(before: dict[str, int], after: dict[str, int]) -> dict[str, 
     return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
 
 
-def _check_ranks_agree(model: torch.nn.Module, strategy: Strategy) -> None:
-    """Fail fast (instead of hanging in a collective later) when ranks were started with
-    different models or strategies."""
-    if collectives.world_size() == 1:
-        return
-    text = strategy.to_yaml() + "".join(
-        f"{n}:{tuple(p.shape)}:{p.dtype};" for n, p in model.named_parameters()
-    )
-    digest = int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "little")
-    mine = torch.tensor([digest], dtype=torch.int64)
-    everyone = torch.zeros(collectives.world_size(), dtype=torch.int64)
-    collectives.all_gather_into_tensor(everyone, mine)
-    differing = [r for r, d in enumerate(everyone.tolist()) if d != everyone[0].item()]
-    if differing:
-        raise RuntimeError(
-            f"ranks {differing} were started with a different model or strategy than rank 0 "
-            "(parameter names/shapes or Strategy fields differ); every rank must run the same "
-            "script with the same settings."
-        )
-
-
-def _rng_tensors() -> dict[str, torch.Tensor]:
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        tensors["torch_cuda"] = torch.cuda.get_rng_state()
-    return tensors
-
-
-def _set_rng_tensors(tensors: dict[str, torch.Tensor]) -> None:
-    torch.set_rng_state(tensors["torch_cpu"])
-    if "torch_cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensors["torch_cuda"])
-
-
-def _python_rng_state() -> dict[str, Any]:
-    version, state, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": [version, list(state), gauss],
-        "numpy": [kind, keys.tolist(), int(pos), int(has_gauss), float(cached)],
-    }
-
-
-def _set_python_rng_state(state: dict[str, Any]) -> None:
-    version, inner, gauss = state["python"]
-    random.setstate((version, tuple(inner), gauss))
-    kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+def _passes_recording(records: dict[str, Any], key: str) -> list[str]:
+    """Names of the passes whose record sets `key` (a decision the engine acts on)."""
+    return [
+        name for name, record in records.items() if isinstance(record, dict) and record.get(key)
+    ]

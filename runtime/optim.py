@@ -1,4 +1,5 @@
-"""Parameter groups and torch optimizers from an optimizer config (strato.AdamW, strato.SGD).
+"""Parameter groups and torch optimizers from an optimizer config (strato.AdamW, strato.SGD),
+and the schedule's factor for the step being taken.
 
 Groups split parameters by weight decay (biases and normalization weights get none by
 default) and, with layer-wise LR decay, by layer. Each group carries 'names' (its
@@ -9,10 +10,11 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 
 import torch
 
-from ..compiler.training_config import OptimizerConfig
+from ..compiler.training_config import OptimizerConfig, ScheduleConfig
 
 NORM_TYPES = (
     torch.nn.LayerNorm,
@@ -110,3 +112,24 @@ def build_optimizer(
 ) -> torch.optim.Optimizer:
     """The torch optimizer `config` names, over `param_groups(model, config, params)`."""
     return config.build(param_groups(model, config, params))
+
+
+_warned_past_end: set = set()
+
+
+def lr_factor(schedule: ScheduleConfig, step: int) -> float:
+    """`schedule.factor(step)` for the optimizer step about to run. A step at or past a
+    decaying schedule's total_steps runs at its final lr (the floor) and warns, once per
+    schedule per process: a total_steps shorter than the run silently wastes the rest."""
+    factor = schedule.factor(step)
+    total = getattr(schedule, "total_steps", None)
+    if total is not None and step >= total and schedule not in _warned_past_end:
+        _warned_past_end.add(schedule)
+        warnings.warn(
+            f"{type(schedule).__name__}.total_steps={total}: optimizer step {step} is past the "
+            f"end of the schedule, so it and every later step run at its final lr "
+            f"({factor:g} x the optimizer's lr). Set total_steps to the number of optimizer "
+            "steps you train.",
+            stacklevel=3,
+        )
+    return factor
