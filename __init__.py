@@ -5,14 +5,17 @@ compiled = strato.compile(model, strato.Strategy(), example_inputs=(x,))
 
 from .compiler.compile import compile
 from .compiler.context import CompileContext
+from .compiler.deepspeed import DeepSpeedReport, convert_deepspeed
 from .compiler.cost_model import Explanation
 from .compiler.errors import (
     CaptureError,
+    InputError,
     PassContractError,
     PassError,
     StrategyError,
     StratoError,
 )
+from .compiler.mesh_config import Mesh
 from .compiler.pass_manager import GraphPass, PassRecord, graph_pass
 from .compiler.quantize_config import Quantize
 from .compiler.strategy import Strategy
@@ -26,6 +29,7 @@ from .compiler.training_config import (
     WarmupLinear,
 )
 from .compiler.zero_config import NVMe
+from .consolidate import consolidate
 from .runtime.checkpoint import CheckpointError
 from .runtime.compiled_model import CompiledModel
 from .runtime.engine import TrainingEngine
@@ -39,6 +43,7 @@ __all__ = [
     "CheckpointError",
     "Constant",
     "LossScaling",
+    "Mesh",
     "NVMe",
     "Polynomial",
     "TrainingEngine",
@@ -49,6 +54,7 @@ __all__ = [
     "CompiledModel",
     "Explanation",
     "GraphPass",
+    "InputError",
     "PassContractError",
     "PassError",
     "PassRecord",
@@ -56,6 +62,9 @@ __all__ = [
     "Strategy",
     "StrategyError",
     "compile",
+    "convert_deepspeed",
+    "DeepSpeedReport",
+    "consolidate",
     "graph_pass",
     "ArtifactError",
     "LoadedModel",
