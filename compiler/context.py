@@ -7,6 +7,7 @@ from typing import Any
 import attrs
 import torch
 
+from ..runtime.mesh import ProcessMesh, build_mesh
 from .strategy import Strategy
 
 
@@ -28,6 +29,11 @@ class CompileContext:
     """The mode this graph was captured in (train or eval)."""
     rank: int = 0
     world_size: int = 1
+    mesh: ProcessMesh = attrs.field(
+        default=attrs.Factory(lambda self: build_mesh(self.strategy.mesh), takes_self=True)
+    )
+    """The ranks as named dimensions (runtime/mesh.py): passes read group sizes here and
+    name the dimension each collective node runs over; the runtime resolves it to a group."""
     records: dict[str, Any] = attrs.field(factory=dict)
     """Per-pass decisions, keyed by pass name: e.g. which parameters a sharding pass split."""
     capture_method: str = ""

@@ -30,6 +30,10 @@ def builtin_passes(strategy: Strategy) -> list[GraphPass]:
         from ..passes.zero import ZERO_PASSES
 
         passes.append(ZERO_PASSES[strategy.zero])
+    elif strategy.optimizer is not None:  # training without ZeRO: data parallel buckets
+        from ..passes.zero import data_parallel
+
+        passes.append(data_parallel)
     return [as_graph_pass(p) for p in passes]
 
 

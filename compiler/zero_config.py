@@ -73,10 +73,11 @@ def check_positive_number(instance, attribute, value) -> None:
 
 def explain_zero(record: dict[str, Any], optimizer: Any) -> dict[str, Any]:
     """Per-rank bytes after sharding and bytes sent per collective per step (ring
-    algorithms), from the zero pass's record; read by the cost model."""
+    algorithms), overall and per mesh dimension, from the zero pass's record; read by
+    the cost model."""
     import torch
 
-    n, stage = record["world_size"], record["stage"]
+    n, replicas, stage = record["shard_size"], record["replicate_size"], record["stage"]
     params = record["params"]
     itemsize = 4  # fp32 master parameters and gradients
     gathered = {name for unit in record["units"] for name in unit["params"]}
@@ -95,14 +96,25 @@ def explain_zero(record: dict[str, Any], optimizer: Any) -> dict[str, Any]:
         )
     unit_s = sum(u["shard_numel"] for u in record["units"])
     bucket_s = sum(b["shard_numel"] for b in record["buckets"])
-    comm = {
-        "all_gather": itemsize * (n - 1) * (bucket_s + 2 * unit_s),
-        "reduce_scatter": itemsize * (n - 1) * (bucket_s + unit_s),
+    by_dim = {
+        record["shard_dim"]: {
+            "all_gather": itemsize * (n - 1) * (bucket_s + 2 * unit_s),
+            "reduce_scatter": itemsize * (n - 1) * (bucket_s + unit_s),
+        }
     }
+    if replicas > 1:  # every reduced shard is all-reduced across the replicas
+        by_dim[record["replicate_dim"]] = {
+            "all_reduce": round(itemsize * 2 * (replicas - 1) / replicas * (bucket_s + unit_s))
+        }
+    comm: dict[str, int] = {}
+    for kinds in by_dim.values():
+        for kind, nbytes in kinds.items():
+            comm[kind] = comm.get(kind, 0) + nbytes
     offload = record.get("offload")
     notes = [
-        f"ZeRO stage {stage} over {n} ranks: {len(record['buckets'])} buckets, "
-        f"{len(record['units'])} gathered units; comm/step counts ring bytes sent per rank"
+        f"ZeRO stage {stage} over {n} shards x {replicas} replicas: "
+        f"{len(record['buckets'])} buckets, {len(record['units'])} gathered units; "
+        "comm/step counts ring bytes sent per rank"
     ]
     if offload:
         notes.append(f"optimizer state offloaded to {offload.get('path') or offload['kind']}")
@@ -111,5 +123,27 @@ def explain_zero(record: dict[str, Any], optimizer: Any) -> dict[str, Any]:
         "gradient_bytes": itemsize * grad_elems,
         "optimizer_state_bytes": opt_bytes,
         "comm_bytes_per_step": comm,
+        "comm_bytes_per_dim": by_dim,
         "notes": notes,
+    }
+
+
+def explain_data_parallel(record: dict[str, Any]) -> dict[str, Any]:
+    """Ring bytes one rank sends per step for the data-parallel gradient all-reduces
+    (each bucket's elements plus one flag per parameter, in the bucket's dtype)."""
+    import torch
+
+    world = record["size"]
+    payload = sum(
+        (b["numel"] + len(b["params"])) * getattr(torch, b["dtype"]).itemsize
+        for b in record["buckets"]
+    )
+    sent = round(2 * (world - 1) / world * payload) if world > 1 else 0
+    return {
+        "comm_bytes_per_step": {"all_reduce": sent} if sent else {},
+        "comm_bytes_per_dim": {",".join(record["mesh_dims"]): {"all_reduce": sent}} if sent else {},
+        "notes": [
+            f"data parallel over {world} ranks: {len(record['buckets'])} gradient buckets "
+            "all-reduced during backward"
+        ],
     }

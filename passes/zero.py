@@ -32,12 +32,15 @@ import torch
 import torch.fx as fx
 
 from ..compiler.context import CompileContext
+from ..compiler.layout import register_flat_shards
 from ..compiler.pass_manager import graph_pass
 from ..runtime import zero_ops
 from ..runtime.buckets import shard_numel
 from .annotate import getattr_path
 
 _LAYER = re.compile(r"^(.*?\.\d+)(\.|$)")
+SHARD, REPLICATE = "shard", "replicate"
+"""The mesh dimensions ZeRO shards over and replicates across (runtime/mesh.py)."""
 
 
 def unit_name(param_name: str) -> str:
@@ -122,7 +125,8 @@ def _offload_record(offload: Any) -> dict | None:
 def plan_zero(gm: fx.GraphModule, ctx: CompileContext, stage: int) -> fx.GraphModule:
     """Record the sharding layout for `stage`; for stage 3 also rewrite parameter reads."""
     settings = _settings(ctx)
-    n = ctx.world_size
+    n = ctx.mesh.size(SHARD)  # shards: ranks along `shard`; replicas along `replicate`
+    replicas = ctx.mesh.size(REPLICATE)
     uses = _parameter_uses(gm, ctx.model)
     params = {name: nodes[0] for name, nodes in uses.items()}
     tensors = {name: getattr_path(gm, node.target) for name, node in params.items()}
@@ -163,7 +167,11 @@ def plan_zero(gm: fx.GraphModule, ctx: CompileContext, stage: int) -> fx.GraphMo
     ctx.record(
         "zero",
         stage=stage,
-        world_size=n,
+        world_size=ctx.world_size,
+        shard_dim=SHARD,
+        shard_size=n,
+        replicate_dim=REPLICATE,
+        replicate_size=replicas,
         **settings,
         params={
             name: {
@@ -183,8 +191,37 @@ def plan_zero(gm: fx.GraphModule, ctx: CompileContext, stage: int) -> fx.GraphMo
         forward_order=[u["name"] for u in units],
         # The engine reads this: once the manager shards them, parameters cannot be captured.
         shards_parameters=bool(units),
+        collectives=_collectives(stage, bool(units), bool(buckets), replicas),
+    )
+    # Checkpoints, full_state_dict and resharding read where each tensor lives from here.
+    register_flat_shards(
+        ctx,
+        f"zero{stage}",
+        {t: (p, t not in gathered) for t, p in tensors.items()},
+        ctx.mesh.group(SHARD).rank,
+        n,
     )
     return gm
+
+
+def _collectives(stage: int, has_units: bool, has_buckets: bool, replicas: int) -> list[dict]:
+    """What the step communicates over which mesh dimension (printed by `engine.mesh`)."""
+    out = []
+    if has_units:
+        out += [
+            {"op": "all_gather", "dim": SHARD, "what": "stage-3 unit parameters (forward, backward)"},
+            {"op": "reduce_scatter", "dim": SHARD, "what": "stage-3 unit gradients"},
+        ]
+    if has_buckets:
+        when = "at the boundary" if stage == 1 else "during backward"
+        out += [
+            {"op": "reduce_scatter", "dim": SHARD, "what": f"gradient buckets ({when})"},
+            {"op": "all_gather", "dim": SHARD, "what": "updated bucket shards (after the update)"},
+        ]
+    if replicas > 1:
+        out.append({"op": "all_reduce", "dim": REPLICATE, "what": "reduced gradient shards"})
+    out.append({"op": "all_reduce", "dim": SHARD, "what": "gradient norm / found-inf (scalars)"})
+    return out
 
 
 def _insert_bucket_waits(
@@ -213,6 +250,8 @@ def _insert_bucket_waits(
         wait.meta["strato_zero"] = {
             "bucket": buckets[index]["name"],
             "lands": "the bucket's parameter all-gather started by the last update",
+            "collective": "all_gather",
+            "mesh_dim": SHARD,
         }
     used = sorted(first, key=lambda i: first[i][0])
     return used + [i for i in range(len(buckets)) if i not in first], bool(first)
@@ -242,7 +281,10 @@ def _insert_gathers(
             "unit": unit["name"],
             "params": names,
             "collective": "all_gather",
-            "backward": "all_gather (recompute) + reduce_scatter into the shards",
+            "mesh_dim": SHARD,
+            "backward": "all_gather (recompute) + reduce_scatter into the shards over "
+            f"{SHARD!r}, then all_reduce over {REPLICATE!r}",
+            "backward_mesh_dims": [SHARD, REPLICATE],
         }
         for name, full, shard_node in zip(names, fulls, shard_nodes):
             val = shard_node.meta.get("val")
@@ -306,3 +348,59 @@ def zero_stage3(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
 
 
 ZERO_PASSES = {1: zero_stage1, 2: zero_stage2, 3: zero_stage3}
+
+DATA_PARALLEL_BUCKET_BYTES = 25 * 2**20
+"""Gradient bytes per data-parallel all-reduce bucket (DDP's default)."""
+
+
+@graph_pass(
+    name="data_parallel",
+    requires="shapes",
+    provides="data_parallel",
+    conflicts=("zero1", "zero2", "zero3"),
+)
+def data_parallel(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    """ZeRO stage 0: record the gradient all-reduce buckets over the whole mesh
+    (replicate x shard), in gradient-ready order (reverse first use), same-dtype runs of
+    at most DATA_PARALLEL_BUCKET_BYTES; runtime/data_parallel.py follows them."""
+    uses = _parameter_uses(gm, ctx.model)
+    tensors = {name: getattr_path(gm, nodes[0].target) for name, nodes in uses.items()}
+    for name, p in ctx.model.named_parameters():
+        if p.requires_grad and name not in tensors:  # never read: never gets a gradient
+            tensors[name] = p
+    order = _first_use_order(gm, uses) + [t for t in tensors if t not in uses]
+    buckets: list[list[str]] = []
+    size = 0
+    for name in reversed(order):
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        full = size + nbytes > DATA_PARALLEL_BUCKET_BYTES
+        if not buckets or full or tensors[buckets[-1][0]].dtype != t.dtype:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(name)
+        size += nbytes
+    dims = [REPLICATE, SHARD]
+    ctx.record(
+        "data_parallel",
+        mesh_dims=dims,
+        size=ctx.mesh.size(*dims),
+        bucket_bytes=DATA_PARALLEL_BUCKET_BYTES,
+        buckets=[
+            {
+                "name": f"bucket{i}",
+                "params": names,
+                "numel": sum(tensors[n].numel() for n in names),
+                "dtype": str(tensors[names[0]].dtype).removeprefix("torch."),
+            }
+            for i, names in enumerate(buckets)
+        ],
+        collectives=[
+            {
+                "op": "all_reduce",
+                "dim": ",".join(dims),
+                "what": "gradient buckets, during backward (+1 has-gradient flag per parameter)",
+            }
+        ],
+    )
+    return gm

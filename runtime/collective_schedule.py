@@ -58,9 +58,13 @@ def zero_schedule(record: dict[str, Any]) -> list[Collective]:
             schedule.append(("all_reduce", (group["shard_numel"],), dtype, replicate))
 
     for unit in record["units"]:  # forward gathers
-        schedule.append(("all_gather", (n, unit["shard_numel"]), group_dtype(unit["params"]), shard))
+        schedule.append(
+            ("all_gather", (n, unit["shard_numel"]), group_dtype(unit["params"]), shard)
+        )
     for unit in reversed(record["units"]):  # backward: gather again, then reduce
-        schedule.append(("all_gather", (n, unit["shard_numel"]), group_dtype(unit["params"]), shard))
+        schedule.append(
+            ("all_gather", (n, unit["shard_numel"]), group_dtype(unit["params"]), shard)
+        )
         reduce(unit)
     for bucket in record["buckets"]:
         reduce(bucket)

@@ -3,7 +3,15 @@
 Every collective Strato issues goes through here, so each call is counted: `comm_bytes()`
 returns, per collective kind, the payload bytes this rank handed to the collective
 (all_reduce / broadcast: the tensor; all_gather: the local input; reduce_scatter: the
-full input). The engine reports the growth of these counters as stats()["comm_bytes"].
+full input); `comm_bytes_by_dim()` the same per mesh dimension. The engine reports the
+growth of these counters as stats()["comm_bytes"] and stats()["comm_bytes_by_dim"].
+
+`group` is a `runtime.mesh.MeshGroup` (what `ctx.mesh.group(dim)` returns: it names its
+dimension and says on which device its collectives take tensors) or a plain
+ProcessGroup / None (the default group, counted under 'world'). Every tensor must be on
+the group's device (`mesh.collective_device`: CUDA for NCCL, CPU for gloo): a tensor
+elsewhere raises CollectiveDeviceError naming the collective, the group and both devices.
+`observe(fn)` calls fn(op, group name, devices) for every collective (tests use it).
 
 With no process group initialised (a single process) every call is a local no-op
 (all_gather/reduce_scatter copy), so single-process code needs no special case.
@@ -17,6 +25,7 @@ STRATO_GLOO_NATIVE_COLLECTIVES=1 to use gloo's own.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections import Counter, deque
@@ -26,8 +35,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..compiler.errors import StratoError
+from .mesh import MeshGroup, collective_device
+
 _lock = threading.Lock()
 _bytes: Counter[str] = Counter()
+_bytes_by_dim: dict[str, Counter[str]] = {}
+_observers: list[Callable[[str, str, list[torch.device]], None]] = []
 _recent: deque[tuple[torch.Tensor, ...]] = deque(maxlen=2)
 """The tensors of the last few collectives, held so that Python never drops a tensor
 before gloo's worker thread drops the work that used it: that thread would then need
@@ -37,16 +51,54 @@ active exception"). Once dynamo is imported, destroy_process_group no longer sto
 those threads, so destroying the group at exit cannot prevent this."""
 
 
+class CollectiveDeviceError(StratoError, RuntimeError):
+    """A collective got a tensor on another device than its group's (NCCL needs CUDA
+    tensors, gloo CPU ones)."""
+
+
 def comm_bytes() -> dict[str, int]:
     """Payload bytes sent so far in this process, by collective kind."""
     with _lock:
         return dict(_bytes)
 
 
-def _count(kind: str, tensor: torch.Tensor, *more: torch.Tensor) -> None:
-    """Count a collective's payload and hold its tensors (see `_recent`)."""
+def comm_bytes_by_dim() -> dict[str, dict[str, int]]:
+    """Payload bytes sent so far in this process, by mesh dimension, then collective kind
+    ('world' for collectives over the default group that name no dimension)."""
     with _lock:
-        _bytes[kind] += tensor.numel() * tensor.element_size()
+        return {dim: dict(kinds) for dim, kinds in _bytes_by_dim.items()}
+
+
+@contextlib.contextmanager
+def observe(callback: Callable[[str, str, list[torch.device]], None]):
+    """Within the block, call `callback(op, group name, devices of its tensors)` for every
+    collective that communicates."""
+    _observers.append(callback)
+    try:
+        yield
+    finally:
+        _observers.remove(callback)
+
+
+def _count(kind: str, group: Any | None, tensor: torch.Tensor, *more: torch.Tensor) -> None:
+    """Check a collective's tensors are on its group's device, count its payload (also
+    under its mesh dimension) and hold its tensors (see `_recent`)."""
+    name = group_name(group)
+    expected = device_of(group)
+    devices = [t.device for t in (tensor, *more)]
+    wrong = next((d for d in devices if d != expected), None)
+    if wrong is not None:
+        raise CollectiveDeviceError(
+            f"{kind} over mesh group {name!r} got a tensor on {wrong}; this group's "
+            f"collectives take tensors on {expected} (NCCL: CUDA, gloo: CPU). Create "
+            "communication buffers on the group's device (MeshGroup.device)."
+        )
+    for observer in list(_observers):
+        observer(kind, name, devices)
+    nbytes = tensor.numel() * tensor.element_size()
+    with _lock:
+        _bytes[kind] += nbytes
+        _bytes_by_dim.setdefault(name, Counter())[kind] += nbytes
         _recent.append((tensor, *more))
 
 
@@ -54,12 +106,37 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _pg(group: Any | None) -> Any | None:
+    """The torch ProcessGroup behind a MeshGroup (or the group itself)."""
+    return group.process_group if isinstance(group, MeshGroup) else group
+
+
+def group_name(group: Any | None) -> str:
+    return group.name if isinstance(group, MeshGroup) else "world"
+
+
+def device_of(group: Any | None = None) -> torch.device:
+    """Where `group`'s collectives take their tensors."""
+    return group.device if isinstance(group, MeshGroup) else collective_device(group)
+
+
 def world_size(group: Any | None = None) -> int:
+    if isinstance(group, MeshGroup):
+        return group.size
     return dist.get_world_size(group) if is_distributed() else 1
 
 
 def rank(group: Any | None = None) -> int:
+    if isinstance(group, MeshGroup):
+        return group.rank
     return dist.get_rank(group) if is_distributed() else 0
+
+
+def global_rank(group: Any | None, group_rank: int) -> int:
+    """The global rank of `group`'s rank `group_rank`."""
+    if isinstance(group, MeshGroup):
+        return group.ranks[group_rank]
+    return dist.get_global_rank(group, group_rank) if group is not None else group_rank
 
 
 class _Done:
@@ -95,7 +172,7 @@ def _direct(group: Any | None) -> bool:
     """Whether to use the direct all_to_all / broadcast algorithms (gloo; see the top)."""
     if os.environ.get("STRATO_GLOO_NATIVE_COLLECTIVES", "0") not in ("", "0"):
         return False
-    return dist.get_backend(group) == "gloo"
+    return dist.get_backend(_pg(group)) == "gloo"
 
 
 def _finished(work: _Then, async_op: bool):
@@ -114,16 +191,18 @@ def all_reduce(
     """In-place all-reduce (default SUM); returns a work handle when async_op."""
     if world_size(group) == 1:
         return _Done() if async_op else None
-    _count("all_reduce", tensor)
-    return dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM, group=group, async_op=async_op)
+    _count("all_reduce", group, tensor)
+    return dist.all_reduce(
+        tensor, op=op or dist.ReduceOp.SUM, group=_pg(group), async_op=async_op
+    )
 
 
 def broadcast(tensor: torch.Tensor, src: int = 0, group: Any | None = None, async_op: bool = False):
     """In-place broadcast from global rank `src`."""
     if world_size(group) == 1:
         return _Done() if async_op else None
-    _count("broadcast", tensor)
-    return dist.broadcast(tensor, src=src, group=group, async_op=async_op)
+    _count("broadcast", group, tensor)
+    return dist.broadcast(tensor, src=src, group=_pg(group), async_op=async_op)
 
 
 def all_gather_into_tensor(
@@ -136,7 +215,7 @@ def all_gather_into_tensor(
     if n == 1:
         output.copy_(input.reshape(output.shape))
         return _Done() if async_op else None
-    _count("all_gather", input, output)
+    _count("all_gather", group, input, output)
     if _direct(group) and output.is_contiguous():
         # One broadcast per rank into its slot of `output`; global ranks for `src`.
         slots = output.view(n, -1)
@@ -146,12 +225,7 @@ def all_gather_into_tensor(
         with _lock:
             _recent[-1] = (*_recent[-1], *rows)
         works = [
-            dist.broadcast(
-                rows[r],
-                src=dist.get_global_rank(group, r) if group else r,
-                group=group,
-                async_op=True,
-            )
+            dist.broadcast(rows[r], src=global_rank(group, r), group=_pg(group), async_op=True)
             for r in range(n)
         ]
         return _finished(_Then(works), async_op)
@@ -161,11 +235,11 @@ def all_gather_into_tensor(
     )
     if single is not None:
         try:
-            return single(output, input, group=group, async_op=async_op)
+            return single(output, input, group=_pg(group), async_op=async_op)
         except (RuntimeError, NotImplementedError):
             pass
     chunks = list(output.chunk(n))
-    work = dist.all_gather(chunks, input, group=group)
+    work = dist.all_gather(chunks, input, group=_pg(group))
     return _Done() if async_op else work
 
 
@@ -184,13 +258,13 @@ def reduce_scatter_tensor(
     if n == 1:
         output.copy_(input.reshape(output.shape))
         return _Done() if async_op else None
-    _count("reduce_scatter", input, output)
+    _count("reduce_scatter", group, input, output)
     if _direct(group) and op == dist.ReduceOp.SUM and output.is_contiguous():
         # Chunk r of every rank lands on rank r, which sums what it received.
         received, flat = torch.empty_like(input.reshape(-1)), input.reshape(-1)
         with _lock:
             _recent[-1] = (*_recent[-1], received, flat)
-        work = dist.all_to_all_single(received, flat, group=group, async_op=True)
+        work = dist.all_to_all_single(received, flat, group=_pg(group), async_op=True)
 
         def sum_received() -> None:
             torch.sum(received.view(n, -1), dim=0, out=output.view(-1))
@@ -201,19 +275,47 @@ def reduce_scatter_tensor(
     )
     if single is not None:
         try:
-            return single(output, input, op=op, group=group, async_op=async_op)
+            return single(output, input, op=op, group=_pg(group), async_op=async_op)
         except (RuntimeError, NotImplementedError):
             pass
     chunks = list(input.chunk(n))
     try:
-        dist.reduce_scatter(output, chunks, op=op, group=group)
+        dist.reduce_scatter(output, chunks, op=op, group=_pg(group))
     except (RuntimeError, NotImplementedError):
         full = input.clone()
-        dist.all_reduce(full, op=op, group=group)
+        dist.all_reduce(full, op=op, group=_pg(group))
         output.copy_(full.chunk(n)[rank(group)].reshape(output.shape))
     return _Done() if async_op else None
 
 
 def barrier(group: Any | None = None) -> None:
     if world_size(group) > 1:
+        dist.barrier(group=_pg(group))
+
+
+def monitored_barrier(timeout_s: float, group: Any | None = None) -> None:
+    """A barrier that fails after `timeout_s` instead of hanging, naming the ranks that did
+    not arrive (gloo's monitored_barrier; other backends fall back to a plain barrier)."""
+    if world_size(group) == 1:
+        return
+    if dist.get_backend(group) != "gloo":
         dist.barrier(group=group)
+        return
+    import datetime
+
+    dist.monitored_barrier(
+        group=group, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True
+    )
+
+
+def growth_by_dim(
+    before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]
+) -> dict[str, dict[str, int]]:
+    """What `comm_bytes_by_dim()` grew by between two readings (dimensions that grew)."""
+    out = {}
+    for dim, kinds in after.items():
+        grew = {k: v - before.get(dim, {}).get(k, 0) for k, v in kinds.items()}
+        grew = {k: v for k, v in grew.items() if v}
+        if grew:
+            out[dim] = grew
+    return out

@@ -1,12 +1,15 @@
-"""Data parallelism (ZeRO stage 0): every rank holds everything; gradients are all-reduced.
+"""Data parallelism (ZeRO stage 0): every rank holds everything; gradients are all-reduced
+over the whole mesh (replicate x shard).
 
-Gradients are reduced in buckets (about 25 MiB each, parameters in reverse model order,
-roughly the order backward produces them). A per-parameter post-accumulate-grad hook
-marks a gradient ready; a bucket whose gradients are all ready is all-reduced
-asynchronously while backward goes on. Buckets launch strictly in index order on every
-rank, so the collectives match across ranks even when ranks finish gradients in a
-different order or a rank leaves a parameter unused. Tied weights are one parameter
-(one hook, one gradient). Non-boundary accumulation micro-steps send nothing.
+The `data_parallel` pass (passes/zero.py) records the buckets in ctx.records
+['data_parallel']: parameters in gradient-ready order (reverse first use in the graph),
+same-dtype runs of about 25 MiB. A per-parameter post-accumulate-grad hook marks a
+gradient ready; a bucket whose gradients are all ready is all-reduced asynchronously
+while backward goes on (runtime/buckets.py's GradientReducer, shared with ZeRO). Buckets
+launch strictly in index order on every rank, so the collectives match across ranks even
+when ranks finish gradients in a different order or a rank leaves a parameter unused.
+Tied weights are one parameter (one hook, one gradient). Non-boundary accumulation
+micro-steps send nothing.
 """
 
 from __future__ import annotations
@@ -15,26 +18,12 @@ from typing import Any
 
 import torch
 
+from ..compiler.context import CompileContext
 from ..compiler.training_config import OptimizerConfig
 from . import collectives
 from .buckets import GradientReducer, broadcast_model
 from .optim import build_optimizer, trainable_parameters
-
-DEFAULT_BUCKET_BYTES = 25 * 2**20
-
-
-def make_buckets(params: list[torch.Tensor], bucket_bytes: int) -> list[list[torch.Tensor]]:
-    """Consecutive runs of same-dtype parameters of at most `bucket_bytes` (at least one each)."""
-    buckets: list[list[torch.Tensor]] = []
-    size = 0
-    for p in params:
-        nbytes = p.numel() * p.element_size()
-        if not buckets or size + nbytes > bucket_bytes or buckets[-1][0].dtype != p.dtype:
-            buckets.append([])
-            size = 0
-        buckets[-1].append(p)
-        size += nbytes
-    return buckets
+from .train_state import ShardedState, apply_state, collect_state
 
 
 class DataParallelManager:
@@ -46,18 +35,24 @@ class DataParallelManager:
         self,
         model: torch.nn.Module,
         optimizer_config: OptimizerConfig,
-        process_group: Any | None = None,
-        bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+        compiled_ctx: CompileContext,
     ) -> None:
+        record = compiled_ctx.records.get("data_parallel")
+        if record is None:
+            raise RuntimeError(
+                "data parallel: the training graph has no 'data_parallel' record; the "
+                "data_parallel pass did not run (was it disabled with Strategy(disable=...)?)."
+            )
         self.model = model
-        self.group = process_group
-        self.world_size = collectives.world_size(process_group)
+        self.group = compiled_ctx.mesh.group(*record["mesh_dims"])
+        """Every rank of the mesh (replicate x shard): gradients are averaged over it."""
+        self.world_size = self.group.size
         self.params = trainable_parameters(model)
         self.optimizer = build_optimizer(model, optimizer_config)
         self.optimizer_config = optimizer_config
-        if self.world_size > 1:
-            broadcast_model(model, process_group)
-        self.buckets = make_buckets(list(self.params.values())[::-1], bucket_bytes)
+        if collectives.world_size() > 1:
+            broadcast_model(model)  # every rank starts from rank 0's weights, as DDP does
+        self.buckets = [[self.params[n] for n in bucket["params"]] for bucket in record["buckets"]]
         self.reducer = GradientReducer(self.buckets, self._launch) if self.world_size > 1 else None
 
     # ------------------------------------------------------------------ gradients
@@ -76,7 +71,7 @@ class DataParallelManager:
             dtype=bucket[0].dtype,
             device=bucket[0].device,
         )
-        flat = torch.cat([*parts, flags])
+        flat = torch.cat([*parts, flags]).to(self.group.device)  # (no copy when already there)
         work = collectives.all_reduce(flat, group=self.group, async_op=True)
         return index, flat, work
 
@@ -101,7 +96,7 @@ class DataParallelManager:
                     if flag == 0:  # no rank produced a gradient: leave it None, as eager does
                         p.grad = None
                     elif p.grad is None:
-                        p.grad = reduced.clone()
+                        p.grad = reduced.to(p.device, copy=True)
                     else:
                         p.grad.copy_(reduced)
 
@@ -138,11 +133,11 @@ class DataParallelManager:
         """Nothing outlives a step here."""
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        return optimizer_state_dict(self.model, self.optimizer)
+    def state_dict(self, layouts: dict[str, Any], aliases: dict[str, str]) -> ShardedState:
+        return collect_state(self.model, self.optimizer, layouts, aliases)
 
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
-        load_optimizer_state_dict(self.model, self.optimizer, tensors, metadata)
+    def load_state_dict(self, state: ShardedState) -> None:
+        apply_state(self.model, self.optimizer, state)
 
     def model_state_bytes(self) -> int:
         params = sum(t.numel() * t.element_size() for t in self.model.parameters())
@@ -154,90 +149,3 @@ class DataParallelManager:
             if isinstance(v, torch.Tensor)
         )
         return params + grads + states
-
-
-# ---------------------------------------------------------------------- state dicts
-# Shared with other managers: model tensors as 'model/<name>', optimizer state tensors as
-# 'optim/<param name>/<key>'; tied parameters are stored once and named in metadata.
-
-
-def model_tensors(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The model's state_dict with tied tensors once: (tensors by name, alias -> name kept)."""
-    tensors: dict[str, torch.Tensor] = {}
-    aliases: dict[str, str] = {}
-    seen: dict[tuple, str] = {}
-    for name, t in model.state_dict(keep_vars=False).items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
-        if key in seen:
-            aliases[name] = seen[key]
-            continue
-        seen[key] = name
-        tensors[f"model/{name}"] = t.detach().contiguous()
-    return tensors, aliases
-
-
-def load_model_tensors(
-    model: torch.nn.Module, tensors: dict[str, torch.Tensor], aliases: dict[str, str]
-) -> None:
-    state = {k.removeprefix("model/"): v for k, v in tensors.items() if k.startswith("model/")}
-    for alias, name in aliases.items():
-        state[alias] = state[name]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise ValueError(
-            "checkpoint does not match the model: "
-            + (f"missing {missing[:5]} " if missing else "")
-            + (f"unexpected {unexpected[:5]}" if unexpected else "")
-        )
-
-
-def optimizer_state_dict(
-    model: torch.nn.Module, optimizer: torch.optim.Optimizer
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Model tensors plus optimizer states keyed by parameter name."""
-    tensors, aliases = model_tensors(model)
-    scalars: dict[str, dict[str, Any]] = {}
-    for group in optimizer.param_groups:
-        for name, p in zip(group["names"], group["params"]):
-            for key, value in optimizer.state.get(p, {}).items():
-                if isinstance(value, torch.Tensor):
-                    tensors[f"optim/{name}/{key}"] = value.detach().contiguous()
-                else:
-                    scalars.setdefault(name, {})[key] = value
-    groups = [
-        {
-            k: (list(v) if isinstance(v, tuple) else v)
-            for k, v in g.items()
-            if k != "params" and isinstance(v, int | float | str | bool | list | tuple | None)
-        }
-        for g in optimizer.param_groups
-    ]
-    return tensors, {"model_aliases": aliases, "optimizer_scalars": scalars, "param_groups": groups}
-
-
-def load_optimizer_state_dict(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    tensors: dict[str, torch.Tensor],
-    metadata: dict[str, Any],
-) -> None:
-    saved_names = [g["names"] for g in metadata["param_groups"]]
-    current_names = [g["names"] for g in optimizer.param_groups]
-    if saved_names != current_names:
-        raise ValueError(
-            "the checkpoint's optimizer parameter groups differ from this engine's "
-            f"({len(saved_names)} groups saved, {len(current_names)} now): was it saved with a "
-            "different model or optimizer settings (weight decay exclusions, layer_decay)?"
-        )
-    load_model_tensors(model, tensors, metadata.get("model_aliases", {}))
-    scalars = metadata.get("optimizer_scalars", {})
-    optimizer.state.clear()
-    for group in optimizer.param_groups:
-        for name, p in zip(group["names"], group["params"]):
-            prefix = f"optim/{name}/"
-            state = {
-                k[len(prefix) :]: v.clone() for k, v in tensors.items() if k.startswith(prefix)
-            }
-            state.update(scalars.get(name, {}))
-            if state:
-                optimizer.state[p] = state

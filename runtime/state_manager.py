@@ -31,8 +31,10 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from ..compiler.context import CompileContext
+from ..compiler.layout import TensorLayout
 from ..compiler.strategy import Strategy
 from ..compiler.training_config import OptimizerConfig
+from .train_state import ShardedState
 
 
 @runtime_checkable
@@ -81,14 +83,16 @@ class StateManager(Protocol):
         updated values (ZeRO stages 1/2 overlap their parameter all-gathers with the next
         forward; the training graph waits for each before its first use)."""
 
-    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """(tensors, metadata) to checkpoint: tensors by name (model parameters and buffers
-        as 'model/<name>', optimizer states as 'optim/<param name>/<key>'), metadata
-        JSON-able (param-group hyper-parameters...). Stage 0 returns full tensors; a
-        sharded manager returns this rank's part."""
+    def state_dict(self, layouts: dict[str, TensorLayout], aliases: dict[str, str]) -> ShardedState:
+        """This rank's pieces to checkpoint (runtime/train_state.py): the model's tensors as
+        'model/<name>' and optimizer states as 'optim/<param name>/<key>', each the part of
+        the global tensor `layouts` (compiler/layout.py, from the compile records) says this
+        rank owns. Lands communication in flight first."""
 
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
-        """Restore from what `state_dict` returned (for a sharded manager: this rank's file)."""
+    def load_state_dict(self, state: ShardedState) -> None:
+        """Restore pieces already cut for this rank's layout and checked (names, shapes,
+        dtypes): model tensors the model keeps whole come whole, the rest as owned pieces.
+        Replaces the optimizer states; must not fail half-way."""
 
     def model_state_bytes(self) -> int:
         """Bytes this rank holds for parameters + gradients + optimizer states."""
@@ -101,19 +105,19 @@ def make_state_manager(
     optimizer_config: OptimizerConfig,
     process_group: Any | None,
 ) -> StateManager:
-    """The state manager for `strategy`: data parallel (stage 0) or ZeRO stage 1-3.
+    """The state manager the compiled graph needs: ZeRO when the zero pass recorded a
+    layout (its stage comes from that record), else data parallel.
 
     `compiled_ctx` is the training graph's compile context (its `records` hold what the
-    passes decided); `process_group` is None for the default group (or a single process).
+    passes decided; `compiled_ctx.mesh` its process groups); `process_group` must be None
+    (kept for callers; the groups come from the mesh).
     Both managers use runtime/optim.py's `param_groups` and `optimizer_config.build` so the
     optimizer math and group settings are the same.
     """
-    stage = getattr(strategy, "zero", 0)
-    stage = getattr(stage, "stage", stage)  # a ZeRO config object or a plain int
-    if stage in (1, 2, 3):
+    if "zero" in compiled_ctx.records:  # the zero pass ran; its record holds the stage
         from .zero import make_zero_manager
 
         return make_zero_manager(strategy, model, compiled_ctx, optimizer_config, process_group)
     from .data_parallel import DataParallelManager
 
-    return DataParallelManager(model, optimizer_config, process_group)
+    return DataParallelManager(model, optimizer_config, compiled_ctx)

@@ -41,10 +41,9 @@ from ..compiler.context import CompileContext
 from ..compiler.strategy import Strategy
 from . import collectives
 from .buckets import GradientReducer, broadcast_model, owned_range, shard_numel
-from .collective_schedule import verify_collective_schedule, zero_schedule
-from .data_parallel import load_optimizer_state_dict, optimizer_state_dict
 from .offload import offload_store
 from .optim import param_groups
+from .train_state import ShardedState, apply_state, collect_state
 from .zero_ops import BUCKET_ATTR
 from .zero_units import Stage3Units
 
@@ -121,30 +120,37 @@ class ZeroManager:
         self.record = record
         self.stage = int(record["stage"])
         self.model = model
-        self.group = process_group
-        self.world_size = collectives.world_size(process_group)
-        self.rank = collectives.rank(process_group)
-        if self.world_size != record["world_size"]:
+        mesh = compiled_ctx.mesh
+        self.shard_group = mesh.group(record["shard_dim"])
+        """The ranks this rank shards with: gathers and reduce-scatters run here."""
+        self.replicate_group = mesh.group(record["replicate_dim"])
+        """The ranks holding the same shards: reduced gradient shards are all-reduced here."""
+        self.shards, self.shard_rank = self.shard_group.size, self.shard_group.rank
+        if self.shards != record["shard_size"] or mesh.world_size != collectives.world_size():
             raise RuntimeError(
-                f"ZeRO: the graph was compiled for {record['world_size']} ranks but runs on "
-                f"{self.world_size}; initialise torch.distributed before strato.compile."
+                f"ZeRO: the graph was compiled for {record['shard_size']} shards on "
+                f"{record['world_size']} ranks but runs with {self.shards} on "
+                f"{collectives.world_size()}; initialise torch.distributed before strato.compile."
             )
-        # Before any other collective: every rank must have compiled the same schedule.
-        verify_collective_schedule(zero_schedule(record), process_group)
+        self.data_parallel_size = self.shards * self.replicate_group.size
+        """Ranks whose gradients are averaged (shards x replicas)."""
         named = dict(model.named_parameters())
         self.device = next(iter(named.values())).device if named else torch.device("cpu")
+        """Where the parameters (and gradient shards) live."""
+        self.comm_device = self.shard_group.device
+        """Where the collective buffers live (the mesh decides: CUDA for NCCL, CPU for gloo)."""
         not_fp32 = [n for n, p in named.items() if p.requires_grad and p.dtype != torch.float32]
         if not_fp32:
             raise ValueError(
                 f"ZeRO: parameter {not_fp32[0]!r} is {named[not_fp32[0]].dtype}; ZeRO shards fp32 "
                 "master weights. Keep the model in fp32 and use Strategy(precision='bf16')."
             )
-        self.store = offload_store(record.get("offload"), self.rank)
+        self.store = offload_store(record["offload"], collectives.rank())
         weakref.finalize(self, self.store.close)
-        if self.world_size > 1:
-            broadcast_model(model, process_group)
-        self.buckets = [_group(b, named, self.world_size) for b in record["buckets"]]
-        units = [_group(u, named, self.world_size) for u in record["units"]]
+        if collectives.world_size() > 1:
+            broadcast_model(model)  # every rank starts from rank 0's weights
+        self.buckets = [_group(b, named, self.shards) for b in record["buckets"]]
+        units = [_group(u, named, self.shards) for u in record["units"]]
         self.unused = {n for n, info in record["params"].items() if not info["aliases"]}
         # Group settings (weight decay by shape/kind...) come from the whole parameters.
         self._groups = param_groups(model, optimizer_config)
@@ -169,7 +175,7 @@ class ZeroManager:
     # ------------------------------------------------------------------ setup
     def _owned(self, numel: int) -> tuple[int, int]:
         """[lo, hi) of a parameter's flat elements this rank owns (may be empty)."""
-        return owned_range(numel, self.world_size, self.rank)
+        return owned_range(numel, self.shards, self.shard_rank)
 
     def _shard_parameters(self, units: list[Group]) -> None:
         """Stage 3: each unit parameter keeps only this rank's (padded) shard."""
@@ -222,9 +228,9 @@ class ZeroManager:
     # ------------------------------------------------------------------ collectives
     def _send_buffer(self, group: Group, tensors: list[torch.Tensor | None]) -> torch.Tensor:
         """Rank-major [N, S] buffer: row r holds shard r of every tensor (zero-padded)."""
-        n = self.world_size
+        n = self.shards
         # Every column is written below (shards are back to back), so no zero-fill first.
-        buf = torch.empty(n, group.shard_numel, device=self.device)
+        buf = torch.empty(n, group.shard_numel, device=self.comm_device)
         for t, numel, offset, s in zip(tensors, group.numels, group.offsets, group.shard_numels):
             columns = buf[:, offset : offset + s]
             if t is None:
@@ -242,16 +248,32 @@ class ZeroManager:
     def launch_reduce_scatter(
         self, group: Group, grads: list[torch.Tensor | None]
     ) -> tuple[Group, torch.Tensor, Any]:
+        """Start the reduce-scatter of a group's gradients over the shard group."""
         send = self._send_buffer(group, grads)
-        out = torch.empty(group.shard_numel, device=self.device)
+        out = torch.empty(group.shard_numel, device=self.comm_device)
         work = collectives.reduce_scatter_tensor(
-            out, send.view(-1), group=self.group, async_op=True
+            out, send.view(-1), group=self.shard_group, async_op=True
         )
         return group, out, work
 
+    def land_reductions(
+        self, launched: list[tuple[Group, torch.Tensor, Any]]
+    ) -> list[tuple[Group, torch.Tensor]]:
+        """Wait for reduce-scatters over `shard`, then sum each reduced shard across
+        `replicate` (every all-reduce started before the first is waited for)."""
+        across = []
+        for group, out, work in launched:
+            work.wait()
+            across.append(
+                (group, out, collectives.all_reduce(out, group=self.replicate_group, async_op=True))
+            )
+        for _, _, work in across:
+            work.wait()
+        return [(group, out) for group, out, _ in across]
+
     def accumulate_shard_grad(self, group: Group, reduced: torch.Tensor) -> None:
         assert group.grad_shard is not None
-        group.grad_shard.add_(reduced, alpha=1.0 / self.world_size)
+        group.grad_shard.add_(reduced.to(self.device), alpha=1.0 / self.data_parallel_size)
 
     # ------------------------------------------------------------------ gradients
     def prepare_micro_step(self, is_boundary: bool) -> None:
@@ -266,8 +288,7 @@ class ZeroManager:
         return launched
 
     def finish_backward(self) -> None:
-        for group, out, work in self.reducer.finish():
-            work.wait()
+        for group, out in self.land_reductions(self.reducer.finish()):
             if self.stage == 1:
                 self._write_back_owned(group, out)
             else:
@@ -279,7 +300,7 @@ class ZeroManager:
     def _write_back_owned(self, bucket: Group, reduced: torch.Tensor) -> None:
         """Stage 1: this rank's averaged slice goes back into the full gradient."""
         with torch.no_grad():
-            reduced.div_(self.world_size)
+            reduced = reduced.to(self.device).div_(self.data_parallel_size)
             for p, offset in zip(bucket.params, bucket.offsets):
                 lo, hi = self._owned(p.numel())
                 if p.grad is None:
@@ -319,18 +340,19 @@ class ZeroManager:
         if grads:
             torch._foreach_mul_(grads, inv_scale)
         bad = any(not bool(torch.isfinite(g).all()) for g in grads)
-        flag = torch.tensor([float(bad)])
-        collectives.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        # Replicas hold the same shards: the shard group sees every element once.
+        flag = torch.tensor([float(bad)], device=self.comm_device)
+        collectives.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.shard_group)
         return bool(flag.item() > 0)
 
     def clip_grad_norm_(self, max_norm: float | None) -> float:
         grads = self._grads()
         # Per-tensor norms in one fused pass, their squares summed in float64.
         norms = torch._foreach_norm(grads) if grads else []
-        total = torch.zeros(1, dtype=torch.float64)
+        total = torch.zeros(1, dtype=torch.float64, device=self.comm_device)
         for norm in norms:
-            total += norm.double() ** 2
-        collectives.all_reduce(total, group=self.group)
+            total += norm.double().to(self.comm_device) ** 2
+        collectives.all_reduce(total, group=self.shard_group)
         norm = math.sqrt(float(total.item()))
         if max_norm is not None and grads:
             coef = min(1.0, max_norm / (norm + 1e-6))
@@ -420,20 +442,22 @@ class ZeroManager:
     def _launch_gather(self, bucket: Group) -> tuple[Group, torch.Tensor, Any]:
         """Start the all-gather of a bucket's updated shards."""
         self._write_back(bucket.names)
-        send = torch.empty(bucket.shard_numel, device=self.device)
+        send = torch.empty(bucket.shard_numel, device=self.comm_device)
         with torch.no_grad():
             for p, offset, s in zip(bucket.params, bucket.offsets, bucket.shard_numels):
                 lo, hi = self._owned(p.numel())
                 send[offset : offset + hi - lo].copy_(p.detach().reshape(-1)[lo:hi])
                 send[offset + hi - lo : offset + s].zero_()  # padding of the last shard
-        out = torch.empty(self.world_size * bucket.shard_numel, device=self.device)
-        work = collectives.all_gather_into_tensor(out, send, group=self.group, async_op=True)
+        out = torch.empty(self.shards * bucket.shard_numel, device=self.comm_device)
+        work = collectives.all_gather_into_tensor(
+            out, send, group=self.shard_group, async_op=True
+        )
         return bucket, out, work
 
     def _scatter_gathered(self, bucket: Group, out: torch.Tensor) -> None:
         """Write a bucket's gathered shards [N, S] into the full parameters."""
-        rows = out.view(self.world_size, bucket.shard_numel)
-        n = self.world_size
+        rows = out.view(self.shards, bucket.shard_numel)
+        n = self.shards
         with torch.no_grad():
             for p, numel, offset, s in zip(
                 bucket.params, bucket.numels, bucket.offsets, bucket.shard_numels
@@ -469,25 +493,17 @@ class ZeroManager:
             group.grad_shard.zero_()
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """This rank's file: model tensors (stage 3: the shards) and its optimizer shards."""
+    def state_dict(self, layouts: dict[str, Any], aliases: dict[str, str]) -> ShardedState:
+        """This rank's pieces: its parameter shards (owned ranges) and optimizer shards."""
         self.synchronize()
-        tensors, metadata = optimizer_state_dict(self.model, self.optimizer)
-        metadata["zero"] = {"stage": self.stage, "world_size": self.world_size, "rank": self.rank}
-        return tensors, metadata
+        return collect_state(self.model, self.optimizer, layouts, aliases)
 
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
-        saved = metadata.get("zero", {})
-        if saved.get("stage") != self.stage or saved.get("world_size") != self.world_size:
-            raise ValueError(
-                f"the checkpoint was saved under ZeRO stage {saved.get('stage')} on "
-                f"{saved.get('world_size')} ranks; this engine runs stage {self.stage} on "
-                f"{self.world_size}. Resharding is not supported yet."
-            )
+    def load_state_dict(self, state: ShardedState) -> None:
+        """Pieces already resharded to this rank's layout (runtime/engine_state.py)."""
         self.synchronize()  # (a gather landing later would overwrite what is loaded)
         self._drop_prefetched()
         with torch.no_grad():
-            load_optimizer_state_dict(self.model, self.optimizer, tensors, metadata)
+            apply_state(self.model, self.optimizer, state)
             # The optimizer's copies must match the loaded parameters.
             for name, master in self.masters.items():
                 view = self.device_views[name]
@@ -558,5 +574,10 @@ def make_zero_manager(
     optimizer_config: Any,
     process_group: Any | None,
 ) -> ZeroManager:
-    """The ZeRO StateManager (called by runtime/state_manager.make_state_manager)."""
+    """The ZeRO StateManager (called by runtime/state_manager.make_state_manager); its
+    process groups come from `compiled_ctx.mesh`, so `process_group` must be None."""
+    if process_group is not None:
+        raise ValueError(
+            "ZeRO: process groups come from Strategy.mesh (ctx.mesh); pass process_group=None."
+        )
     return ZeroManager(strategy, model, compiled_ctx, optimizer_config, process_group)

@@ -58,13 +58,13 @@ class Stage3Units:
     # -------------------------------------------------------------- gathering
     def _issue(self, i: int) -> tuple[torch.Tensor, Any]:
         unit = self.units[i]
-        n = self.manager.world_size
+        n = self.manager.shards
         send = torch.cat([p.detach().reshape(-1) for p in unit.params])
-        if send.device != self.manager.device:
-            send = send.to(self.manager.device)
+        if send.device != self.manager.comm_device:
+            send = send.to(self.manager.comm_device)
         out = torch.empty(n * unit.shard_numel, dtype=send.dtype, device=send.device)
         work = collectives.all_gather_into_tensor(
-            out, send, group=self.manager.group, async_op=True
+            out, send, group=self.manager.shard_group, async_op=True
         )
         return out, work
 
@@ -78,13 +78,13 @@ class Stage3Units:
                     self.in_flight[j] = self._issue(j)
         work.wait()
         unit = self.units[i]
-        rows = out.view(self.manager.world_size, unit.shard_numel)
+        rows = out.view(self.manager.shards, unit.shard_numel)
         fulls = []
         for numel, shape, offset, shard in zip(
             unit.numels, unit.shapes, unit.offsets, unit.shard_numels
         ):
             # One copy out of the rank-major buffer; the padding (< N elements) stays behind.
-            full = torch.empty(rows.shape[0], shard, dtype=out.dtype, device=out.device)
+            full = torch.empty(rows.shape[0], shard, dtype=out.dtype, device=self.manager.device)
             full.copy_(rows[:, offset : offset + shard])
             fulls.append(full.view(-1)[:numel].view(shape))
         return fulls
@@ -179,8 +179,7 @@ class Stage3Units:
     def finish_backward(self) -> None:
         """End of a backward (queued on the autograd engine): land the reductions."""
         self._callback_queued = False
-        for unit, out, work in self.reductions:
-            work.wait()
+        for unit, out in self.manager.land_reductions(self.reductions):
             self.manager.accumulate_shard_grad(unit, out)
         self.reductions = []
         self.backward_full.clear()

@@ -154,16 +154,77 @@ def test_zero_stages_1_2_3_match_eager_count_bytes_and_resume(tmp_path):
     assert "strato.zero_gather" in graph and "strato.zero_release" in graph
 
 
-def test_zero3_four_ranks_match_eager(tmp_path):
+def check_bytes_per_dim(results: list[dict], stage: int, replicas: int, shards: int) -> None:
+    """Hybrid sharding's volumes per mesh dimension: within `shard` the ZeRO paper's
+    (2 or 3) x Psi x (S-1)/S, across `replicate` a ring all-reduce of every gradient shard,
+    2 (R-1)/R x Psi/S (fp32); and each equals what explain() planned for that dimension."""
     from strato.runtime.zero import ring_sent_bytes
 
-    spec = {"kind": "train", "steps": STEPS, "variants": [variant(3, "sgd")]}
-    results = [r[0] for r in launch(spec, 4, tmp_path)]
-    check_parity(results, "sgd", 4)
+    p = psi()
+    for rank, r in enumerate(results):
+        by_dim = r["comm_by_dim"]
+        planned = r["explain_comm_by_dim"]
+        within = ring_sent_bytes(by_dim.get("shard", {}), shards)
+        expected = (2 if stage < 3 else 3) * p * (shards - 1) / shards * 4
+        volume = within.get("all_gather", 0) + within.get("reduce_scatter", 0)
+        assert abs(volume - expected) <= 0.02 * expected + 1, (rank, by_dim, expected)
+        if shards > 1:
+            assert within["reduce_scatter"] == planned["shard"]["reduce_scatter"], (rank, by_dim)
+        across = ring_sent_bytes(by_dim.get("replicate", {}), replicas)
+        expected = 2 * (replicas - 1) / replicas * p / shards * 4
+        assert abs(across.get("all_reduce", 0) - expected) <= 0.02 * expected + 1, (rank, by_dim)
+        if replicas > 1:
+            assert across["all_reduce"] == planned["replicate"]["all_reduce"], (rank, by_dim)
+        else:
+            assert "replicate" not in by_dim, by_dim
+        assert "world" not in by_dim and "replicate,shard" not in by_dim, by_dim
+
+
+def check_devices(results: list[dict], groups: set[str]) -> None:
+    """Every tensor every collective received was on the mesh's device (CPU for gloo), and
+    every collective named a mesh group."""
     for r in results:
-        sent = ring_sent_bytes(r["comm"], 4)
-        expected = 3 * psi() * 3 / 4 * 4
-        assert abs(sent["all_gather"] + sent["reduce_scatter"] - expected) <= 0.02 * expected
+        assert r["devices"], "no collective was observed"
+        assert {device for _, _, device in r["devices"]} == {"cpu"}, r["devices"]
+        assert {group for _, group, _ in r["devices"]} <= groups, r["devices"]
+
+
+def test_hybrid_sharding_2x2_matches_eager_and_counts_bytes_per_dimension(tmp_path):
+    """4 ranks as replicate=2 x shard=2: ZeRO 1-3 within each pair, pairs replicate; data
+    parallel (stage 0) all-reduces over the whole mesh."""
+    mesh = {"replicate": 2, "shard": 2}
+    stages = [0, 1, 2, 3]
+    spec = {"kind": "train", "steps": STEPS, "variants": [variant(s, mesh=mesh) for s in stages]}
+    per_rank = launch(spec, 4, tmp_path, timeout=400)
+    for i, stage in enumerate(stages):
+        results = [r[i] for r in per_rank]
+        check_parity(results, "adamw", 4)
+        if stage == 0:
+            check_devices(results, {"replicate,shard"})
+            for r in results:  # one all-reduce per bucket over all four ranks, as planned
+                assert set(r["comm_by_dim"]) == {"replicate,shard"}, r["comm_by_dim"]
+                sent = r["comm_by_dim"]["replicate,shard"]["all_reduce"] * 2 * 3 / 4
+                planned = r["explain_comm_by_dim"]["replicate,shard"]["all_reduce"]
+                assert abs(sent - planned) <= 1, (sent, planned)
+        else:
+            check_bytes_per_dim(results, stage, 2, 2)
+            check_devices(results, {"shard", "replicate"})
+    text = per_rank[0][3]["mesh"]
+    assert "replicate=2 x shard=2" in text and "shard: [0, 1] [2, 3]" in text, text
+    assert "replicate: [0, 2] [1, 3]" in text and "all_reduce reduced gradient shards" in text
+
+
+def test_zero_1x4_and_4x1_meshes_match_eager(tmp_path):
+    """Four shards and no replica (plain ZeRO), and four replicas of one shard (each rank
+    holds everything and all-reduces: ZeRO over a shard group of one rank)."""
+    meshes = [{"replicate": 1, "shard": 4}, {"replicate": 4, "shard": 1}]
+    stages = [1, 2, 3]
+    variants = [variant(s, "sgd", mesh=m) for m in meshes for s in stages]
+    per_rank = launch({"kind": "train", "steps": STEPS, "variants": variants}, 4, tmp_path, 500)
+    for i, v in enumerate(variants):
+        results = [r[i] for r in per_rank]
+        check_parity(results, "sgd", 4)
+        check_bytes_per_dim(results, v["stage"], v["mesh"]["replicate"], v["mesh"]["shard"])
 
 
 def test_zero_offload_cpu_and_nvme_match_eager(tmp_path):

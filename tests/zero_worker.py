@@ -35,7 +35,7 @@ def local_batch(step: int, rank: int, world: int):
     return x[sl], y[sl]
 
 
-def make_engine(stage: int, opt: str, offload, seed: int, rank: int, world: int):
+def make_engine(stage: int, opt: str, offload, seed: int, rank: int, world: int, mesh=None):
     import strato
 
     torch.manual_seed(seed)
@@ -46,23 +46,36 @@ def make_engine(stage: int, opt: str, offload, seed: int, rank: int, world: int)
         offload=strato.NVMe(offload[len("nvme:") :])
         if str(offload).startswith("nvme:")
         else offload,
+        mesh=strato.Mesh(**(mesh or {})),
     )
     return strato.compile(model, strategy, example_inputs=local_batch(0, rank, world))
 
 
 def train(engine, steps: range, rank: int, world: int) -> tuple[list[float], dict[str, int]]:
+    """Three-call loop; returns the losses and the last step's payload bytes by kind (and,
+    in engine.last_comm_by_dim, by mesh dimension)."""
     from strato.runtime import collectives
 
     losses, comm = [], {}
     for step in steps:
-        before = collectives.comm_bytes()
+        before, dims_before = collectives.comm_bytes(), collectives.comm_bytes_by_dim()
         loss = engine(*local_batch(step, rank, world))
         engine.backward(loss)
         engine.step()
         after = collectives.comm_bytes()
         comm = {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+        engine.last_comm_by_dim = collectives.growth_by_dim(
+            dims_before, collectives.comm_bytes_by_dim()
+        )
         losses.append(loss.item())
     return losses, comm
+
+
+def full_parameters(engine) -> dict[str, torch.Tensor]:
+    """Every parameter in full (ZeRO gathers them; data parallel holds them)."""
+    if hasattr(engine.manager, "full_parameters"):
+        return engine.manager.full_parameters()
+    return {n: p.detach().clone() for n, p in engine.model.named_parameters()}
 
 
 def scenario_train(rank: int, world: int, spec: dict, out_dir: Path) -> list[dict]:
@@ -75,29 +88,39 @@ def scenario_train(rank: int, world: int, spec: dict, out_dir: Path) -> list[dic
 
 
 def train_variant(rank: int, world: int, steps: int, variant: dict, ckpt: Path) -> dict:
+    from strato.runtime import collectives
+
     stage, opt, offload = variant["stage"], variant["optimizer"], variant.get("offload")
-    engine = make_engine(stage, opt, offload, 0, rank, world)
-    result: dict = {"graph": str(engine.graph.graph) if rank == 0 else ""}
+    engine = make_engine(stage, opt, offload, 0, rank, world, variant.get("mesh"))
+    result: dict = {"graph": str(engine.graph.graph) if rank == 0 else "", "devices": set()}
     half = steps // 2
     losses, _ = train(engine, range(half), rank, world)
     if variant.get("checkpoint"):
         engine.save_checkpoint(ckpt)
-    more, comm = train(engine, range(half, steps), rank, world)
+
+    def seen(op: str, group: str, devices: list) -> None:  # every tensor of every collective
+        result["devices"].update((op, group, d.type) for d in devices)
+
+    with collectives.observe(seen):
+        more, comm = train(engine, range(half, steps), rank, world)
     explanation = engine.explain()
     result.update(
         losses=losses + more,
         comm=comm,
+        comm_by_dim=engine.last_comm_by_dim,
+        explain_comm_by_dim=explanation.comm_bytes_per_dim,
+        mesh=str(engine.mesh),
         stats=engine.stats(),
-        breakdown=engine.manager.model_state_breakdown(),
+        breakdown=getattr(engine.manager, "model_state_breakdown", dict)(),
         explain_comm=explanation.comm_bytes_per_step,
         explain_model_state=explanation.model_state_bytes,
-        full=engine.manager.full_parameters(),
+        full=full_parameters(engine),
     )
     if variant.get("checkpoint"):  # everything (weights, moments, step) must come back
         engine.load_checkpoint(ckpt)
         result["resumed_losses"], _ = train(engine, range(half, steps), rank, world)
-        result["resumed_full"] = engine.manager.full_parameters()
-    engine.manager.close()
+        result["resumed_full"] = full_parameters(engine)
+    getattr(engine.manager, "close", lambda: None)()
     return result
 
 
