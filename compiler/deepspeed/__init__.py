@@ -16,9 +16,19 @@ Trainer's arguments, which Strato does not have: pass them as `auto={"dotted.key
 """
 
 from .convert import DEEPSPEED_KEYS, convert_deepspeed, looks_like_deepspeed
-from .report import DeepSpeedReport, ReportEntry, warn_about_report
+from .report import (
+    HONOURED,
+    NO_EFFECT,
+    NOT_MAPPED,
+    DeepSpeedReport,
+    ReportEntry,
+    warn_about_report,
+)
 
 __all__ = [
+    "HONOURED",
+    "NOT_MAPPED",
+    "NO_EFFECT",
     "DEEPSPEED_KEYS",
     "DeepSpeedReport",
     "ReportEntry",

@@ -16,6 +16,11 @@ if TYPE_CHECKING:
     from .convert import Converter
 
 
+def _ratio(low: float, peak: float) -> float:
+    """low / peak to 12 significant digits: 0.01 / 0.05 is 0.2, as a user would write it."""
+    return float(f"{low / peak:.12g}")
+
+
 def convert_precision(c: Converter) -> None:
     """bf16 / fp16 (or bfloat16) sections -> Strategy.precision (and loss_scaling)."""
     cfg = c.config
@@ -298,8 +303,8 @@ def convert_scheduler(c: Converter, section: Mapping) -> None:
     if c.lr is None and "optimizer" not in c.config:
         c.refuse("scheduler", kind, "a scheduler needs an 'optimizer' section here")
         return
-    if c.lr is None:  # the optimizer was refused or unresolved: listed already
-        return
+    if c.lr is None:  # the optimizer was refused or unresolved (listed already): the
+        c.lr = 1.0  # conversion fails, but the scheduler's own problems are listed too
     builder(c, kind, params)
 
 
@@ -367,7 +372,7 @@ def _warmup_lr(c: Converter, kind: str, params: Mapping) -> None:
             f"needs 0 <= warmup_min_lr ({low}) <= warmup_max_lr, warmup_max_lr > 0",
         )
         return
-    start = low / peak
+    start = _ratio(low, peak)
     shape = _warmup_shape(c, params)
     try:
         schedule = (
@@ -531,8 +536,8 @@ def _one_cycle(c: Converter, kind: str, params: Mapping) -> None:
         schedule = WarmupLinear(
             warmup_steps=int(first),
             total_steps=int(first + second),
-            min_lr_ratio=low / peak,
-            warmup_start=low / peak,
+            min_lr_ratio=_ratio(low, peak),
+            warmup_start=_ratio(low, peak),
         )
     except (StrategyError, ZeroDivisionError, TypeError) as exc:
         c.refuse("scheduler.params", dict(params), str(exc))
