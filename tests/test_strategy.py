@@ -64,3 +64,143 @@ def test_every_field_is_documented():
     missing = [f.name for f in attrs.fields(strato.Strategy) if not docs.get(f.name)]
     assert missing == [], f"Strategy fields without a docstring: {missing}"
     assert "disable" in strato.Strategy.describe()
+
+
+# ---------------------------------------------------------------------- schedules
+
+
+@pytest.mark.parametrize("kind", [strato.WarmupLinear, strato.WarmupCosine, strato.Polynomial])
+def test_decaying_schedules_need_total_steps(kind):
+    with pytest.raises(strato.StrategyError, match=rf"{kind.__name__}.total_steps: required"):
+        kind(warmup_steps=10)
+    with pytest.raises(strato.StrategyError, match=r"total_steps: required"):
+        strato.Strategy.from_dict({"schedule": {"kind": kind.__name__}})
+
+
+def test_training_past_total_steps_holds_the_final_lr_and_warns_once():
+    import warnings
+
+    import torch
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+    schedule = strato.WarmupLinear(total_steps=3, min_lr_ratio=0.25)
+    strategy = strato.Strategy(optimizer=strato.SGD(lr=0.1, momentum=0.0), schedule=schedule)
+    x = torch.randn(2, 4)
+    engine = strato.compile(model, strategy, example_inputs=(x,))
+    lrs = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(6):
+            lrs.append(engine.lr)
+            engine.backward(engine(x).pow(2).mean())
+            engine.step()
+    assert lrs == pytest.approx(
+        [0.1, 0.1 * (0.25 + 0.75 * 2 / 3), 0.1 * (0.25 + 0.75 / 3)] + [0.025] * 3
+    )
+    past = [w for w in caught if "past the end of the schedule" in str(w.message)]
+    assert len(past) == 1
+    assert "WarmupLinear.total_steps=3" in str(past[0].message)
+
+
+@pytest.mark.parametrize(
+    "kind, meant",
+    [
+        ("WarmupLR", "Constant"),
+        ("WarmupDecayLR", "WarmupLinear"),
+        ("cosine", "WarmupCosine"),
+        ("constant_with_warmup", "Constant"),
+        ("warmup_cosine", "WarmupCosine"),
+    ],
+)
+def test_schedule_did_you_mean_points_to_the_same_meaning(kind, meant):
+    with pytest.raises(strato.StrategyError) as info:
+        strato.Strategy.from_dict({"schedule": {"kind": kind, "warmup_steps": 3}})
+    assert f"Did you mean {meant!r}" in str(info.value)
+    assert "Strategy.schedule.kind" in str(info.value)
+
+
+def test_errors_about_optimizers_and_schedules_name_the_kind_key():
+    with pytest.raises(strato.StrategyError, match=r"needs a 'kind' key.*AdamW, SGD"):
+        strato.Strategy.from_dict({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}})
+    with pytest.raises(strato.StrategyError, match=r"needs a 'kind' key"):
+        strato.Strategy.from_dict({"schedule": {"warmup_steps": 3}})
+    with pytest.raises(
+        strato.StrategyError, match=r"optimizer \(kind AdamW\): unknown field 'lrr'.*kind"
+    ):
+        strato.Strategy.from_dict({"optimizer": {"kind": "AdamW", "lrr": 1e-3}})
+    with pytest.raises(strato.StrategyError, match=r"'kind' key names one"):
+        strato.Strategy(optimizer={"lr": 1e-3})
+
+
+# ---------------------------------------------------------------------- precision "auto"
+
+
+def _fake_cpu(monkeypatch, flags):
+    from strato.compiler import hardware
+
+    monkeypatch.setattr(hardware, "_cpuinfo_flags", lambda: frozenset(flags))
+    monkeypatch.setattr(hardware, "_torch_cpu_check", lambda name: False)
+    hardware.cpu_support.cache_clear()
+    monkeypatch.setattr(hardware, "_warned_emulated", set())
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch):
+    from strato.compiler import hardware
+
+    try:
+        _fake_cpu(monkeypatch, {"avx2", "avx512f", "avx512_bf16"})
+        assert hardware.choose_precision("auto").precision == "bf16"
+        _fake_cpu(monkeypatch, {"avx2", "amx_tile", "amx_bf16"})
+        assert hardware.choose_precision("auto").precision == "bf16"
+        _fake_cpu(monkeypatch, {"avx2", "avx512f", "avx512bw"})  # AVX-512 without BF16
+        choice = hardware.choose_precision("auto")
+        assert choice.precision == "fp32" and "no native bf16" in choice.reason
+    finally:
+        hardware.cpu_support.cache_clear()
+
+
+def test_auto_precision_matches_this_machine_and_explain_shows_why():
+    import torch
+
+    from strato.compiler import hardware
+
+    native = bool(
+        torch.cpu._is_avx512_bf16_supported()
+        or torch.cpu._is_amx_tile_supported()
+        or {"avx512_bf16", "amx_bf16"} & (hardware._cpuinfo_flags() or set())
+    )
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    compiled = strato.compile(
+        model,
+        strato.Strategy(precision="auto", optimizer=strato.SGD(lr=0.1)),
+        example_inputs=(torch.randn(3, 8),),
+    )
+    assert compiled.strategy.precision == ("bf16" if native else "fp32")
+    notes = "\n".join(compiled.explain().notes)
+    assert f"precision auto -> {compiled.strategy.precision}:" in notes
+
+
+def test_explicit_bf16_on_emulating_hardware_trains_and_warns_once(monkeypatch):
+    import torch
+
+    from strato.compiler import hardware
+
+    _fake_cpu(monkeypatch, {"avx2"})
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+        strategy = strato.Strategy(precision="bf16", optimizer=strato.SGD(lr=0.1))
+        x = torch.randn(3, 8)
+        with pytest.warns(UserWarning, match="fp32 is faster here") as caught:
+            engine = strato.compile(model, strategy, example_inputs=(x,))
+            strato.compile(model, strategy, example_inputs=(x,))
+        assert len([w for w in caught if "fp32 is faster" in str(w.message)]) == 1
+        assert engine.strategy.precision == "bf16"
+        engine.backward(engine(x).float().pow(2).mean())
+        engine.step()
+    finally:
+        hardware.cpu_support.cache_clear()
+
+
+def test_precision_rejects_unknown_values_listing_auto():
+    with pytest.raises(strato.StrategyError, match="expected 'auto', 'fp32', 'bf16' or 'fp16'"):
+        strato.Strategy(precision="bfloat16")
