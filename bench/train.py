@@ -7,7 +7,9 @@ The reference model (examples/gpt.py REFERENCE: 4 layers, d_model 256, vocab 819
 seq 128) with batch 4 per rank, AdamW. Baselines are what a user would write by hand:
 eager + torch.optim.AdamW (+ torch.autocast for bf16), wrapped in DistributedDataParallel
 for 2 processes. Every configuration runs under torchrun in its own processes, with
-the machine's cores split evenly between its ranks. Writes bench/results/train.json.
+the machine's cores split evenly between its ranks. Writes bench/results/train.json,
+with this machine's bf16 detection (what precision='auto' picks here, and why): bf16 is
+only faster where the hardware computes it natively.
 """
 
 from __future__ import annotations
@@ -37,6 +39,20 @@ def free_port() -> int:
 
 def threads_per_rank(args: argparse.Namespace, nproc: int) -> int:
     return args.threads_per_rank or max(1, (os.cpu_count() or 1) // nproc)
+
+
+def hardware_detection() -> dict:
+    """bf16 support on this CPU and what precision='auto' resolves to (compiler/hardware.py)."""
+    from strato.compiler.hardware import choose_precision, precision_support
+
+    support = precision_support("cpu", "bf16")
+    return {
+        "bf16_native": support.native,
+        "reason": support.reason,
+        "signals": support.signals,
+        "auto_precision": choose_precision("auto").precision,
+        "cpu_count": os.cpu_count(),
+    }
 
 
 # ---------------------------------------------------------------------- worker
@@ -164,6 +180,12 @@ def main() -> None:
 
     import tempfile
 
+    hardware = hardware_detection()
+    print(
+        f"bf16 on this CPU: {'native' if hardware['bf16_native'] else 'emulated'} "
+        f"({hardware['reason']}); precision='auto' -> {hardware['auto_precision']}",
+        flush=True,
+    )
     # On a shared machine the load drifts: repeat the whole sweep `rounds` times, each
     # configuration right next to its baseline, and keep each configuration's best round.
     best: dict[tuple, dict] = {}
@@ -222,9 +244,13 @@ def main() -> None:
             )
             ratios[f"strato_bf16_speedup_x{nproc}"] = speedup
             print(f"      strato bf16 speedup over fp32 with {nproc} proc(s): {speedup:.2f}x")
+    print(
+        f"bf16 native here: {hardware['bf16_native']}; precision='auto' -> {hardware['auto_precision']}"
+    )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": vars(args), "results": rows, "ratios": ratios}, indent=1))
+    result = {"config": vars(args), "hardware": hardware, "results": rows, "ratios": ratios}
+    out.write_text(json.dumps(result, indent=1))
     print(f"\nwrote {out}")
 
 
