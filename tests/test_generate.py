@@ -87,8 +87,9 @@ def test_greedy_equals_transformers_generate_with_left_padding(family):
     ids, mask = left_padded_batch()  # row 0 padded, row 1 not
     # compiled.generate runs this Generator (tested on Llama below); its own compile of the
     # model's forward is left out here to keep the test short.
-    got = Generator(model, max_len=32, batch=2).generate(ids, 12, attention_mask=mask).tokens
-    assert got.shape == (2, 9 + 12)
+    eos = model.generation_config.eos_token_id
+    runner = Generator(model, max_len=32, batch=2)
+    got = runner.generate(ids, 12, attention_mask=mask, eos_token_id=eos, pad_token_id=0).tokens
     assert torch.equal(got, hf_generate(model, ids, mask, 12, do_sample=False))
 
 
