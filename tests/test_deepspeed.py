@@ -383,3 +383,40 @@ def test_compile_reads_a_deepspeed_json_and_trains_like_the_hand_written_strateg
     ):
         torch.testing.assert_close(a, b, atol=0, rtol=0, msg=name)
         torch.testing.assert_close(a, c, atol=1e-5, rtol=0, msg=name)
+
+
+def test_offload_and_fp16_sections():
+    base = {"train_micro_batch_size_per_gpu": 1, "optimizer": {"type": "AdamW", "params": {}}}
+    nvme = {"device": "nvme", "nvme_path": "/local_nvme", "pin_memory": True}
+    zero3 = {"stage": 3, "offload_optimizer": nvme, "offload_param": dict(nvme)}
+    strategy, _ = strato.convert_deepspeed({**base, "zero_optimization": zero3})
+    assert strategy.offload == strato.NVMe("/local_nvme")
+    param_only = {"stage": 3, "offload_param": {"device": "cpu"}}
+    with pytest.raises(strato.StrategyError, match="offload_param.*with the optimizer state"):
+        strato.convert_deepspeed({**base, "zero_optimization": param_only})
+    static = {"enabled": True, "loss_scale": 128, "hysteresis": 2}
+    strategy, report = strato.convert_deepspeed({**base, "fp16": static})
+    assert strategy.precision == "fp16"
+    assert strategy.loss_scaling.initial_scale == 128.0
+    assert strategy.loss_scaling.growth_factor == strategy.loss_scaling.backoff_factor == 1.0
+    assert "fp16.hysteresis" in {e.key for e in report.select(NO_EFFECT)}  # a fixed scale
+    both = {**base, "fp16": {"enabled": True}, "bf16": {"enabled": True}}
+    with pytest.raises(strato.StrategyError, match="cannot both be enabled"):
+        strato.convert_deepspeed(both)
+
+
+def test_strategy_file_is_told_apart_by_content(tmp_path):
+    yaml_file = tmp_path / "s.yaml"
+    yaml_file.write_text("optimizer: {kind: SGD, lr: 0.1}\nprecision: auto\n")
+    assert strato.Strategy.from_file(yaml_file).precision == "auto"
+    strato_json = tmp_path / "s.json"
+    strato_json.write_text(json.dumps({"optimizer": {"kind": "SGD", "lr": 0.1}, "zero": 1}))
+    assert strato.Strategy.from_file(strato_json).zero == 1
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"train_batch_size": 4, "optimizer": {"type": "SGD"}}))
+    assert strato.Strategy.from_file(ds_json).micro_batch_size == 4
+    with pytest.raises(strato.StrategyError, match="does not exist"):
+        strato.Strategy.from_file(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(strato.StrategyError, match="bad.json.*does not parse"):
+        strato.Strategy.from_file(tmp_path / "bad.json")
