@@ -1,6 +1,8 @@
 """ZeRO benchmark: Strato stages 0-3 vs torch DDP vs FSDP2 (fully_shard) vs DeepSpeed
 stages 0-3 (when `deepspeed` imports), on the reference GPT (4 layers, d_model 256, vocab
-8192, seq 128), batch 4 per rank, fp32 AdamW, 2 gloo ranks, 1 thread per rank.
+8192, seq 128), batch 4 per rank, fp32 AdamW, 2 gloo ranks, 1 thread per rank; and
+4-rank rows: Strato's hybrid sharding on a replicate=2 x shard=2 mesh ('strato-N/2x2',
+with its bytes sent per mesh dimension) next to DDP on 4 ranks ('ddp/4').
 DDP and FSDP2 also run with torch's fused AdamW ('+fused'), the kernel Strato's AdamW
 picks on CPU, so the table separates the optimizer kernel from the sharding.
 
@@ -72,12 +74,16 @@ def optimizer_tensors(optimizer) -> list[torch.Tensor]:
 # ---------------------------------------------------------------------- the frameworks
 
 
-def run_strato(stage: int, steps: int, rank: int):
+def run_strato(stage: int, steps: int, rank: int, mesh: dict | None = None):
     import strato
 
     torch.manual_seed(0)
     model = GPT(REFERENCE)
-    strategy = strato.Strategy(zero=stage, optimizer=strato.AdamW(lr=LR, weight_decay=0.01))
+    strategy = strato.Strategy(
+        zero=stage,
+        optimizer=strato.AdamW(lr=LR, weight_decay=0.01),
+        mesh=strato.Mesh(**(mesh or {})),
+    )
     engine = strato.compile(model, strategy, example_inputs=data(0, rank))
     times = []
     for step in range(steps):
@@ -86,7 +92,8 @@ def run_strato(stage: int, steps: int, rank: int):
         engine.backward(loss)
         engine.step()
         times.append(time.perf_counter() - start)
-    return times, engine.stats()["model_state_bytes"], float(loss.detach())
+    stats = engine.stats()  # comm_bytes_by_dim: payload bytes of the last step
+    return times, stats["model_state_bytes"], float(loss.detach()), stats["comm_bytes_by_dim"]
 
 
 def torch_adamw(params, fused: bool) -> torch.optim.AdamW:
@@ -177,17 +184,17 @@ def run_deepspeed(stage: int, steps: int, rank: int):
     return times, state, float(loss.detach())
 
 
-def worker(rank: int, port: int, variant: tuple[str, int], steps: int, out: str) -> None:
+def worker(rank: int, port: int, variant: tuple, steps: int, out: str) -> None:
     torch.set_num_threads(1)
+    framework, stage, world, mesh = variant
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         RANK=str(rank),
-        WORLD_SIZE=str(WORLD),
+        WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank),
         DS_ACCELERATOR="cpu",
     )
-    framework, stage = variant
     try:
         if framework == "deepspeed":
             import deepspeed
@@ -195,22 +202,23 @@ def worker(rank: int, port: int, variant: tuple[str, int], steps: int, out: str)
             deepspeed.init_distributed(dist_backend="gloo")
         else:
             dist.init_process_group(
-                "gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=300)
+                "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300)
             )
         run = {
-            "strato": lambda: run_strato(stage, steps, rank),
+            "strato": lambda: run_strato(stage, steps, rank, mesh),
             "ddp": lambda: run_ddp(steps, rank, fused=False),
             "ddp+fused": lambda: run_ddp(steps, rank, fused=True),
             "fsdp2": lambda: run_fsdp2(steps, rank, fused=False),
             "fsdp2+fused": lambda: run_fsdp2(steps, rank, fused=True),
             "deepspeed": lambda: run_deepspeed(stage, steps, rank),
         }[framework]
-        times, state_bytes, loss = run()
+        times, state_bytes, loss, *by_dim = run()  # (Strato also returns bytes by dimension)
         result = {
             "times": times,
             "model_state_bytes": state_bytes,
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "loss": loss,
+            "comm_bytes_by_dim": by_dim[0] if by_dim else {},
         }
     except Exception:
         result = {"error": traceback.format_exc()}
@@ -219,14 +227,15 @@ def worker(rank: int, port: int, variant: tuple[str, int], steps: int, out: str)
         dist.destroy_process_group()
 
 
-def launch(variant: tuple[str, int], steps: int) -> dict:
+def launch(variant: tuple, steps: int) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as out:
         ctx = mp.get_context("spawn")
+        world = variant[2]
         procs = [
-            ctx.Process(target=worker, args=(r, port, variant, steps, out)) for r in range(WORLD)
+            ctx.Process(target=worker, args=(r, port, variant, steps, out)) for r in range(world)
         ]
         for p in procs:
             p.start()
@@ -235,7 +244,7 @@ def launch(variant: tuple[str, int], steps: int) -> dict:
             if p.is_alive():
                 p.kill()
         ranks = []
-        for r in range(WORLD):
+        for r in range(world):
             path = Path(out, f"rank{r}.json")
             ranks.append(json.loads(path.read_text()) if path.exists() else {"error": "no result"})
     errors = [r["error"] for r in ranks if "error" in r]
@@ -247,12 +256,13 @@ def launch(variant: tuple[str, int], steps: int) -> dict:
         "peak_rss": max(r["peak_rss"] for r in ranks),
         "model_state_bytes": max(r["model_state_bytes"] for r in ranks),
         "loss": ranks[0]["loss"],
+        "comm_bytes_by_dim": ranks[0]["comm_bytes_by_dim"],
     }
 
 
-def ideal_model_state(stage: int, psi: int) -> float:
-    """fp32 AdamW per rank (ZeRO paper): parameters 4, gradients 4, moments 8 bytes/element."""
-    n = WORLD
+def ideal_model_state(stage: int, psi: int, n: int = WORLD) -> float:
+    """fp32 AdamW per rank (ZeRO paper, n shards): parameters 4, gradients 4, moments 8
+    bytes/element."""
     return {0: 16 * psi, 1: 8 * psi + 8 * psi / n, 2: 4 * psi + 12 * psi / n, 3: 16 * psi / n}[
         stage
     ]
@@ -266,15 +276,26 @@ def main() -> None:
     parser.add_argument("--only", default="", help="comma-separated names, e.g. strato-3,fsdp2")
     args = parser.parse_args()
 
-    variants = [("strato", s) for s in range(4)]
-    variants += [("ddp", 0), ("ddp+fused", 0), ("fsdp2", 3), ("fsdp2+fused", 3)]
+    variants = [("strato", s, WORLD, None) for s in range(4)]
+    variants += [(f, s, WORLD, None) for f, s in [("ddp", 0), ("ddp+fused", 0), ("fsdp2", 3)]]
+    variants += [("fsdp2+fused", 3, WORLD, None)]
     try:
         import deepspeed  # noqa: F401
 
-        variants += [("deepspeed", s) for s in range(4)]
+        variants += [("deepspeed", s, WORLD, None) for s in range(4)]
     except Exception as exc:  # not installed, or fails to import on this machine
         print(f"deepspeed not importable ({type(exc).__name__}: {exc}); skipping it")
-    name = {v: f"{v[0]}-{v[1]}" if v[0] in ("strato", "deepspeed") else v[0] for v in variants}
+    hybrid = {"replicate": 2, "shard": 2}
+    variants += [("strato", s, 4, hybrid) for s in (1, 2, 3)] + [("ddp", 0, 4, None)]
+
+    def variant_name(v: tuple) -> str:
+        framework, stage, world, mesh = v
+        base = f"{framework}-{stage}" if framework in ("strato", "deepspeed") else framework
+        if mesh:
+            return f"{base}/{mesh['replicate']}x{mesh['shard']}"
+        return base if world == WORLD else f"{base}/{world}"
+
+    name = {v: variant_name(v) for v in variants}
     if args.only:
         wanted = set(args.only.split(","))
         variants = [v for v in variants if name[v] in wanted]
@@ -296,17 +317,22 @@ def main() -> None:
         if not ok:
             rows[name[v]] = {"error": runs[name[v]][0]["error"]}
             continue
-        stage = v[1]
+        stage, world, mesh = v[1], v[2], v[3]
+        shards = mesh["shard"] if mesh else world
         state = max(r["model_state_bytes"] for r in ok)
         rows[name[v]] = {
+            "world_size": world,
+            "mesh": mesh,
             "step_s": statistics.median(r["step_s"] for r in ok),
             "peak_rss": max(r["peak_rss"] for r in ok),
             "model_state_bytes": state,
-            "ideal_model_state_bytes": ideal_model_state(stage, psi),
-            "state_vs_ideal": state / ideal_model_state(stage, psi),
+            "ideal_model_state_bytes": ideal_model_state(stage, psi, shards),
+            "state_vs_ideal": state / ideal_model_state(stage, psi, shards),
             "loss": ok[0]["loss"],
+            "comm_bytes_by_dim": ok[0]["comm_bytes_by_dim"],
         }
     base = {k: rows.get(k, {}) for k in ("ddp", "ddp+fused", "fsdp2")}
+    base_4 = rows.get("ddp/4", {})
     print(
         f"\nReference GPT: {psi:,} parameters, {WORLD} gloo ranks, batch {PER_RANK}/rank, fp32 AdamW"
     )
@@ -324,6 +350,9 @@ def main() -> None:
             k: row["step_s"] / b["step_s"] if "step_s" in b else float("nan")
             for k, b in base.items()
         }
+        if row["world_size"] == 4:  # 4-rank rows: against DDP on 4 ranks
+            vs = {k: float("nan") for k in vs}
+            vs["ddp"] = row["step_s"] / base_4["step_s"] if "step_s" in base_4 else float("nan")
         row["step_vs_ddp"], row["step_vs_fsdp2"] = vs["ddp"], vs["fsdp2"]
         row["step_vs_ddp_fused"] = vs["ddp+fused"]
         print(
@@ -332,6 +361,16 @@ def main() -> None:
             f"{row['peak_rss'] / 2**20:12.0f} {row['model_state_bytes'] / 2**20:9.2f} "
             f"{row['state_vs_ideal']:7.3f}"
         )
+    print(
+        "\n'x DDP' of the 4-rank rows is against ddp/4. Payload bytes per mesh dimension, one step:"
+    )
+    for run_name, row in rows.items():
+        if row.get("comm_bytes_by_dim"):
+            dims = "; ".join(
+                f"{dim}: " + ", ".join(f"{k} {n / 2**20:.2f} MiB" for k, n in sorted(kinds.items()))
+                for dim, kinds in sorted(row["comm_bytes_by_dim"].items())
+            )
+            print(f"  {run_name:<12} {dims}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(

@@ -24,6 +24,7 @@ def _check(rank: int, group, members: list[int]) -> None:
 
     n = len(members)
     me = members.index(rank)
+    torch_group = getattr(group, "process_group", group)  # a MeshGroup's, for torch's own
     for dtype in (torch.float32, torch.bfloat16):
         for async_op in (False, True):
             g = torch.Generator().manual_seed(rank)
@@ -33,7 +34,7 @@ def _check(rank: int, group, members: list[int]) -> None:
             if async_op:
                 work.wait()
             everyone = [torch.empty_like(full) for _ in range(n)]
-            dist.all_gather(everyone, full, group=group)
+            dist.all_gather(everyone, full, group=torch_group)
             want = sum(t.float() for t in everyone).chunk(n)[me]
             torch.testing.assert_close(shard.float(), want, atol=2e-2, rtol=1e-2)
 
