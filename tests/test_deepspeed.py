@@ -127,7 +127,7 @@ def test_hf_zero2_config_becomes_the_hand_written_strategy():
         "wall_clock_breakdown",
         "zero_optimization.overlap_comm",
     } <= no_effect
-    assert "train_batch_size=None (= 16 at world size 2" in str(report)
+    assert "train_batch_size=None: 16 at world size 2" in str(report)
 
 
 def test_hf_zero3_autos_come_from_the_model_hidden_size():

@@ -369,22 +369,18 @@ class Converter:
         if total_given:
             self.fields["train_batch_size"] = total
         world_note = f"world size {world}, {self.world_from}"
-        self.honour(
-            "train_batch_size",
-            cfg.get("train_batch_size", total),
-            f"train_batch_size={total if total_given else None}"
-            + ("" if total_given else f" (= {total} at {world_note}; checked at compile)"),
-        )
-        self.honour(
-            "train_micro_batch_size_per_gpu",
-            cfg.get("train_micro_batch_size_per_gpu", micro),
-            f"micro_batch_size={micro}",
-        )
-        self.honour(
-            "gradient_accumulation_steps",
-            cfg.get("gradient_accumulation_steps", accumulation),
-            f"grad_accumulation={accumulation}",
-        )
+        derived = " (not in the config: filled in as DeepSpeed does)"
+        for key, note in (
+            (
+                "train_batch_size",
+                f"train_batch_size={total}"
+                if total_given
+                else f"train_batch_size=None: {total} at {world_note}; checked at compile",
+            ),
+            ("train_micro_batch_size_per_gpu", f"micro_batch_size={micro}"),
+            ("gradient_accumulation_steps", f"grad_accumulation={accumulation}"),
+        ):
+            self.honour(key, cfg.get(key), note + ("" if key in cfg else derived))
 
     def _clipping(self) -> None:
         if "gradient_clipping" not in self.config:
