@@ -50,13 +50,14 @@ def capture(
     kwargs: Mapping | None = None,
     *,
     training: bool = True,
-    dynamic_batch: bool = True,
+    dynamic: bool = True,
 ) -> Captured:
-    """Trace `model(*args, **kwargs)` in the given mode into an FX GraphModule."""
+    """Trace `model(*args, **kwargs)` in the given mode into an FX GraphModule; with
+    `dynamic`, input sizes stay symbolic wherever the model allows."""
     kwargs = dict(kwargs or {})
     with model_mode(model, training):
         try:
-            gm = _export(model, args, kwargs, dynamic_batch)
+            gm = _export(model, args, kwargs, dynamic)
             method = "export"
         except Exception as export_exc:
             try:
@@ -75,27 +76,66 @@ def capture(
 
 
 def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict):
-    """Mark dim 0 of every tensor input as a batch dimension export may keep symbolic."""
+    """Mark every dim of every tensor input `Dim.AUTO`: export keeps symbolic what the model
+    lets vary (batch, sequence) and quietly fixes the rest (hidden size, image channels).
+
+    Keyed like `torch.export` binds the call, so arguments caught by `**kwargs` (all of
+    Hugging Face's optional inputs) are marked too."""
     try:
         bound = inspect.signature(model.forward).bind(*args, **kwargs)
-    except TypeError:
-        return None
-    params = inspect.signature(model.forward).parameters
-    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params.values()):
+    except (TypeError, ValueError):
         return None
 
     def spec(x):
         if isinstance(x, torch.Tensor) and x.dim() >= 1:
-            return {0: torch.export.Dim.AUTO}
+            return {d: torch.export.Dim.AUTO for d in range(x.dim())}
         return None
 
     return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
 
 
-def _export(model, args, kwargs, dynamic_batch) -> fx.GraphModule:
-    dynamic = _dynamic_shapes(model, args, kwargs) if dynamic_batch else None
-    ep = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=dynamic, strict=False)
+def _export(model, args, kwargs, dynamic) -> fx.GraphModule:
+    model = _with_named_keywords(model, kwargs)
+    shapes = _dynamic_shapes(model, args, kwargs) if dynamic else None
+    ep = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=shapes, strict=False)
     return ep.module()
+
+
+class _NamedKeywords(torch.nn.Module):
+    """The model with the keywords its `forward(**kwargs)` catches named in the signature.
+
+    torch.export (2.11-2.13) pairs a `dynamic_shapes` dict with arguments caught by
+    `**kwargs` wrongly (it sees them both under 'kwargs' and at the top level). This view
+    shares the model's parameters, buffers and submodules (same names, same tensors) and
+    calls its forward, so the graph is the model's own."""
+
+    def __init__(self, model: torch.nn.Module, signature: inspect.Signature) -> None:
+        super().__init__()
+        self._parameters = model._parameters
+        self._buffers = model._buffers
+        self._modules = model._modules
+        self.training = model.training
+
+        def forward(*args, **kwargs):
+            return model.forward(*args, **kwargs)
+
+        forward.__signature__ = signature
+        object.__setattr__(self, "forward", forward)
+
+
+def _with_named_keywords(model: torch.nn.Module, kwargs: Mapping) -> torch.nn.Module:
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return model
+    params = list(signature.parameters.values())
+    var_keyword = [p for p in params if p.kind is p.VAR_KEYWORD]
+    caught = [k for k in kwargs if k not in signature.parameters]
+    if not var_keyword or not caught:
+        return model
+    named = [p for p in params if p.kind is not p.VAR_KEYWORD]
+    named += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in caught]
+    return _NamedKeywords(model, signature.replace(parameters=named))
 
 
 def _symbolic_trace(model, args, kwargs) -> fx.GraphModule:

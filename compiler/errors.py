@@ -17,6 +17,10 @@ class CaptureError(StratoError):
     """The model could not be traced into an FX graph."""
 
 
+class InputError(StratoError, TypeError):
+    """A call's inputs do not fit the compiled model: names the argument and what to pass."""
+
+
 class PassError(StratoError):
     """A pass raised, or returned a graph that does not lint or run."""
 

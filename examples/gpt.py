@@ -37,14 +37,15 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.dropout = nn.Dropout(cfg.dropout)
-        mask = torch.full((cfg.seq_len, cfg.seq_len), float("-inf")).triu(1)
-        self.register_buffer("mask", mask, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, c = x.shape
         q, k, v = self.qkv(x).split(c, dim=-1)
         q, k, v = (z.view(b, t, self.n_heads, c // self.n_heads).transpose(1, 2) for z in (q, k, v))
-        scores = q @ k.transpose(-2, -1) * (1.0 / math.sqrt(c // self.n_heads)) + self.mask[:t, :t]
+        # The causal mask is built for this length, not sliced from a [seq_len, seq_len]
+        # buffer: a slice as long as the buffer pins the length when the graph is captured.
+        mask = torch.full((t, t), float("-inf"), device=x.device).triu(1)
+        scores = q @ k.transpose(-2, -1) * (1.0 / math.sqrt(c // self.n_heads)) + mask
         attn = self.dropout(scores.softmax(dim=-1))
         y = (attn @ v).transpose(1, 2).reshape(b, t, c)
         return self.dropout(self.proj(y))

@@ -15,13 +15,21 @@ from ..compiler.pass_manager import graph_pass
 
 class _FakePropagation(FakeTensorProp):
     """FakeTensorProp that also fakes parameters and buffers, so in-place ops in the graph
-    (batch-norm statistics, counters) never touch the model's real tensors."""
+    (batch-norm statistics, counters) never touch the model's real tensors. `before_node`,
+    when given, sees each node and the values computed so far before the node runs (a pass
+    may adjust the node to what it now receives)."""
+
+    def __init__(self, gm, mode=None, before_node=None):
+        super().__init__(gm, mode=mode)
+        self.before_node = before_node
 
     def get_attr(self, target, args, kwargs):
         value = super().get_attr(target, args, kwargs)
         return self._mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
 
     def run_node(self, node):
+        if self.before_node is not None:
+            self.before_node(node, self.env)
         try:
             return super().run_node(node)
         except Exception as exc:
@@ -34,8 +42,9 @@ class _FakePropagation(FakeTensorProp):
             ) from exc
 
 
-def fill_fake_values(gm: fx.GraphModule, ctx: CompileContext) -> int:
-    """Propagate fake tensors when some node lacks meta['val']; returns how many were missing."""
+def fill_fake_values(gm: fx.GraphModule, ctx: CompileContext, before_node=None) -> int:
+    """Propagate fake tensors when some node lacks meta['val']; returns how many were missing.
+    `before_node(node, values)` is called before each node runs (see _FakePropagation)."""
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     for node in gm.graph.nodes:
         if node.op == "get_attr" and "val" not in node.meta:
@@ -49,7 +58,7 @@ def fill_fake_values(gm: fx.GraphModule, ctx: CompileContext) -> int:
     )
     leaves = _placeholder_values(gm, ctx)
     if missing and leaves is not None:
-        _FakePropagation(gm, mode=fake_mode).propagate(*leaves)
+        _FakePropagation(gm, mode=fake_mode, before_node=before_node).propagate(*leaves)
     return missing
 
 

@@ -7,6 +7,11 @@ and means) get low-precision inputs cast back to fp32. Every other op runs in wh
 its inputs promote to (bf16 + fp32 -> fp32), as under torch.autocast. Parameters stay
 fp32 (the master weights): their casts are graph nodes, so gradients reach them in fp32.
 The casts are `aten._to_copy` nodes marked meta['strato_created_by'] = 'mixed_precision'.
+
+Export checks the dtypes it saw at capture with `_assert_tensor_metadata` nodes (before
+every `.to(dtype)` / `.float()`, e.g. in Hugging Face losses and RMSNorms). Where an
+asserted value is one this pass moved to low precision, the assert is re-targeted to the
+dtype the value now has; asserts on anything the pass did not change stay as they were.
 """
 
 from __future__ import annotations
@@ -72,7 +77,12 @@ if hasattr(aten, "rms_norm"):
     FP32_OPS.add(aten.rms_norm.default)
 
 # Ops whose output dtype is stated explicitly: never changed by promotion.
-EXPLICIT_DTYPE_OPS = {aten._to_copy.default, aten.to.dtype, aten.to.dtype_layout}
+EXPLICIT_DTYPE_OPS = {
+    aten._to_copy.default,
+    aten.to.dtype,
+    aten.to.dtype_layout,
+    aten.to.device,
+}
 
 LOW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -138,17 +148,35 @@ def mixed_precision(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             floats = [d for d in inputs if d is not None and d.is_floating_point]
             dtype_of[node] = low if floats and all(d == low for d in floats) else original
     # Shapes are unchanged; dtypes changed: recompute every node's fake value.
+    captured = {node: _tensor_dtype(node) for node in graph.nodes}
     for node in graph.nodes:
         if node.op == "call_function":
             node.meta.pop("val", None)
     graph.lint()
     gm.recompile()
-    fill_fake_values(gm, ctx)
+    retargeted: list[str] = []
+
+    def retarget_assert(node: fx.Node, values: dict) -> None:
+        if node.target is not aten._assert_tensor_metadata.default:
+            return
+        source = node.args[0]
+        asserted = node.args[3] if len(node.args) > 3 else node.kwargs.get("dtype")
+        now = getattr(values.get(source), "dtype", None)
+        if asserted is not None and now != asserted and captured.get(source) == asserted:
+            if len(node.args) > 3:
+                node.args = (*node.args[:3], now, *node.args[4:])
+            else:
+                node.kwargs = {**node.kwargs, "dtype": now}
+            retargeted.append(node.name)
+
+    fill_fake_values(gm, ctx, before_node=retarget_assert)
+    gm.recompile()
     ctx.record(
         "mixed_precision",
         dtype=name,
         low_precision_nodes=low_nodes,
         casts=len(casts),
+        retargeted_asserts=retargeted,
         loss_scaling=name == "fp16",
     )
     return gm

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from collections.abc import Callable
 
 import attrs
@@ -13,9 +14,14 @@ import torch.fx as fx
 from ..compiler import cost_model
 from ..compiler import inspect as graph_inspect
 from ..compiler.context import CompileContext
-from ..compiler.errors import StratoError
+from ..compiler.errors import InputError, StratoError
 from ..compiler.pass_manager import PassRecord
 from ..compiler.strategy import Strategy
+from .calls import BoundCall, CallSignature, bind_call, capture_defaults, check_tensors
+
+MAX_RECAPTURES = 8
+"""Graphs per mode captured again for calls the example's graph cannot take (other
+arguments, a dimension export had to fix), kept most recent first; the example's stays."""
 
 
 @attrs.define
@@ -27,6 +33,8 @@ class CompiledGraph:
     ctx: CompileContext
     run: Callable | None = None
     """What executes the graph: gm itself, or torch.compile(gm) (see `graph_runner`)."""
+    call: CallSignature | None = None
+    """The signature of the call it was captured from (runtime/calls.py)."""
 
 
 def graph_runner(gm: fx.GraphModule, ctx: CompileContext) -> Callable:
@@ -58,6 +66,11 @@ class CompiledModel(torch.nn.Module):
     so `parameters()`, `state_dict()` and module paths are the model's own, with no
     prefix and no copies. Each mode (train/eval) has its own graph, since a captured
     graph bakes in dropout and batch-norm behaviour; the second is built on first use.
+
+    Calls bind like calls of the model (runtime/calls.py): positional or keyword, left-out
+    arguments take the model's defaults. Sizes are symbolic where the model allows; a call
+    with other arguments than the example, or a size the graph had to fix, is captured
+    again once (a warning says why) and kept, at most MAX_RECAPTURES per mode.
     """
 
     def __init__(
@@ -76,6 +89,8 @@ class CompiledModel(torch.nn.Module):
         object.__setattr__(self, "strategy", strategy)
         object.__setattr__(self, "_build_graph", build_graph)
         object.__setattr__(self, "_graphs", {})
+        object.__setattr__(self, "_recaptured", {True: [], False: []})
+        object.__setattr__(self, "_call_defaults", capture_defaults(model))
         self.training = model.training
         self._graph_for(self.training)
 
@@ -86,8 +101,52 @@ class CompiledModel(torch.nn.Module):
         return self._graphs[training]
 
     def forward(self, *args, **kwargs):
-        graph = self._graph_for(self.training)
-        return (graph.gm if graph.run is None else graph.run)(*args, **kwargs)
+        call = bind_call(self.model, args, kwargs, self._call_defaults)
+        graphs = [self._graph_for(self.training), *self._recaptured[self.training]]
+        fitting = [g for g in graphs if g.call is None or g.call == call.signature]
+        reason = ""
+        for graph in fitting:
+            try:
+                return _run(graph, call)
+            except _GuardFailed as failed:
+                reason = f"the graph fixed {failed} (the model lets no symbolic size through)"
+        if not fitting:
+            captured = [g.call for g in graphs if g.call is not None]
+            check_tensors(call.signature, captured)
+            reason = f"this call has {call.signature.difference(captured[0])}"
+        try:
+            return _run(self._capture_again(call, reason), call)
+        except _GuardFailed as failed:
+            raise InputError(
+                f"{type(self.model).__name__}: even a graph captured for this call requires "
+                f"{failed}; check the inputs' sizes against each other and the model's limits."
+            ) from None
+
+    def _capture_again(self, call: BoundCall, reason: str) -> CompiledGraph:
+        """Capture the current mode's graph for `call`, keep it, say why in one line."""
+        name, mode = type(self.model).__name__, "training" if self.training else "eval"
+        sharding = self._sharding_pass()
+        if sharding:
+            raise InputError(
+                f"{name}: {reason}, which needs a new capture of the {mode} graph; pass "
+                f"{sharding!r} has left each parameter holding only its shard (ZeRO-3), so the "
+                "model cannot be captured again. Give strato.compile example inputs with the "
+                "same arguments as this call (example_kwargs), or call it like the example."
+            )
+        warnings.warn(f"strato: capturing {name}'s {mode} graph again: {reason}", stacklevel=3)
+        graph = self._build_graph(self.training, call)
+        kept = self._recaptured[self.training]
+        kept.insert(0, graph)
+        del kept[MAX_RECAPTURES:]
+        return graph
+
+    def _sharding_pass(self) -> str:
+        """The pass that shards parameters across ranks (ZeRO-3), or ''."""
+        for graph in self._graphs.values():
+            for pass_name, record in graph.ctx.records.items():
+                if isinstance(record, dict) and record.get("shards_parameters"):
+                    return pass_name
+        return ""
 
     def train(self, mode: bool = True) -> CompiledModel:
         self.model.train(mode)
@@ -141,3 +200,20 @@ class CompiledModel(torch.nn.Module):
 
     def __repr__(self) -> str:
         return f"CompiledModel({type(self.model).__name__}, {self.strategy!r})"
+
+
+class _GuardFailed(Exception):
+    """A graph's input check failed (export's guards): the call needs another graph."""
+
+
+def _run(graph: CompiledGraph, call: BoundCall):
+    """Run `graph` on `call`; export's input checks that fail raise _GuardFailed with the
+    failed condition, which names the input and dimension (e.g. input_ids.size()[1] == 16)."""
+    run = graph.gm if graph.run is None else graph.run
+    try:
+        return run(*call.args, **call.kwargs)
+    except AssertionError as exc:
+        text = str(exc)
+        if not text.startswith("Guard failed"):
+            raise
+        raise _GuardFailed(text.removeprefix("Guard failed:").strip()) from None
