@@ -162,10 +162,12 @@ def register_flat_shards(
     tensors: dict[str, tuple[torch.Tensor, bool]],
     shard_rank: int,
     shard_count: int,
+    writes: bool = True,
 ) -> None:
     """ZeRO-style sharding: each tensor (name -> (tensor, model keeps it whole)) is flattened,
     padded to a multiple of `shard_count` and cut evenly; this rank owns shard `shard_rank`
-    and writes it (the shards are disjoint)."""
+    and writes it (the shards are disjoint) unless `writes` is False (a replica of the
+    same shard under hybrid sharding: the first replica writes it)."""
     for name, (tensor, holds_full) in tensors.items():
         entry = ctx.records.get("layout", {}).get("tensors", {}).get(name)
         local = TensorLayout(
@@ -179,7 +181,7 @@ def register_flat_shards(
             tensor,
             {"kind": "flat", "lo": lo, "hi": hi},
             holds_full,
-            writes=True,
+            writes=writes,
         )
 
 

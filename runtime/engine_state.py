@@ -79,24 +79,24 @@ def save(engine: TrainingEngine, path: str | Path, keep_last: int, async_save: b
     if keep_last < 1:
         raise CheckpointError(f"save_checkpoint: keep_last must be >= 1, got {keep_last}.")
     arrive("save_checkpoint")
-    wait_for_save(engine)
     root, step = Path(path), engine.global_step
     rank, world = collectives.rank(), collectives.world_size()
-    error = None
-    if rank == 0:
-        try:
+    error: CheckpointError | None = None
+    try:
+        wait_for_save(engine)  # the previous save, which may have failed on this rank
+        if rank == 0:
             checkpoint.prepare_folder(root, step)
-        except (OSError, CheckpointError) as exc:
-            error = exc
-    failed = _all_ok(error is None)
+    except CheckpointError as exc:
+        error = exc
+    except OSError as exc:
+        error = CheckpointError(f"save_checkpoint: cannot create {root}: {exc}")
+    failed = _all_ok(error is None)  # every rank learns whether any failed: no one hangs
+    if error is not None:
+        raise error
     if failed:
-        if error is not None:
-            raise (
-                error
-                if isinstance(error, CheckpointError)
-                else CheckpointError(f"save_checkpoint: cannot create {root}: {error}")
-            )
-        raise CheckpointError(f"save_checkpoint: rank 0 could not create {root}.")
+        raise CheckpointError(
+            f"save_checkpoint: rank(s) {failed} failed (see their errors); nothing was saved."
+        )
     layouts, aliases = engine.layout()
     state = engine.manager.state_dict(layouts, aliases)
     pieces: dict[str, dict[str, Any]] = {}
@@ -169,14 +169,19 @@ def _engine_metadata(engine: TrainingEngine, state: ShardedState, layouts) -> di
 
 def load(engine: TrainingEngine, path: str | Path) -> int:
     arrive("load_checkpoint")
-    wait_for_save(engine)
-    collectives.barrier()  # every rank's own save (rank 0: its publish) is complete
     error: CheckpointError | None = None
-    plan = None
     try:
-        plan = _read_for_this_rank(engine, path)
+        wait_for_save(engine)
     except CheckpointError as exc:
         error = exc
+    # Every rank's own save is written (rank 0's published) before anyone reads.
+    _all_ok(error is None)
+    plan = None
+    if error is None:
+        try:
+            plan = _read_for_this_rank(engine, path)
+        except CheckpointError as exc:
+            error = exc
     failed = _all_ok(error is None)
     if error is not None:
         raise error
