@@ -200,6 +200,7 @@ def plan_zero(gm: fx.GraphModule, ctx: CompileContext, stage: int) -> fx.GraphMo
         {t: (p, t not in gathered) for t, p in tensors.items()},
         ctx.mesh.group(SHARD).rank,
         n,
+        writes=ctx.mesh.group(REPLICATE).rank == 0,  # replicas hold the same shards
     )
     return gm
 
