@@ -467,3 +467,114 @@ def region_from_nodes(
         column_inputs=tuple(i for i, n in enumerate(inputs) if column_inputs and column_inputs(n)),
     )
     return region, inputs
+
+
+# ---------------------------------------------------------------------- JSON form
+# How an exported artifact carries a region, so a fresh process can register its fused op:
+# only ATen ops and `seeded_dropout` may be named, and constants are JSON with tagged
+# dtypes and tuples (so the signature, hence the op name and the source, come out equal).
+
+_TORCH_ENUMS = (torch.dtype, torch.layout, torch.memory_format)
+
+
+class RegionFormatError(ValueError):
+    """A region's JSON form names something other than an ATen op or a plain constant."""
+
+
+def region_to_json(region: Region) -> dict:
+    """The JSON form of `region` (see `region_from_json`)."""
+    return {
+        "kind": region.kind,
+        "name": region.name,
+        "ops": [
+            {
+                "name": op.name,
+                "target": op.op,
+                "args": _to_json(op.args),
+                "kwargs": {k: _to_json(v) for k, v in op.kwargs.items()},
+            }
+            for op in region.ops
+        ],
+        "n_inputs": region.n_inputs,
+        "input_dtypes": [_to_json(d) for d in region.input_dtypes],
+        "outputs": list(region.outputs),
+        "output_dtypes": [_to_json(d) for d in region.output_dtypes],
+        "row_op": region.row_op,
+        "column_inputs": list(region.column_inputs),
+    }
+
+
+def region_from_json(data: dict) -> Region:
+    """The Region `region_to_json` wrote; RegionFormatError names what is not allowed."""
+    try:
+        ops = tuple(
+            RegionOp(
+                str(op["name"]),
+                _target(op["target"]),
+                _from_json(op["args"]),
+                {str(k): _from_json(v) for k, v in op["kwargs"].items()},
+            )
+            for op in data["ops"]
+        )
+        return Region(
+            kind=str(data["kind"]),
+            name=str(data["name"]),
+            ops=ops,
+            n_inputs=int(data["n_inputs"]),
+            input_dtypes=tuple(_from_json(d) for d in data["input_dtypes"]),
+            outputs=tuple(str(o) for o in data["outputs"]),
+            output_dtypes=tuple(_from_json(d) for d in data["output_dtypes"]),
+            row_op=None if data["row_op"] is None else str(data["row_op"]),
+            column_inputs=tuple(int(i) for i in data["column_inputs"]),
+        )
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise RegionFormatError(f"malformed region ({type(exc).__name__}: {exc})") from exc
+
+
+def _target(name: str):
+    if name == f"{seeded_dropout.__module__}.{seeded_dropout.__qualname__}":
+        return seeded_dropout
+    namespace, _, rest = str(name).partition(".")
+    op_name, _, overload = rest.partition(".")
+    if namespace != "aten" or not op_name:
+        raise RegionFormatError(f"region op {name!r} is not an ATen op")
+    try:
+        return getattr(getattr(aten, op_name), overload or "default")
+    except AttributeError as exc:
+        raise RegionFormatError(f"region op {name!r} does not exist in this torch") from exc
+
+
+def _to_json(value):
+    if isinstance(value, Ref):
+        return {"ref": value.name}
+    if isinstance(value, _TORCH_ENUMS):
+        return {type(value).__name__: str(value).removeprefix("torch.")}
+    if isinstance(value, tuple):
+        return {"tuple": [_to_json(v) for v in value]}
+    if isinstance(value, list):
+        return [_to_json(v) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise RegionFormatError(f"region constant {value!r} ({type(value).__name__}) has no JSON form")
+
+
+def _from_json(value):
+    if isinstance(value, list):
+        return [_from_json(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if len(value) != 1:
+        raise RegionFormatError(f"malformed region value {value!r}")
+    ((tag, data),) = value.items()
+    if tag == "ref":
+        return Ref(str(data))
+    if tag == "tuple":
+        return tuple(_from_json(v) for v in data)
+    kinds = {
+        type(t).__name__: type(t) for t in (torch.float32, torch.strided, torch.contiguous_format)
+    }
+    if tag in kinds:
+        found = getattr(torch, str(data), None)
+        if isinstance(found, kinds[tag]):
+            return found
+    raise RegionFormatError(f"malformed region value {value!r}")

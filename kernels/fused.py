@@ -7,6 +7,11 @@ and the backward runs the generated backward kernel or recomputes the reference 
 under autograd. Regions with the same structure (e.g. every layer's residual-add +
 LayerNorm) share one op and one kernel. A region with random dropout also returns the
 seed its masks came from, so its backward can recompute them.
+
+An exported artifact carries each fused op's region (its JSON form) and kernel source;
+`register_exported` registers the op in a fresh process from them, after checking that
+the source is exactly the one this Strato renders for that region (so an artifact can
+never bring code of its own to run).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from .backend import kernel_backend
 _ops: dict[str, torch._ops.OpOverload] = {}
 _modules: dict[str, types.ModuleType] = {}
 _sources: dict[str, str] = {}
+_regions: dict[str, Region] = {}
 
 
 def op_name(region: Region) -> str:
@@ -36,6 +42,7 @@ def fused_op(region: Region) -> torch._ops.OpOverload:
     source = kernel_source(region)
     _modules[name] = load_kernel_module(source, name)
     _sources[name] = source
+    _regions[name] = region
     if name not in _ops:
         _ops[name] = _register(name, region)
     return _ops[name]
@@ -44,6 +51,33 @@ def fused_op(region: Region) -> torch._ops.OpOverload:
 def fused_source(region: Region) -> str:
     """The generated Triton source of `region`'s kernel (after `fused_op`)."""
     return _sources[op_name(region)]
+
+
+def fused_region(name: str) -> Region | None:
+    """The region of the fused op `strato::<name>` registered in this process, if any."""
+    return _regions.get(name)
+
+
+class KernelMismatchError(ValueError):
+    """An exported kernel is not what this Strato generates for its region."""
+
+
+def register_exported(name: str, region: Region, source: str) -> torch._ops.OpOverload:
+    """Register `strato::<name>` from an artifact's region and kernel source.
+
+    The op name must be the region's structural name and the source the one rendered
+    here for it; anything else (an edited kernel, another Strato's templates) raises
+    KernelMismatchError before any of it is imported."""
+    if op_name(region) != name:
+        raise KernelMismatchError(
+            f"its region's structure names the op {op_name(region)!r}, not {name!r}"
+        )
+    if kernel_source(region) != source:
+        raise KernelMismatchError(
+            f"the source differs from the kernel this Strato generates for region "
+            f"{region.name!r} (edited, or exported by another Strato version)"
+        )
+    return fused_op(region)
 
 
 def _aliases(out: torch.Tensor, inputs: list[torch.Tensor]) -> bool:

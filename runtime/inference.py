@@ -10,12 +10,17 @@ The artifact (by convention `*.strato`) is an uncompressed zip holding exactly:
   values are JSON, with dtypes/devices/tuples tagged. Input/output pytree specs use
   torch's JSON treespec format.
 - `weights.safetensors`: every tensor the graph reads (`get_attr`), by target name.
+- `kernels/<op>.py` (graphs compiled with `fuse=True`): the generated kernel source of each
+  fused op the graph calls; `graph.json`'s `kernels` holds each op's region (its ATen op
+  list, see `codegen.region.region_to_json`).
 
 `load` checks the member list, every hash and every op name before building anything,
 and never unpickles: a file that is not such an artifact (a `torch.save` checkpoint, a
-zip with extra members, edited JSON or weights) is refused with an ArtifactError.
+zip with extra members, edited JSON, weights or kernels) is refused with an ArtifactError.
 The hashes catch corruption and edits made without rewriting the manifest; what makes
-loading safe is that nothing in the file can name code to run beyond the allow-listed ops.
+loading safe is that nothing in the file can name code to run beyond the allow-listed ops:
+a kernel is registered only when its source is exactly the one this Strato generates for
+its region (`kernels.fused.register_exported`), so the stored source is checked, never trusted.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import inspect
 import json
 import operator
 import os
+import re
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -39,8 +45,11 @@ from torch.utils import _pytree as pytree
 from ..compiler.errors import StratoError
 
 FORMAT = "strato-inference"
-VERSION = 1
+VERSION = 2
+READABLE_VERSIONS = (1, 2)
+"""Version 2 added the kernels/ members of fused graphs."""
 MEMBERS = ("manifest.json", "graph.json", "weights.safetensors")
+KERNEL_MEMBER = re.compile(r"kernels/[A-Za-z0-9_]+\.py")
 
 _OPERATORS = {
     f"operator.{name}": getattr(operator, name)
@@ -168,9 +177,8 @@ def _resolve_target(name: str) -> Any:
     except (AttributeError, RuntimeError) as exc:
         if namespace == "strato":
             raise ArtifactError(
-                f"graph.json: op {name!r} is not registered in this process; generated "
-                "kernels of fused regions (Strategy(fuse=True)) are not stored in artifacts "
-                "yet: export a graph compiled without fuse."
+                f"graph.json: op {name!r} is neither one of Strato's own ops nor a fused "
+                "kernel the artifact carries (graph.json 'kernels'); re-export the model."
             ) from exc
         raise ArtifactError(f"graph.json: op {name!r} does not exist in this torch build") from exc
 
@@ -258,7 +266,11 @@ def export(engine, path: str | os.PathLike) -> Path:
             "layouts are not portable. Export a model compiled with inference_backend='fx'."
         )
     graph, tensors = graph_to_json(compiled.gm)
+    kernels = _fused_kernels(compiled.gm)
+    if kernels:
+        graph["kernels"] = {name: region for name, (region, _) in kernels.items()}
     graph_bytes = json.dumps(graph, separators=(",", ":")).encode()
+    sources = {f"kernels/{name}.py": source.encode() for name, (_, source) in kernels.items()}
     # safetensors wants distinct, contiguous storages: tied tensors are written once each.
     weights_bytes = save_safetensors({k: v.contiguous().clone() for k, v in tensors.items()})
     quant = compiled.ctx.records.get("quantize", {})
@@ -271,6 +283,7 @@ def export(engine, path: str | os.PathLike) -> Path:
         "files": {
             "graph.json": hashlib.sha256(graph_bytes).hexdigest(),
             "weights.safetensors": hashlib.sha256(weights_bytes).hexdigest(),
+            **{member: hashlib.sha256(data).hexdigest() for member, data in sources.items()},
         },
         "quantize": {k: quant[k] for k in ("scheme", "bytes_before", "bytes_after") if k in quant},
     }
@@ -281,10 +294,30 @@ def export(engine, path: str | os.PathLike) -> Path:
             zf.writestr("manifest.json", json.dumps(manifest, indent=1))
             zf.writestr("graph.json", graph_bytes)
             zf.writestr("weights.safetensors", weights_bytes)
+            for member, data in sources.items():
+                zf.writestr(member, data)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _fused_kernels(gm: fx.GraphModule) -> dict[str, tuple[dict, str]]:
+    """{op name: (region JSON, kernel source)} of the generated fused ops `gm` calls."""
+    from ..codegen.region import region_to_json
+    from ..kernels.fused import fused_region, fused_source
+
+    kernels = {}
+    for node in gm.graph.nodes:
+        target = node.target
+        if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+            continue
+        namespace, _, rest = target.name().partition("::")
+        name = rest.partition(".")[0]
+        region = fused_region(name) if namespace == "strato" else None
+        if region is not None and name not in kernels:
+            kernels[name] = (region_to_json(region), fused_source(region))
+    return kernels
 
 
 def _strato_version() -> str:
@@ -296,8 +329,11 @@ def _strato_version() -> str:
 # ---------------------------------------------------------------------- load
 
 
-def read_artifact(path: str | os.PathLike) -> tuple[dict, dict, dict[str, torch.Tensor]]:
-    """(manifest, graph, tensors) of a verified artifact; raises ArtifactError otherwise."""
+def read_artifact(
+    path: str | os.PathLike,
+) -> tuple[dict, dict, dict[str, torch.Tensor], dict[str, str]]:
+    """(manifest, graph, tensors, kernel sources by member name) of a verified artifact;
+    raises ArtifactError otherwise."""
     path = Path(path)
     if not zipfile.is_zipfile(path):
         raise ArtifactError(f"{path}: not a Strato inference artifact (not a zip archive).")
@@ -309,7 +345,7 @@ def read_artifact(path: str | os.PathLike) -> tuple[dict, dict, dict[str, torch.
         ) from exc
 
 
-def _read_verified(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor]]:
+def _read_verified(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor], dict[str, str]]:
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
         pickles = [n for n in names if n.endswith((".pkl", ".pickle")) or "data/" in n]
@@ -318,24 +354,33 @@ def _read_verified(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor]]:
                 f"{path}: refusing to load: it contains {pickles[0]!r}, a pickle (as torch.save "
                 "writes). Strato artifacts hold only JSON and safetensors; export with strato.export."
             )
-        if sorted(names) != sorted(MEMBERS):
+        kernel_members = sorted(n for n in names if KERNEL_MEMBER.fullmatch(n))
+        if sorted(names) != sorted([*MEMBERS, *kernel_members]):
             raise ArtifactError(
                 f"{path}: not a Strato inference artifact: members {sorted(names)}, "
-                f"expected exactly {list(MEMBERS)}."
+                f"expected exactly {list(MEMBERS)} (and kernels/<op>.py sources)."
             )
-        data = {name: zf.read(name) for name in MEMBERS}
+        data = {name: zf.read(name) for name in [*MEMBERS, *kernel_members]}
     try:
         manifest = json.loads(data["manifest.json"])
     except ValueError as exc:
         raise ArtifactError(f"{path}: manifest.json is not valid JSON ({exc}).") from exc
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{path}: manifest.json does not declare format {FORMAT!r}.")
-    if manifest.get("version") != VERSION:
+    if manifest.get("version") not in READABLE_VERSIONS:
         raise ArtifactError(
-            f"{path}: artifact format version {manifest.get('version')!r}; this Strato reads {VERSION}."
+            f"{path}: artifact format version {manifest.get('version')!r}; this Strato reads "
+            f"versions {', '.join(map(str, READABLE_VERSIONS))}."
         )
-    for name in MEMBERS[1:]:
-        expected = manifest.get("files", {}).get(name)
+    files = manifest.get("files", {})
+    listed = sorted(n for n in files if KERNEL_MEMBER.fullmatch(str(n)))
+    if listed != kernel_members:
+        raise ArtifactError(
+            f"{path}: kernel sources {kernel_members} do not match the manifest's {listed}; "
+            "the archive was modified. Re-export the model."
+        )
+    for name in [*MEMBERS[1:], *kernel_members]:
+        expected = files.get(name)
         actual = hashlib.sha256(data[name]).hexdigest()
         if actual != expected:
             raise ArtifactError(
@@ -345,9 +390,33 @@ def _read_verified(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor]]:
     try:
         graph = json.loads(data["graph.json"])
         tensors = load_safetensors(data["weights.safetensors"])
+        sources = {name: data[name].decode() for name in kernel_members}
     except Exception as exc:
-        raise ArtifactError(f"{path}: cannot parse the graph or weights ({exc}).") from exc
-    return manifest, graph, tensors
+        raise ArtifactError(f"{path}: cannot parse the graph, weights or kernels ({exc}).") from exc
+    return manifest, graph, tensors, sources
+
+
+def register_kernels(path, graph: dict, sources: dict[str, str]) -> None:
+    """Register the fused ops an artifact's graph calls from its regions and sources."""
+    from ..codegen.region import RegionFormatError, region_from_json
+    from ..kernels.fused import KernelMismatchError, register_exported
+
+    regions = graph.get("kernels") or {}
+    if not isinstance(regions, dict) or sorted(f"kernels/{n}.py" for n in regions) != sorted(
+        sources
+    ):
+        raise ArtifactError(
+            f"{path}: graph.json's kernels {sorted(regions)} do not match the kernel sources "
+            f"{sorted(sources)} in the archive. Re-export the model."
+        )
+    for name, data in regions.items():
+        member = f"kernels/{name}.py"
+        try:
+            register_exported(name, region_from_json(data), sources[member])
+        except (RegionFormatError, KernelMismatchError) as exc:
+            raise ArtifactError(
+                f"{path}: {member}: {exc}; refusing to load it. Re-export the model with this Strato."
+            ) from exc
 
 
 def _load_spec(text: str | None):
@@ -514,7 +583,8 @@ def load(path: str | os.PathLike, inference_backend: str = "fx") -> LoadedModel:
             f"strato.load: inference_backend must be one of {', '.join(INFERENCE_BACKENDS)}, "
             f"got {inference_backend!r}."
         )
-    manifest, graph, tensors = read_artifact(path)
+    manifest, graph, tensors, sources = read_artifact(path)
+    register_kernels(path, graph, sources)
     try:
         gm = graph_from_json(graph, tensors)
     except ArtifactError as exc:
@@ -535,4 +605,12 @@ def artifact_bytes(path: str | os.PathLike) -> int:
     return Path(path).stat().st_size
 
 
-__all__ = ["ArtifactError", "LoadedModel", "export", "load", "read_artifact", "artifact_bytes"]
+__all__ = [
+    "ArtifactError",
+    "LoadedModel",
+    "export",
+    "load",
+    "read_artifact",
+    "register_kernels",
+    "artifact_bytes",
+]

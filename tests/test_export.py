@@ -1,9 +1,12 @@
-"""strato.export / strato.load: bit-identical reload in a fresh process, refusal of bad files."""
+"""strato.export / strato.load: bit-identical reload in a fresh process (quantized, fused, and
+quantized + fused graphs), refusal of bad files and of edited kernels."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -15,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 import strato
 from examples.gpt import GPT
-from tests.conftest import TINY_GPT
+from tests.conftest import TINY_GPT, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -162,3 +165,102 @@ def test_export_refuses_non_compiled_models(tmp_path):
     with pytest.raises(TypeError, match="compiled model"):
         strato.export(GPT(TINY_GPT), tmp_path / "x.strato")
     assert not list(tmp_path.iterdir())
+
+
+# ---------------------------------------------------------------------- fused graphs
+
+
+@pytest.fixture(scope="module")
+def fused_exported(tmp_path_factory):
+    """A fused GPT and an int8 + fused Hugging Face Llama, exported, with their inputs and
+    in-process outputs (one thread, as in the fresh process)."""
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("fused")
+    gpt = GPT(TINY_GPT).eval()
+    ids = torch.randint(0, TINY_GPT.vocab_size, (3, TINY_GPT.seq_len))
+    fused = strato.compile(gpt, strato.Strategy(fuse=True), example_inputs=(ids,))
+    llama = tiny_llama().eval()
+    llama_ids = torch.randint(0, 100, (2, 8))
+    quantized = strato.compile(
+        llama,
+        strato.Strategy(fuse=True, quantize=strato.Quantize(weights="int8")),
+        example_kwargs={"input_ids": llama_ids, "use_cache": False},
+    )
+    assert fused.kernels() and quantized.kernels()
+    strato.export(fused, folder / "fused.strato")
+    strato.export(quantized, folder / "quantized_fused.strato")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            expected = {
+                "fused": fused(ids),
+                "quantized_fused": quantized(input_ids=llama_ids, use_cache=False).logits,
+            }
+    finally:
+        torch.set_num_threads(threads)
+    save_file({"ids": ids, "llama_ids": llama_ids}, folder / "inputs.safetensors")
+    return folder, expected, {"fused": fused, "quantized_fused": quantized}
+
+
+def test_fused_graphs_load_in_fresh_process_with_their_kernels(fused_exported, tmp_path):
+    folder, expected, compiled = fused_exported
+    for name, engine in compiled.items():
+        with zipfile.ZipFile(folder / f"{name}.strato") as zf:
+            kernels = {n for n in zf.namelist() if n.startswith("kernels/")}
+        ops = {r["kernel"].removeprefix("strato::") for r in engine.kernels()}
+        assert kernels == {f"kernels/{op}.py" for op in ops if not op.startswith("attention")}
+    script = (
+        "import sys, torch, strato\n"
+        "from safetensors.torch import load_file, save_file\n"
+        "torch.set_num_threads(1)\n"
+        "folder = sys.argv[1]\n"
+        "inputs = load_file(folder + '/inputs.safetensors')\n"
+        "fused = strato.load(folder + '/fused.strato')\n"
+        "quantized = strato.load(folder + '/quantized_fused.strato')\n"
+        "out = quantized(input_ids=inputs['llama_ids'], use_cache=False)\n"
+        "save_file({'fused': fused(inputs['ids']), 'quantized_fused': out['logits']}, sys.argv[2])\n"
+        "for module in ('examples.gpt', 'transformers'):\n"
+        "    assert module not in sys.modules, f'loading imported {module}'\n"
+    )
+    out_file = tmp_path / "out.safetensors"
+    subprocess.run(
+        [sys.executable, "-c", script, str(folder), str(out_file)],
+        check=True,
+        cwd=tmp_path,  # not the checkout: nothing of the models' source is importable there
+        timeout=300,
+        env={**os.environ, "STRATO_CACHE_DIR": str(tmp_path / "cache")},  # an empty cache
+    )
+    got = load_file(out_file)
+    for name, want in expected.items():
+        assert torch.equal(got[name], want), name
+
+
+def test_edited_kernels_are_refused_naming_the_file(fused_exported, tmp_path):
+    folder, _, _ = fused_exported
+    path = folder / "fused.strato"
+    with zipfile.ZipFile(path) as zf:
+        member = next(n for n in zf.namelist() if n.startswith("kernels/"))
+
+    def edit(members):
+        members[member] = members[member].replace(b"import torch", b"import os, torch", 1)
+
+    def edit_and_rehash(members):
+        edit(members)
+        manifest = json.loads(members["manifest.json"])
+        manifest["files"][member] = hashlib.sha256(members[member]).hexdigest()
+        members["manifest.json"] = json.dumps(manifest).encode()
+
+    def drop(members):
+        del members[member]
+
+    cases = {
+        "edited": (edit, f"{member} is corrupted or was modified"),
+        "rehashed": (edit_and_rehash, f"{member}: the source differs from the kernel"),
+        "dropped": (drop, "do not match the manifest"),
+    }
+    for case, (change, message) in cases.items():
+        bad = tmp_path / f"{case}.strato"
+        _rewrite(path, bad, change)
+        with pytest.raises(strato.ArtifactError, match=re.escape(message)):
+            strato.load(bad)
