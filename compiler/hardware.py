@@ -110,8 +110,11 @@ def cuda_support(device: torch.device, dtype: str = "bf16") -> PrecisionSupport:
     signals = {"capability": f"{major}.{minor}", "name": torch.cuda.get_device_name(index)}
     if dtype == "fp16":
         return PrecisionSupport(name, dtype, True, f"{signals['name']}: native fp16", signals)
-    with torch.cuda.device(index):
-        native = bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    if torch.version.hip:  # ROCm: ask torch, which knows which gfx archs have bf16
+        with torch.cuda.device(index):
+            native = bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    else:  # what torch.cuda.is_bf16_supported(including_emulation=False) checks, per device
+        native = major >= 8
     signals["is_bf16_supported"] = native
     reason = f"{signals['name']} (compute capability {major}.{minor}) " + (
         "computes bf16 natively" if native else "has no native bf16 (needs 8.0+)"

@@ -204,3 +204,18 @@ def test_explicit_bf16_on_emulating_hardware_trains_and_warns_once(monkeypatch):
 def test_precision_rejects_unknown_values_listing_auto():
     with pytest.raises(strato.StrategyError, match="expected 'auto', 'fp32', 'bf16' or 'fp16'"):
         strato.Strategy(precision="bfloat16")
+
+
+def test_auto_precision_on_cuda_follows_compute_capability(monkeypatch):
+    """No GPU here: torch.cuda's capability queries are stubbed (this tests the rule)."""
+    import torch
+
+    from strato.compiler import hardware
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "test GPU")
+    for capability, expected in (((8, 0), "bf16"), ((9, 0), "bf16"), ((7, 5), "fp32")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index, c=capability: c)
+        choice = hardware.choose_precision("auto", torch.device("cuda", 0))
+        assert choice.precision == expected, capability
+        assert f"compute capability {capability[0]}.{capability[1]}" in choice.reason
