@@ -117,3 +117,16 @@ def example_kwargs(name: str, **batch_options) -> dict:
     if name in ("gpt2", "llama", "t5"):
         kwargs["use_cache"] = False
     return kwargs
+
+
+def train_losses(engine, name: str, steps: int, rank: int = 0, world: int = 1) -> list[float]:
+    """Three-call loop over the fixed stream (this rank's slice of each batch); the losses."""
+    losses = []
+    for step in range(steps):
+        batch = hf_batch(name, step, size=4 * world)
+        local = {k: v[rank * 4 : (rank + 1) * 4] for k, v in batch.items()}
+        out = engine(**local)
+        engine.backward(out.loss)
+        engine.step()
+        losses.append(out.loss.item())
+    return losses
