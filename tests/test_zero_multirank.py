@@ -191,10 +191,12 @@ def check_devices(results: list[dict], groups: set[str]) -> None:
 
 def test_hybrid_sharding_2x2_matches_eager_and_counts_bytes_per_dimension(tmp_path):
     """4 ranks as replicate=2 x shard=2: ZeRO 1-3 within each pair, pairs replicate; data
-    parallel (stage 0) all-reduces over the whole mesh."""
+    parallel (stage 0) all-reduces over the whole mesh. Stages 1 and 3 also save halfway
+    and resume (only the first replica writes each shard)."""
     mesh = {"replicate": 2, "shard": 2}
     stages = [0, 1, 2, 3]
-    spec = {"kind": "train", "steps": STEPS, "variants": [variant(s, mesh=mesh) for s in stages]}
+    variants = [variant(s, mesh=mesh, checkpoint=s in (1, 3)) for s in stages]
+    spec = {"kind": "train", "steps": STEPS, "variants": variants}
     per_rank = launch(spec, 4, tmp_path, timeout=400)
     for i, stage in enumerate(stages):
         results = [r[i] for r in per_rank]
@@ -209,6 +211,8 @@ def test_hybrid_sharding_2x2_matches_eager_and_counts_bytes_per_dimension(tmp_pa
         else:
             check_bytes_per_dim(results, stage, 2, 2)
             check_devices(results, {"shard", "replicate"})
+        if variants[i]["checkpoint"]:
+            check_resume(results)
     text = per_rank[0][3]["mesh"]
     assert "replicate=2 x shard=2" in text and "shard: [0, 1] [2, 3]" in text, text
     assert "replicate: [0, 2] [1, 3]" in text and "all_reduce reduced gradient shards" in text
