@@ -533,8 +533,26 @@ def _generator_for(compiled, batch: int, total: int) -> Generator:
         if b == batch and length >= total:
             cached.move_to_end((b, length))
             return runner
-    runner = Generator(compiled.model, compiled.strategy, max_len=max_len, batch=batch)
+    runner = Generator(
+        compiled.model, _serving_strategy(compiled.strategy), max_len=max_len, batch=batch
+    )
     cached[(batch, max_len)] = runner
     if len(cached) > MAX_GENERATORS:
         cached.popitem(last=False)
     return runner
+
+
+def _serving_strategy(strategy):
+    """The strategy's inference part: a training strategy (optimizer, ZeRO...) generates
+    with its model's weights as they are, through the same graph passes and backend."""
+    if strategy is None or strategy.optimizer is None:
+        return strategy
+    from ..compiler.strategy import Strategy
+
+    return Strategy(
+        passes=strategy.passes,
+        disable=strategy.disable,
+        fuse=strategy.fuse,
+        quantize=strategy.quantize,
+        inference_backend=strategy.inference_backend,
+    )

@@ -226,3 +226,26 @@ def test_generate_needs_a_causal_lm_head():
     plain = strato.compile(torch.nn.Linear(4, 4), example_inputs=(torch.randn(2, 4),))
     with pytest.raises(GenerationError, match="not a Hugging Face"):
         plain.generate(ids, 4)
+
+
+def test_fused_and_training_strategies_generate_as_transformers_does():
+    """A fuse=True strategy's step graphs run fused kernels; a training engine generates
+    from its current weights through an inference-only copy of its strategy."""
+    model = causal_lm("gpt2")
+    ids, mask = left_padded_batch()
+    runner = Generator(model, strato.Strategy(fuse=True), max_len=16, batch=2)
+    got = runner.generate(ids, 6, attention_mask=mask).tokens
+    assert runner.graph(1).kernels()
+    assert torch.equal(got, hf_generate(model, ids, mask, 6, do_sample=False, eos_token_id=None))
+
+    model = causal_lm("llama")
+    engine = strato.compile(
+        model,
+        strato.Strategy(optimizer=strato.SGD(lr=0.5)),
+        example_kwargs={"input_ids": ids, "labels": ids, "use_cache": False},
+    )
+    engine.backward(engine(input_ids=ids, labels=ids, use_cache=False).loss)
+    engine.step()
+    model.eval()
+    got = engine.generate(ids, 6, attention_mask=mask, eos_token_id=[])
+    assert torch.equal(got, hf_generate(model, ids, mask, 6, do_sample=False, eos_token_id=None))
