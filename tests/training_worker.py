@@ -1,5 +1,6 @@
-"""Training scenarios run in fresh processes (plain python or torchrun) by the data-parallel
-and checkpoint tests. Rank 0 writes results.json and weights.safetensors into --out."""
+"""Training scenarios run in fresh processes (plain python or torchrun) by the data-parallel,
+checkpoint and train_step tests. Rank 0 writes results.json (and weights.safetensors) into
+--out; the mismatch scenario has every rank write the error it raised."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import strato  # noqa: E402
 from strato.runtime import checkpoint, collectives  # noqa: E402
+from strato.runtime.distributed import init_from_env  # noqa: E402
 from tests.training_utils import batch, tiny_gpt  # noqa: E402
 
 GLOBAL_BATCH = 8
@@ -38,7 +40,11 @@ def strategy_for(args) -> strato.Strategy:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--scenario", choices=["parity", "accum_clip", "resume"], required=True)
+    parser.add_argument(
+        "--scenario",
+        choices=["parity", "accum_clip", "resume", "train_step", "mismatch"],
+        required=True,
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--start", type=int, default=0)
     parser.add_argument("--precision", default="fp32")
@@ -51,6 +57,10 @@ def main() -> None:
     parser.add_argument("--rank1-lr", type=float, help="rank 1 uses another lr (a broken launch)")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.scenario in EXTRA_SCENARIOS:
+        init_from_env()  # what strato.compile does first: the scenarios need rank and world
+        EXTRA_SCENARIOS[args.scenario](args)
+        return
 
     dropout = 0.1 if args.scenario == "resume" else 0.0
     model = tiny_gpt(0, dropout=dropout)
@@ -120,6 +130,75 @@ def main() -> None:
             os.path.join(args.out, "weights.safetensors"),
             {n: p.detach() for n, p in model.named_parameters()},
         )
+
+
+def train_step_scenario(args) -> None:
+    """train_step vs the three-call loop, on this rank's share of each global batch, for
+    grad_accumulation 1 and 4 under data parallelism and ZeRO-2: losses and weights."""
+    rank, world = collectives.rank(), collectives.world_size()
+    per_rank = GLOBAL_BATCH // world
+    results = {}
+    for accumulation, zero in [(1, 0), (4, 0), (1, 2), (4, 2)]:
+        strategy = strato.Strategy(
+            optimizer=strato.AdamW(lr=3e-3, weight_decay=0.1),
+            grad_accumulation=accumulation,
+            zero=zero,
+        )
+        x, y = batch(0, 2)
+        looped = strato.compile(tiny_gpt(0), strategy, example_inputs=(x, y))
+        stepped = strato.compile(tiny_gpt(0), strategy, example_inputs=(x, y))
+        micro = per_rank // accumulation
+        looped_losses, stepped_losses = [], []
+        for step in range(args.steps):
+            xs, ys = batch(step, GLOBAL_BATCH)
+            xs, ys = (
+                xs[rank * per_rank : (rank + 1) * per_rank],
+                ys[rank * per_rank : (rank + 1) * per_rank],
+            )
+            for k in range(accumulation):
+                sl = slice(k * micro, (k + 1) * micro)
+                looped.backward(looped(xs[sl], ys[sl]))
+                looped.step()
+            looped_losses.append(looped.stats()["loss"])
+            stepped_losses.append(stepped.train_step(xs, ys))
+        looped.synchronize()
+        stepped.synchronize()
+        b = dict(stepped.model.named_parameters())
+        weights_equal = all(torch.equal(p, b[n]) for n, p in looped.model.named_parameters())
+        results[f"accumulation={accumulation},zero={zero}"] = {
+            "looped": looped_losses,
+            "stepped": stepped_losses,
+            "weights_equal": weights_equal,
+        }
+    everyone = [None] * world
+    torch.distributed.all_gather_object(everyone, results)
+    if rank == 0:
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump({"world_size": world, "ranks": everyone}, f)
+
+
+def mismatch_scenario(args) -> None:
+    """Rank 1 builds a model with one more layer: compiling must fail on every rank with
+    the first differing collective, not hang and not with a generic message; once without
+    ZeRO and once with ZeRO-2 (the group still works after a mismatch)."""
+    rank = collectives.rank()
+    errors = {}
+    for zero in (0, 2):
+        model = tiny_gpt(0, n_layers=3 if rank == 1 else 2)
+        strategy = strato.Strategy(optimizer=strato.SGD(lr=0.1), zero=zero)
+        try:
+            strato.compile(model, strategy, example_inputs=batch(0, 2))
+            errors[zero] = None
+        except strato.StratoError as exc:
+            errors[zero] = f"{type(exc).__name__}: {exc}"
+    everyone = [None] * collectives.world_size()
+    torch.distributed.all_gather_object(everyone, errors)
+    if rank == 0:
+        with open(os.path.join(args.out, "results.json"), "w") as f:
+            json.dump({"errors": everyone}, f)
+
+
+EXTRA_SCENARIOS = {"train_step": train_step_scenario, "mismatch": mismatch_scenario}
 
 
 if __name__ == "__main__":
