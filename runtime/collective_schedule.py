@@ -12,8 +12,6 @@ The engine verifies once, before any other collective: `step_schedule` (what the
 records say one step issues) followed by `launch_entries` (each Strategy field and each
 parameter's shape and dtype), so one digest covers both and a rank that compiled another
 model is told the first collective that differs, or else the field or parameter.
-A schedule already covered by one verified on the same group (a prefix of it) is not
-exchanged again.
 """
 
 from __future__ import annotations
@@ -30,9 +28,6 @@ from . import collectives
 
 Collective = tuple[str, tuple[int, ...], str, str]
 """(op, shape, dtype, group); launch entries have group '' (see `launch_entries`)."""
-
-_verified: dict[Any, list[Collective]] = {}
-"""The last schedule every rank of a group agreed on, by group (None: the default)."""
 
 
 class CollectiveMismatchError(StratoError, RuntimeError):
@@ -142,7 +137,7 @@ def _fmt(c: Collective) -> str:
 def verify_collective_schedule(schedule: list[Collective], group: Any | None = None) -> None:
     """Raise CollectiveMismatchError on every rank unless all ranks have this schedule."""
     n = collectives.world_size(group)
-    if n == 1 or (group in _verified and _verified[group][: len(schedule)] == schedule):
+    if n == 1:
         return
     device = collectives.device_of(group)
     mine = torch.tensor(digest(schedule), dtype=torch.int64, device=device)
@@ -150,7 +145,6 @@ def verify_collective_schedule(schedule: list[Collective], group: Any | None = N
     collectives.all_gather_into_tensor(everyone, mine, group=group)
     rows = everyone.view(n, -1).tolist()
     if all(row == rows[0] for row in rows):
-        _verified[group] = list(schedule)
         return
     # Every rank saw the same digests, so every rank takes this branch together.
     schedules: list[Any] = [None] * n
