@@ -162,7 +162,8 @@ class TrainingEngine(CompiledModel):
         The loss is the model's output, or its `.loss` (Hugging Face models given labels);
         for a model returning logits pass `loss_fn=fn, target=y`: the loss is
         `fn(output, y_k)` with `y` split like the inputs (with a list of micro-batches,
-        `target` is a list of as many). The returned float is this rank's mean over its
+        `target` is a list of as many; both are train_step's own keywords, never the
+        model's). The returned float is this rank's mean over its
         micro-batches, as `stats()["loss"]`: average it over data-parallel ranks yourself
         for the global batch's loss.
         """
