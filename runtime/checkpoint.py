@@ -126,6 +126,10 @@ class SaveJob:
     def start(self) -> None:
         self._thread.start()
 
+    def join(self) -> None:
+        """Block until the background write has ended, successfully or not."""
+        self._thread.join()
+
     def wait(self) -> Path:
         """Block until this save is written (on rank 0: published); re-raise its failure."""
         self._thread.join()

@@ -118,10 +118,16 @@ def save(engine: TrainingEngine, path: str | Path, keep_last: int, async_save: b
     job = checkpoint.SaveJob(root, step, rank, world, pieces, snapshot, metadata, keep_last)
     job.start()
     engine._pending_save = job
+    _in_flight.add(job)
     if not async_save:
         wait_for_save(engine)
         collectives.barrier()  # rank 0 has published: every rank may read it now
     return job.folder
+
+
+_in_flight: set[checkpoint.SaveJob] = set()
+"""Saves of every engine in this process not yet waited for: a load waits for them all (it
+may read what another engine is still writing)."""
 
 
 def wait_for_save(engine: TrainingEngine) -> Path | None:
@@ -130,9 +136,15 @@ def wait_for_save(engine: TrainingEngine) -> Path | None:
     if job is None:
         return None
     engine._pending_save = None
+    _in_flight.discard(job)
     folder = job.wait()
     engine._last_save_seconds = job.seconds
     return folder
+
+
+def _wait_for_other_engines() -> None:
+    for job in list(_in_flight):
+        job.join()
 
 
 def _engine_metadata(engine: TrainingEngine, state: ShardedState, layouts) -> dict[str, Any]:
@@ -172,6 +184,7 @@ def load(engine: TrainingEngine, path: str | Path) -> int:
     error: CheckpointError | None = None
     try:
         wait_for_save(engine)
+        _wait_for_other_engines()  # (their failures are theirs to report)
     except CheckpointError as exc:
         error = exc
     # Every rank's own save is written (rank 0's published) before anyone reads.
