@@ -49,8 +49,8 @@ class StateManager(Protocol):
     Its param_groups carry 'base_lr' (the lr before the schedule factor) and 'names'."""
 
     sharded: bool
-    """True when ranks hold different parts of the state (ZeRO): every rank then writes
-    and reads its own checkpoint file. False: rank 0's state is everyone's."""
+    """True when ranks hold different parts of the state (ZeRO). Informative: what each
+    rank saves and loads comes from the layout maps (compiler/layout.py)."""
 
     def prepare_micro_step(self, is_boundary: bool) -> None:
         """Called before each backward. On a non-boundary micro-step no communication may

@@ -288,20 +288,20 @@ def test_layout_steps_compose_and_invert():
     assert aliases == {"lm_head.weight": "tok_emb.weight"} and layouts["tok_emb.weight"].holds_full
 
 
-def hf_llama():
-    from tests.hf_models import hf_model
-
-    return hf_model("llama")
-
-
-@pytest.mark.parametrize("zero", [0, 3])
-def test_hf_weights_from_full_state_dict_save_pretrained_and_consolidate(tmp_path, zero):
-    """Llama (GQA) trained 2 steps: full_state_dict, save_pretrained and the offline
-    consolidation (Python and `python -m strato.consolidate`) all give weights that
-    AutoModelForCausalLM.from_pretrained loads, with the engine's own logits."""
+@pytest.mark.parametrize("family,zero", [("llama", 0), ("llama", 3), ("gpt2", 3)])
+def test_hf_weights_from_full_state_dict_save_pretrained_and_consolidate(tmp_path, family, zero):
+    """Llama (GQA) and GPT-2 (tied LM head) trained 2 steps: full_state_dict,
+    save_pretrained and the offline consolidation (Python and `python -m
+    strato.consolidate`) all give weights that AutoModelForCausalLM.from_pretrained loads,
+    with the engine's own logits."""
     from transformers import AutoModelForCausalLM
 
-    model = hf_llama()
+    from tests.hf_models import hf_model
+
+    def fresh():  # the family under test, freshly initialised
+        return hf_model(family)
+
+    model = fresh()
     ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(0))
     strategy = strato.Strategy(optimizer=strato.SGD(lr=0.5), zero=zero)
     engine = strato.compile(
@@ -312,7 +312,7 @@ def test_hf_weights_from_full_state_dict_save_pretrained_and_consolidate(tmp_pat
         engine.backward(out["loss"] if isinstance(out, dict) else out.loss)
         engine.step()
     full = engine.full_state_dict()
-    assert list(full) == list(hf_llama().state_dict())
+    assert list(full) == list(fresh().state_dict())
     engine.save_checkpoint(tmp_path / "ckpt")
     engine.save_pretrained(tmp_path / "pretrained")
     engine.wait_for_checkpoint()
@@ -325,15 +325,18 @@ def test_hf_weights_from_full_state_dict_save_pretrained_and_consolidate(tmp_pat
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
 
-    reference = hf_llama()
+    reference = fresh()
     reference.load_state_dict(full)
     reference.eval()
     with torch.no_grad():
         want = reference(input_ids=ids).logits
-        assert not torch.equal(want, hf_llama().eval()(input_ids=ids).logits)  # it trained
+        assert not torch.equal(want, fresh().eval()(input_ids=ids).logits)  # it trained
         for folder in ("pretrained", "consolidated", "cli"):
             loaded = AutoModelForCausalLM.from_pretrained(tmp_path / folder).eval()
             assert torch.equal(loaded(input_ids=ids).logits, want), folder
+    if family == "gpt2":  # tied weights stored once, under their first name
+        stored = load_file(str(tmp_path / "pretrained" / "model.safetensors"))
+        assert "transformer.wte.weight" in stored and "lm_head.weight" not in stored
 
 
 def test_consolidate_cli_reports_bad_checkpoints(tmp_path):
