@@ -95,11 +95,18 @@ def step_schedule(records: dict[str, Any], mesh: Any | None = None) -> list[Coll
 
 def launch_entries(model: Any, strategy: Any) -> list[Collective]:
     """What ranks must agree on beyond collectives, as schedule entries: every Strategy
-    field (its value in the dtype slot) and every parameter's name, shape and dtype."""
-    fields = [
-        (f"Strategy.{name}", (), json.dumps(value, sort_keys=True, default=str), "")
-        for name, value in strategy.to_dict().items()
-    ]
+    field, nested config fields one by one (the value in the dtype slot), and every
+    parameter's name, shape and dtype."""
+    fields: list[Collective] = []
+
+    def add(path: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key in sorted(value):
+                add(f"{path}.{key}", value[key])
+        else:
+            fields.append((path, (), json.dumps(value, sort_keys=True, default=str), ""))
+
+    add("Strategy", strategy.to_dict())
     params = [
         (f"parameter {name}", tuple(p.shape), str(p.dtype).removeprefix("torch."), "")
         for name, p in model.named_parameters()
