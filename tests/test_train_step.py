@@ -245,3 +245,19 @@ def test_output_without_a_loss_says_how_to_get_one():
         engine.train_step(x)
     with pytest.raises(strato.StratoError, match=r"loss_fn returned \(4,\), not a scalar"):
         engine.train_step(x, loss_fn=lambda out, y: (out - y).sum(-1), target=torch.zeros(4, 2))
+
+
+def test_launch_entries_name_the_strategy_field_or_parameter_that_differs():
+    """What the ranks-agree digest covers after the collectives (compared across ranks in
+    tests/test_train_step_multirank.py): each nested strategy field, each parameter."""
+    from strato.runtime.collective_schedule import first_difference, launch_entries
+
+    def entries(model, lr=3e-3):
+        return launch_entries(model, strato.Strategy(optimizer=strato.AdamW(lr=lr)))
+
+    base = entries(tiny_gpt(0))
+    text = first_difference(base, entries(tiny_gpt(0), lr=0.5))
+    assert "Strategy.optimizer.lr = 0.003 here vs Strategy.optimizer.lr = 0.5 there" in text
+    text = first_difference(base, entries(tiny_gpt(0, n_layers=3)))
+    assert "parameter ln_f.weight [32] float32 here vs parameter blocks.2.ln1.weight" in text
+    assert first_difference(base, entries(tiny_gpt(1))) == "schedules are equal"
