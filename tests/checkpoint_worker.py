@@ -107,16 +107,21 @@ def scenario_load_stage0_into_zero3(rank: int, spec: dict, out: Path) -> dict:
     return {"losses": train(engine, AFTER)}
 
 
-def scenario_partial_save(rank: int, spec: dict, out: Path) -> dict:
-    """`if rank == 0: engine.save_checkpoint(...)`: rank 0 must fail fast, naming rank 1."""
+def scenario_partial_call(rank: int, spec: dict, out: Path) -> dict:
+    """`if rank == 0: engine.save_checkpoint(...)` (or load_checkpoint): rank 0 must fail
+    fast, naming rank 1."""
     import strato
 
     engine = make_engine(3)
     train(engine, range(1))
+    if spec["call"] == "load":
+        engine.save_checkpoint(spec["ckpt"], async_save=False)  # (on every rank)
     started = time.monotonic()
     try:
-        if rank == 0:
+        if rank == 0 and spec["call"] == "save":
             engine.save_checkpoint(spec["ckpt"])
+        elif rank == 0:
+            engine.load_checkpoint(spec["ckpt"])
         else:
             train(engine, range(1, 2))  # blocks in an all-gather rank 0 never joins
         error = None
@@ -129,7 +134,7 @@ SCENARIOS = {
     "save_zero3": scenario_save_zero3,
     "load_zero12_save_stage0": scenario_load_zero12_save_stage0,
     "load_stage0_into_zero3": scenario_load_stage0_into_zero3,
-    "partial_save": scenario_partial_save,
+    "partial_call": scenario_partial_call,
 }
 
 

@@ -105,11 +105,14 @@ def test_reshard_across_world_sizes_and_stages(tmp_path):
     )
 
 
-def test_save_on_one_rank_only_fails_fast_naming_the_others(tmp_path):
-    """`if rank == 0: engine.save_checkpoint(...)` under ZeRO-3: rank 0 raises within the
-    barrier timeout, saying every rank must call it and naming rank 1 (no 10-minute hang)."""
+@pytest.mark.parametrize("call", ["save", "load"])
+def test_checkpoint_call_on_one_rank_only_fails_fast_naming_the_others(tmp_path, call):
+    """`if rank == 0: engine.save_checkpoint(...)` (or load) under ZeRO-3: rank 0 raises
+    within the barrier timeout, saying every rank must call it and naming rank 1 (no
+    10-minute hang)."""
     spec = {
-        "kind": "partial_save",
+        "kind": "partial_call",
+        "call": call,
         "ckpt": str(tmp_path / "ckpt"),
         "env": {"STRATO_CHECKPOINT_BARRIER_TIMEOUT_S": "5"},
         "exit_now": True,
@@ -117,9 +120,10 @@ def test_save_on_one_rank_only_fails_fast_naming_the_others(tmp_path):
     results = launch(spec, 2, tmp_path / "out", timeout=120)
     error = results[0]["error"]
     assert error is not None and "CheckpointError" in error, error
-    assert "every rank" in error and "[1]" in error, error
+    assert f"{call}_checkpoint must be called on every rank" in error and "[1]" in error, error
     assert results[0]["seconds"] < 30, results[0]["seconds"]
-    assert not (tmp_path / "ckpt" / "latest").exists()
+    if call == "save":
+        assert not (tmp_path / "ckpt" / "latest").exists()
 
 
 def test_elastic_restart_after_kill_ends_with_the_uninterrupted_loss(tmp_path):
