@@ -77,6 +77,7 @@ class TrainingEngine(CompiledModel):
         self.schedule: Schedule = plain_schedule
         """How `train_step` runs forward/backward over its micro-batches (runtime/train_step.py)."""
         self._in_train_step = False
+        self._in_backward = False
         self._loss_fn: Callable | None = None
         self.manager = make_state_manager(strategy, model, train_ctx, strategy.optimizer, None)
         loss_scaling = records.get("mixed_precision", {}).get("loss_scaling", False)
@@ -188,6 +189,13 @@ class TrainingEngine(CompiledModel):
         self._in_train_step = True
         try:
             losses = self.schedule(self, micro_batches)
+        except Exception:
+            if not self._in_backward:
+                # A forward (or loss) failed: no reduction is in flight, so drop what earlier
+                # micro-batches accumulated and the next train_step starts clean.
+                self.manager.zero_grad()
+                self._loss_sum, self.micro_step = 0.0, 0
+            raise
         finally:
             self._in_train_step = False
             self._loss_fn = None
@@ -207,7 +215,9 @@ class TrainingEngine(CompiledModel):
         scaled = loss / accumulation if accumulation > 1 else loss
         if self.scaler is not None:
             scaled = scaled * self.scaler.scale
+        self._in_backward = True
         scaled.backward()
+        self._in_backward = False
         self._loss_sum += float(loss.detach())
         self.micro_step += 1
 

@@ -153,6 +153,12 @@ def test_loss_fn_for_a_model_returning_logits():
     # is a list of as many.
     parts = [x[0:2], (x[2:4],), {"input": x[4:6]}]
     targets = [y[0:2], y[2:4], y[4:6]]
+    # A micro-batch whose forward fails drops the step: nothing accumulated is kept.
+    wrong = [x[0:2], x[2:4], torch.randn(2, 5)]
+    with pytest.raises(strato.StratoError):
+        engine.train_step(wrong, loss_fn=F.cross_entropy, target=targets)
+    assert engine.stats()["micro_step"] == 0
+    assert all(p.grad is None for p in model.parameters())
     loss = engine.train_step(parts, loss_fn=F.cross_entropy, target=targets)
     reference.zero_grad()
     ref_loss = F.cross_entropy(reference(x), y)
