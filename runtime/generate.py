@@ -2,7 +2,7 @@
 
 `KVCacheStep` wraps the model's own forward (GPT-2, Llama, Mistral, Qwen2, ...: any
 `transformers` causal LM whose attention goes through the `Cache` API) so one step is a
-pure function of tensors: (ids [B, q], pos [1], attention_mask [B, max_len], keys, values)
+pure function of tensors: (ids [B, q], pos [], attention_mask [B, max_len], keys, values)
 -> (next-token logits [B, vocab], new keys, new values). The static caches
 [layers, B, kv_heads, max_len, head_dim] are graph inputs; a step-local cache object hands
 the model its past slab concatenated with the new tokens' keys/values, and the step returns
@@ -17,6 +17,7 @@ and fusion apply, and each can be exported like any compiled model.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import time
 from collections import OrderedDict
@@ -103,12 +104,19 @@ def _layer_windows(config, n_layers: int) -> list[int | None]:
     window = getattr(config, "sliding_window", None)
     types = getattr(config, "layer_types", None)
     if types is not None:
+        other = sorted(set(types) - {"full_attention", "sliding_attention"})
+        if other:
+            raise GenerationError(
+                f"generate: layers of type {other} (config.layer_types) are not supported; "
+                "generate handles full and sliding-window attention layers."
+            )
         return [window if t == "sliding_attention" else None for t in types[:n_layers]]
     if window is not None and getattr(config, "use_sliding_window", True):
         return [window] * n_layers
     return [None] * n_layers
 
 
+@functools.cache
 def _cache_layer_class():
     from transformers.cache_utils import DynamicLayer
 
@@ -135,8 +143,8 @@ def _cache_layer_class():
 class KVCacheStep(nn.Module):
     """One forward step of a causal LM over a static KV cache.
 
-    (ids [B, q], pos [1], attention_mask [B, max_len], keys, values) -> (logits [B, vocab]
-    of the last new token, new keys, new values). `pos` is the cache slot of ids[:, 0]; the
+    (ids [B, q], pos [], attention_mask [B, max_len], keys, values) -> (logits [B, vocab]
+    of the last new token, new keys, new values). `pos` (0-d) is the cache slot of ids[:, 0]; the
     caches hold slots [0, pos). `attention_mask` is 1 at every slot that holds (or, for these
     q tokens, will hold) a real token, 0 at left padding. The new keys/values are
     [layers, B, kv_heads, q, head_dim], to be written at slots [pos, pos + q).
@@ -322,7 +330,7 @@ class Generator:
     `batch` rows and `max_len` slots."""
 
     def __init__(self, model: nn.Module, strategy=None, *, max_len: int = 256, batch: int = 1):
-        self.step = KVCacheStep(model).eval()
+        self.step = KVCacheStep(model)
         self.model = model
         self.strategy = strategy
         self.max_len = max_len
@@ -351,13 +359,15 @@ class Generator:
         if q_len in self._prefill:
             self._prefill.move_to_end(q_len)
             return self._prefill[q_len]
+        from ..compiler.capture import model_mode
         from ..compiler.compile import compile
 
         keys, values = self.empty_cache()
         ids = torch.zeros(self.batch, q_len, dtype=torch.long, device=self.device)
         pos = torch.zeros((), dtype=torch.long, device=self.device)
         example = (ids, pos, self.full_mask(), keys, values)
-        compiled = compile(self.step, self.strategy, example_inputs=example)
+        with model_mode(self.step, training=False):  # an eval graph; the model's mode is kept
+            compiled = compile(self.step, self.strategy, example_inputs=example)
         if q_len == 1:
             self._decode = compiled
         else:
