@@ -74,7 +74,7 @@ def optimizer_tensors(optimizer) -> list[torch.Tensor]:
 # ---------------------------------------------------------------------- the frameworks
 
 
-def run_strato(stage: int, steps: int, rank: int, mesh: dict | None = None):
+def run_strato(stage: int, steps: int, rank: int, mesh: tuple[int, int] | None = None):
     import strato
 
     torch.manual_seed(0)
@@ -82,7 +82,7 @@ def run_strato(stage: int, steps: int, rank: int, mesh: dict | None = None):
     strategy = strato.Strategy(
         zero=stage,
         optimizer=strato.AdamW(lr=LR, weight_decay=0.01),
-        mesh=strato.Mesh(**(mesh or {})),
+        mesh=strato.Mesh(replicate=mesh[0], shard=mesh[1]) if mesh else strato.Mesh(),
     )
     engine = strato.compile(model, strategy, example_inputs=data(0, rank))
     times = []
@@ -285,14 +285,14 @@ def main() -> None:
         variants += [("deepspeed", s, WORLD, None) for s in range(4)]
     except Exception as exc:  # not installed, or fails to import on this machine
         print(f"deepspeed not importable ({type(exc).__name__}: {exc}); skipping it")
-    hybrid = {"replicate": 2, "shard": 2}
+    hybrid = (2, 2)  # (replicate, shard)
     variants += [("strato", s, 4, hybrid) for s in (1, 2, 3)] + [("ddp", 0, 4, None)]
 
     def variant_name(v: tuple) -> str:
         framework, stage, world, mesh = v
         base = f"{framework}-{stage}" if framework in ("strato", "deepspeed") else framework
         if mesh:
-            return f"{base}/{mesh['replicate']}x{mesh['shard']}"
+            return f"{base}/{mesh[0]}x{mesh[1]}"
         return base if world == WORLD else f"{base}/{world}"
 
     name = {v: variant_name(v) for v in variants}
@@ -318,11 +318,11 @@ def main() -> None:
             rows[name[v]] = {"error": runs[name[v]][0]["error"]}
             continue
         stage, world, mesh = v[1], v[2], v[3]
-        shards = mesh["shard"] if mesh else world
+        shards = mesh[1] if mesh else world
         state = max(r["model_state_bytes"] for r in ok)
         rows[name[v]] = {
             "world_size": world,
-            "mesh": mesh,
+            "mesh": {"replicate": mesh[0], "shard": mesh[1]} if mesh else None,
             "step_s": statistics.median(r["step_s"] for r in ok),
             "peak_rss": max(r["peak_rss"] for r in ok),
             "model_state_bytes": state,
