@@ -22,8 +22,8 @@ setup: $(STAMP)
 
 demo: setup
 	# A small GPT trained on Shakespeare by 2 CPU processes (torchrun, gloo), precision 'auto'
-	# (bf16 only where the CPU computes it natively, else fp32): about 4 minutes on 2 cores.
-	@echo "make demo: 600 steps of a 0.8M-parameter GPT on 2 processes, about 4 minutes on 2 CPU cores"
+	# (bf16 only where the CPU computes it natively, else fp32): about 4-5 minutes on 2 cores.
+	@echo "make demo: 600 steps of a 0.8M-parameter GPT on 2 processes, about 4-5 minutes on 2 CPU cores"
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc-per-node 2 examples/train_gpt.py $(DEMO_ARGS)
 
 lint: setup

@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 2 examples/train_gpt.py      # what `make demo` runs
     python examples/train_gpt.py --steps 100               # one process works too
 
-The default run (600 steps, precision 'auto') takes about 4 minutes on a 2-core CPU:
+The default run (600 steps, precision 'auto') takes about 4-5 minutes on a 2-core CPU:
 'auto' trains in bf16 only where the hardware computes it natively (elsewhere bf16 is
 10-20x slower than fp32), so the demo is as fast on a CPU without AVX-512-BF16/AMX.
 
@@ -215,7 +215,7 @@ def main() -> None:
             f"Shakespeare: {len(data.train):,} training characters, vocab {len(data.chars)}; "
             f"GPT {n_params / 1e6:.2f}M params; {world} process(es), "
             f"global batch {args.batch_size * args.grad_accumulation * world} x {args.seq_len} tokens\n"
-            f"{why}\n{args.steps - start} steps to go (the default 600 take about 4 minutes on 2 "
+            f"{why}\n{args.steps - start} steps to go (the default 600 take about 4-5 minutes on 2 "
             "CPU cores); an estimate from measured steps follows after 15 of them"
         )
 
