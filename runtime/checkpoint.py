@@ -24,6 +24,7 @@ All ranks must see the same folder (a shared filesystem when training on several
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 import os
@@ -41,6 +42,8 @@ from ..compiler.errors import StratoError
 
 FORMAT = "strato-checkpoint"
 VERSION = 2
+REQUIRED_KEYS = ("files", "tensors", "optimizer", "global_step", "aliases")
+"""What every metadata.json holds besides the format marker."""
 PUBLISH_TIMEOUT_S = float(os.environ.get("STRATO_CHECKPOINT_PUBLISH_TIMEOUT_S", 1800))
 """How long rank 0 waits for the other ranks' files before giving the save up."""
 
@@ -284,7 +287,13 @@ def read_metadata(folder: Path) -> dict[str, Any]:
             f"load_checkpoint: {folder} has format version {metadata.get('version')}; this "
             f"Strato reads version {VERSION}."
         )
-    for file_name, info in metadata.get("files", {}).items():
+    lacking = [k for k in REQUIRED_KEYS if k not in metadata]
+    if lacking:
+        raise CheckpointError(
+            f"load_checkpoint: {meta_path} lacks {lacking}: the checkpoint was damaged or "
+            "edited by hand."
+        )
+    for file_name, info in metadata["files"].items():
         file_path = folder / file_name
         if not file_path.is_file():
             raise CheckpointError(f"load_checkpoint: {file_path} is missing (listed in metadata).")
@@ -303,6 +312,7 @@ class TensorReader:
     def __init__(self, folder: Path, metadata: dict[str, Any]) -> None:
         self.folder, self.metadata = folder, metadata
         self._open: dict[str, Any] = {}
+        self._spans_of: dict[str, tuple[list[int], list[tuple[int, int, str, str, int]]]] = {}
 
     def _file(self, file_name: str):
         if file_name in self._open:
@@ -325,35 +335,49 @@ class TensorReader:
         self._open[file_name] = handle
         return handle
 
-    def read(self, name: str, wanted: list[tuple[int, int]]) -> torch.Tensor:
-        """The elements of tensor `name` in the global flat ranges `wanted`, concatenated."""
-        entry = self.metadata["tensors"][name]
-        dtype = getattr(torch, entry["dtype"])
-        out = torch.empty(sum(hi - lo for lo, hi in wanted), dtype=dtype)
-        filled = 0
-        offset = 0
-        for lo, hi in wanted:
-            for piece in entry["pieces"]:
-                start = 0  # where this piece's range begins inside the piece's tensor
+    def _spans(self, name: str) -> tuple[list[int], list[tuple[int, int, str, str, int]]]:
+        """Every stored range of tensor `name`, sorted: (lo, hi, file, key, where the range
+        starts inside that key's flat tensor), and their `lo`s for bisection."""
+        if name not in self._spans_of:
+            spans = []
+            for piece in self.metadata["tensors"][name]["pieces"]:
+                start = 0
                 for a, b in piece["intervals"]:
-                    x, y = max(a, lo), min(b, hi)
-                    if x < y:
-                        handle = self._file(piece["file"])
-                        try:
-                            part = handle.get_slice(piece["key"])[start + x - a : start + y - a]
-                        except (SafetensorError, KeyError, ValueError, RuntimeError) as exc:
-                            raise CheckpointError(
-                                f"load_checkpoint: {self.folder / piece['file']} has no readable "
-                                f"tensor {piece['key']!r}: {exc}"
-                            ) from exc
-                        if part.dtype != dtype:
-                            raise CheckpointError(
-                                f"load_checkpoint: {self.folder / piece['file']} holds "
-                                f"{piece['key']!r} as {part.dtype}, metadata says {dtype}."
-                            )
-                        out[offset + x - lo : offset + y - lo].copy_(part)
-                        filled += y - x
+                    spans.append((a, b, piece["file"], piece["key"], start))
                     start += b - a
+            spans.sort()
+            self._spans_of[name] = ([a for a, *_ in spans], spans)
+        return self._spans_of[name]
+
+    def read(self, name: str, wanted: list[tuple[int, int]]) -> torch.Tensor:
+        """The elements of tensor `name` in the global flat ranges `wanted`, concatenated;
+        only the stored ranges overlapping them are read."""
+        dtype = getattr(torch, self.metadata["tensors"][name]["dtype"])
+        starts, spans = self._spans(name)
+        out = torch.empty(sum(hi - lo for lo, hi in wanted), dtype=dtype)
+        filled = offset = 0
+        for lo, hi in wanted:
+            k = max(0, bisect.bisect_right(starts, lo) - 1)
+            while k < len(spans) and spans[k][0] < hi:
+                a, b, file_name, key, start = spans[k]
+                k += 1
+                x, y = max(a, lo), min(b, hi)
+                if x >= y:
+                    continue
+                try:
+                    part = self._file(file_name).get_slice(key)[start + x - a : start + y - a]
+                except (SafetensorError, KeyError, ValueError, RuntimeError) as exc:
+                    raise CheckpointError(
+                        f"load_checkpoint: {self.folder / file_name} has no readable tensor "
+                        f"{key!r}: {exc}"
+                    ) from exc
+                if part.dtype != dtype or part.numel() != y - x:
+                    raise CheckpointError(
+                        f"load_checkpoint: {self.folder / file_name} holds {key!r} as "
+                        f"{part.dtype} with too few elements; metadata says {dtype}."
+                    )
+                out[offset + x - lo : offset + y - lo].copy_(part)
+                filled += y - x
             offset += hi - lo
         if filled != out.numel():
             raise CheckpointError(
