@@ -119,12 +119,14 @@ def example_kwargs(name: str, **batch_options) -> dict:
     return kwargs
 
 
-def train_losses(engine, name: str, steps: int, rank: int = 0, world: int = 1) -> list[float]:
+def train_losses(
+    engine, name: str, steps: int, rank: int = 0, world: int = 1, per_rank: int = 4
+) -> list[float]:
     """Three-call loop over the fixed stream (this rank's slice of each batch); the losses."""
     losses = []
     for step in range(steps):
-        batch = hf_batch(name, step, size=4 * world)
-        local = {k: v[rank * 4 : (rank + 1) * 4] for k, v in batch.items()}
+        batch = hf_batch(name, step, size=per_rank * world)
+        local = {k: v[rank * per_rank : (rank + 1) * per_rank] for k, v in batch.items()}
         out = engine(**local)
         engine.backward(out.loss)
         engine.step()
