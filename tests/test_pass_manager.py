@@ -237,3 +237,17 @@ def test_ordering_that_contradicts_a_requirement_is_a_contract_error():
     c = _noop("c", after="b")
     with pytest.raises(strato.PassContractError, match="passes 'a', 'c', 'b' cannot be ordered"):
         _order_of(a, b, c)
+
+
+def test_a_user_pass_can_run_before_a_builtin_sharding_pass():
+    """A pipeline-style cut declared before='zero2' moves ahead of the ZeRO pass, though
+    user passes otherwise come after the built-ins."""
+    from strato.compiler.pass_manager import plan_passes
+    from strato.compiler.pipeline import pipeline
+
+    cut = _noop("cut", before=("zero1", "zero2", "zero3"))
+    strategy = strato.Strategy(optimizer=strato.SGD(), zero=2, passes=[cut])
+    names = [p.name for p in plan_passes(pipeline(strategy))]
+    assert names.index("cut") < names.index("zero2")
+    plain = [p.name for p in plan_passes(pipeline(strategy.replace(passes=[_noop("cut")])))]
+    assert plain[-1] == "cut"
