@@ -18,6 +18,7 @@ from .compiler.errors import (
 from .compiler.mesh_config import Mesh
 from .compiler.pass_manager import GraphPass, PassRecord, graph_pass
 from .compiler.quantize_config import Quantize
+from .compiler.recompute_config import Budget, Recompute
 from .compiler.strategy import Strategy
 from .compiler.training_config import (
     SGD,
@@ -69,6 +70,8 @@ __all__ = [
     "ArtifactError",
     "LoadedModel",
     "Quantize",
+    "Recompute",
+    "Budget",
     "export",
     "load",
 ]

@@ -112,6 +112,33 @@ def activation_bytes(gm: fx.GraphModule, training: bool) -> int:
     return peak
 
 
+def saved_activation_bytes(
+    gm: fx.GraphModule, ctx: CompileContext, upper_bound: int
+) -> tuple[int, list[str]]:
+    """Bytes autograd keeps for backward after one forward of the example inputs (measured
+    on fake tensors, recompute regions under their policies), with one note per region."""
+    from ..runtime.saved_tensors import measure_graph
+
+    try:
+        kept = measure_graph(gm, ctx)
+    except Exception as exc:  # e.g. an op without a fake implementation
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return upper_bound, [f"activations: every intermediate counted (fake run failed: {reason})"]
+    notes = []
+    record = ctx.records.get("recompute")
+    if record and record.get("regions"):
+        notes.append(f"recompute: {record['reason']}")
+        for region in record["regions"]:
+            notes.append(
+                f"  {region['submodule']} ({region['module']}, {region['policy']}): keeps "
+                f"{format_bytes(region['kept_bytes'])} of {format_bytes(region['kept_bytes_without'])}"
+                f", recomputes {region['recompute_flops']:,d} FLOPs in backward"
+            )
+    elif record:
+        notes.append(f"recompute: none ({record['reason']})")
+    return kept.total, notes
+
+
 def estimate(gm: fx.GraphModule, ctx: CompileContext) -> Explanation:
     """Estimate per-rank bytes from the graph, the model and what passes recorded."""
     params = unique_parameters(ctx.model)
@@ -154,11 +181,15 @@ def estimate(gm: fx.GraphModule, ctx: CompileContext) -> Explanation:
         grad_bytes = zero["gradient_bytes"] if ctx.training else 0
         comm, comm_by_dim = zero["comm_bytes_per_step"], zero["comm_bytes_per_dim"]
         notes += zero["notes"]
+    activations = activation_bytes(gm, ctx.training)
+    if ctx.training:
+        activations, activation_notes = saved_activation_bytes(gm, ctx, activations)
+        notes += activation_notes
     return Explanation(
         parameter_bytes=param_bytes,
         gradient_bytes=grad_bytes,
         optimizer_state_bytes=opt_bytes,
-        activation_bytes=activation_bytes(gm, ctx.training),
+        activation_bytes=activations,
         world_size=ctx.world_size,
         rank=ctx.rank,
         comm_bytes_per_step=comm,

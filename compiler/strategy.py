@@ -20,6 +20,7 @@ import yaml
 from .errors import StrategyError, did_you_mean
 from .mesh_config import Mesh, check_mesh
 from .quantize_config import Quantize
+from .recompute_config import Budget, Recompute, convert_recompute
 from .training_config import (  # noqa: F401  (names the field annotations resolve to)
     SGD,
     AdamW,
@@ -219,6 +220,12 @@ class Strategy:
 
     grad_clip: float | None = attrs.field(default=None, validator=_check_grad_clip)
     """Clip gradients to this global L2 norm (over all parameters and ranks); None: no clipping."""
+
+    recompute: Recompute | Budget | None = attrs.field(default=None, converter=convert_recompute)
+    """Activation recomputation (pass `recompute`): 'full', 'selective', 'none',
+    strato.Recompute(modules=[...], policy=..., offload=...) or strato.Budget('1.5GiB').
+    None: only the model's own checkpoint regions (torch.utils.checkpoint, Hugging Face
+    gradient checkpointing) are recomputed; 'none' turns those off too."""
 
     micro_batch_size: int | None = attrs.field(default=None, validator=_check_batch_size)
     """Samples each rank feeds per micro-step (DeepSpeed's train_micro_batch_size_per_gpu).

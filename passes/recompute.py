@@ -1,0 +1,262 @@
+"""Activation recomputation: outline module regions and recompute them in backward.
+
+Contract: requires `shapes`; runs after mixed_precision, fuse and the ZeRO / data-parallel
+passes (their casts and ZeRO-3 gathers belong to the region, so a recomputed region casts
+and gathers again in backward); training graphs only.
+
+Regions are module boundaries (`nn_module_stack`): by default every numbered layer
+(`blocks.3`), else the modules `Strategy.recompute.modules` names by glob (outermost match
+wins). Each contiguous run of a region's nodes becomes one `RecomputeRegion` submodule
+(`recompute_blocks_3`, a `call_module` node whose `meta['strato_recompute']` says region
+and policy), which runs its body through `runtime.saved_tensors.run_region`. A `Budget`
+measures every region's kept bytes and recompute FLOPs on fake tensors under each policy
+and picks the cheapest plan that fits (`plan_budget`). Everything goes to
+`ctx.records['recompute']`, which `explain()` prints.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import operator
+
+import torch
+import torch.fx as fx
+
+from ..compiler.context import CompileContext
+from ..compiler.errors import StrategyError, did_you_mean
+from ..compiler.pass_manager import graph_pass
+from ..compiler.recompute_config import Budget, Recompute
+from ..runtime.saved_tensors import RecomputeRegion, measure_graph
+
+
+def module_paths(gm: fx.GraphModule) -> list[str]:
+    """Every module path (and each of its prefixes) owning a call_function node, in order."""
+    paths: dict[str, None] = {}
+    for node in gm.graph.nodes:
+        path = node.meta.get("strato_module", "") if node.op == "call_function" else ""
+        parts = path.split(".") if path else []
+        for k in range(1, len(parts) + 1):
+            paths.setdefault(".".join(parts[:k]))
+    return list(paths)
+
+
+def _outermost(paths: list[str]) -> list[str]:
+    return [p for p in paths if not any(p.startswith(q + ".") for q in paths if q != p)]
+
+
+def select_regions(gm: fx.GraphModule, modules: tuple[str, ...], field: str) -> list[str]:
+    """Module paths matching `modules` ('<layers>': numbered layers), outermost first-use order."""
+    paths = module_paths(gm)
+    chosen: list[str] = []
+    for pattern in modules:
+        if pattern == "<layers>":
+            hits = [p for p in paths if p.rpartition(".")[2].isdigit()]
+        else:
+            hits = [p for p in paths if fnmatch.fnmatchcase(p, pattern)]
+            if not hits:
+                near = _near_matches(pattern, paths)
+                raise StrategyError(
+                    f"{field}: {pattern!r} matches no module of the model"
+                    + (f"; near matches: {', '.join(near)}" if near else "")
+                    + f". Module paths look like {', '.join(paths[:4])}."
+                )
+        chosen += [p for p in hits if p not in chosen]
+    return _outermost(chosen)
+
+
+def _near_matches(pattern: str, paths: list[str]) -> list[str]:
+    import difflib
+
+    literal = pattern.replace("*", "0").replace("?", "0")
+    close = difflib.get_close_matches(literal, paths, n=3, cutoff=0.5)
+    hint = did_you_mean(pattern.split(".")[0], {p.split(".")[0] for p in paths})
+    return close or ([hint.strip()] if hint else [])
+
+
+def _in_region(node: fx.Node, path: str) -> bool:
+    module = node.meta.get("strato_module", "")
+    return module == path or module.startswith(path + ".")
+
+
+def region_runs(gm: fx.GraphModule, path: str) -> list[list[fx.Node]]:
+    """Maximal runs of call_function nodes of region `path` (get_attr nodes don't break one)."""
+    runs: list[list[fx.Node]] = [[]]
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and _in_region(node, path):
+            runs[-1].append(node)
+        elif node.op != "get_attr" and runs[-1]:
+            runs.append([])
+    return [r for r in runs if r]
+
+
+def outline(gm: fx.GraphModule, run: list[fx.Node], name: str, region: RecomputeRegion) -> fx.Node:
+    """Move `run` into submodule `name` (a RecomputeRegion) and call it in its place."""
+    members = set(run)
+    inputs: list[fx.Node] = []
+    for node in run:
+        inputs += [a for a in node.all_input_nodes if a not in members and a not in inputs]
+    outputs = [n for n in run if any(u not in members for u in n.users)]
+    body = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for a in inputs:
+        env[a] = body.placeholder(a.name)
+        env[a].meta = dict(a.meta)
+    for node in run:
+        env[node] = body.node_copy(node, lambda a: env[a])
+    body.output(tuple(env[o] for o in outputs))
+    region.body = fx.GraphModule(torch.nn.Module(), body)
+    gm.add_submodule(name, region)
+    marker = {"region": region.path, "policy": region.policy, "offload": region.offload}
+    with gm.graph.inserting_after(run[-1]):
+        call = gm.graph.call_module(name, tuple(inputs))
+    call.meta.update(
+        val=tuple(o.meta.get("val") for o in outputs),
+        strato_module=region.path,
+        strato_recompute=marker,
+    )
+    last = call
+    for i, o in enumerate(outputs):
+        with gm.graph.inserting_after(last):
+            item = gm.graph.call_function(operator.getitem, (call, i))
+        item.meta.update(val=o.meta.get("val"), strato_module=region.path)
+        o.replace_all_uses_with(item, delete_user_cb=lambda user: user not in members)
+        last = item
+    for node in reversed(run):
+        gm.graph.erase_node(node)
+    return call
+
+
+def outline_regions(
+    gm: fx.GraphModule, paths: list[str], policies: dict[str, str], offload: bool
+) -> list[dict]:
+    """Outline each region path; returns one entry per outlined run."""
+    entries = []
+    for path in paths:
+        runs = region_runs(gm, path)
+        for k, run in enumerate(runs):
+            name = "recompute_" + path.replace(".", "_") + (f"_{k}" if len(runs) > 1 else "")
+            region = RecomputeRegion(path, policies[path], offload)
+            outline(gm, run, name, region)
+            entries.append({"submodule": name, "module": path, "nodes": len(run)})
+    gm.graph.lint()
+    gm.recompile()
+    return entries
+
+
+def set_policies(gm: fx.GraphModule, policies: dict[str, str]) -> None:
+    """Give every outlined region of module `path` the policy `policies[path]`."""
+    for node in gm.graph.nodes:
+        if node.op == "call_module" and "strato_recompute" in node.meta:
+            region = gm.get_submodule(node.target)
+            region.policy = policies[region.path]
+            node.meta["strato_recompute"] = {
+                **node.meta["strato_recompute"],
+                "policy": region.policy,
+            }
+
+
+def plan_budget(gm: fx.GraphModule, ctx: CompileContext, paths: list[str], limit: int):
+    """Cheapest per-region policies (recompute FLOPs) whose measured kept bytes fit `limit`."""
+    per_policy = {}
+    for policy in ("none", "selective", "full"):
+        set_policies(gm, dict.fromkeys(paths, policy))
+        per_policy[policy] = measure_graph(gm, ctx)
+    plan = dict.fromkeys(paths, "none")
+    minimum = per_policy["full"].total
+    if minimum > limit:
+        raise StrategyError(
+            f"Strategy.recompute: Budget({limit:,d} B) cannot be met: recomputing every region "
+            f"({', '.join(paths[:3])}{'...' if len(paths) > 3 else ''}) fully still keeps "
+            f"{minimum:,d} B for backward. Give a budget of at least {minimum:,d} B, or add "
+            "regions to Budget.modules."
+        )
+    steps = []  # (FLOPs recomputed per byte saved, region, policy) upgrades, cheapest first
+    for path in paths:
+        kept = {p: per_policy[p].by_region.get(path, 0) for p in per_policy}
+        flops = {"none": 0, **{p: per_policy["none"].flops(path, p) for p in ("selective", "full")}}
+        for lower, upper in (("none", "selective"), ("selective", "full"), ("none", "full")):
+            saved = kept[lower] - kept[upper]
+            if saved > 0:
+                steps.append(((flops[upper] - flops[lower]) / saved, path, lower, upper))
+    steps.sort()
+    measured = per_policy["none"]
+    while True:
+        set_policies(gm, plan)
+        measured = measure_graph(gm, ctx)
+        if measured.total <= limit:
+            break
+        step = next((s for s in steps if plan[s[1]] == s[2]), None)
+        if step is None:  # nothing cheaper left: everything full fits (checked above)
+            plan = dict.fromkeys(paths, "full")
+            continue
+        plan[step[1]] = step[3]
+    reason = (
+        f"none keeps {per_policy['none'].total:,d} B, selective {per_policy['selective'].total:,d} "
+        f"B, full {per_policy['full'].total:,d} B; recomputing the regions with the fewest FLOPs "
+        f"per byte saved first, the plan keeps {measured.total:,d} B <= {limit:,d} B"
+    )
+    return plan, reason, {p: m.total for p, m in per_policy.items()}
+
+
+@graph_pass(
+    name="recompute",
+    requires=("shapes",),
+    after=("mixed_precision", "fuse", "zero1", "zero2", "zero3", "data_parallel"),
+)
+def recompute_activations(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    """Outline the strategy's recompute regions; the runtime recomputes them in backward."""
+    config = ctx.strategy.recompute
+    if not ctx.training or config is None:
+        return gm
+    if isinstance(config, Recompute) and config.policy == "none":
+        ctx.record("recompute", regions=[], plan="none", reason="Strategy.recompute='none'")
+        return gm
+    field = "Strategy.recompute.modules"
+    paths = select_regions(gm, config.modules, field)
+    if not paths:
+        raise StrategyError(
+            f"{field}: the model has no numbered layers ('<layers>'); name the modules to "
+            f"recompute by glob, e.g. one of {', '.join(module_paths(gm)[:6])}."
+        )
+    offload = isinstance(config, Recompute) and config.offload
+    policy = config.policy if isinstance(config, Recompute) else "none"
+    entries = outline_regions(gm, paths, dict.fromkeys(paths, policy), offload)
+    if isinstance(config, Budget):
+        plan, reason, totals = plan_budget(gm, ctx, paths, config.limit)
+        set_policies(gm, plan)
+    else:
+        plan = dict.fromkeys(paths, policy)
+        reason, totals = f"Strategy.recompute policy {policy!r} on every region", {}
+    measured = measure_graph(gm, ctx)
+    unplanned = measure_graph_with(gm, ctx, "none")
+    for entry in entries:
+        path = entry["module"]
+        entry.update(
+            policy=plan[path],
+            kept_bytes=measured.by_region.get(path, 0),
+            kept_bytes_without=unplanned.by_region.get(path, 0),
+            recompute_flops=unplanned.flops(path, plan[path]),
+        )
+    ctx.record(
+        "recompute",
+        regions=entries,
+        plan=plan,
+        reason=reason,
+        kept_bytes=measured.total,
+        kept_bytes_by_policy=totals,
+        budget=config.limit if isinstance(config, Budget) else None,
+    )
+    return gm
+
+
+def measure_graph_with(gm: fx.GraphModule, ctx: CompileContext, policy: str):
+    """The fake-tensor measurement with every region under `policy`, policies restored after."""
+    regions = [m for m in gm.modules() if isinstance(m, RecomputeRegion)]
+    before = [r.policy for r in regions]
+    for r in regions:
+        r.policy = policy
+    try:
+        return measure_graph(gm, ctx)
+    finally:
+        for r, p in zip(regions, before):
+            r.policy = p

@@ -1,0 +1,215 @@
+"""The saved-tensor policy: what autograd keeps for backward inside recompute regions.
+
+One place decides it for every region the recompute pass outlined: `run_region` runs a
+region under torch.utils.checkpoint (non-reentrant; RNG state preserved, so dropout
+replays the same mask) with the region's policy: 'full' keeps only the inputs, 'selective'
+also keeps the outputs of matmul/attention ops (torch's selective-checkpoint contexts),
+and `offload` moves what is kept to host memory (torch.autograd.graph.save_on_cpu).
+
+`kept_bytes` measures what a forward leaves alive for backward: every storage an ATen op
+created during the forward and still alive after it (autograd's saved tensors, the inputs
+checkpoint holds for recomputation, selective checkpoint's cache), which is also what
+`saved_tensors_hooks` sees when nothing is recomputed. On fake tensors it is the estimate
+`explain()` prints, on real ones the measurement tests compare it with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import gc
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
+from torch.utils.flop_counter import flop_registry
+
+aten = torch.ops.aten
+
+SAVED_BY_SELECTIVE = {
+    aten.mm.default,
+    aten.addmm.default,
+    aten.bmm.default,
+    aten.baddbmm.default,
+    aten._scaled_dot_product_flash_attention.default,
+    aten._scaled_dot_product_efficient_attention.default,
+    aten._scaled_dot_product_flash_attention_for_cpu.default,
+    aten._scaled_dot_product_cudnn_attention.default,
+    aten.convolution.default,
+}
+"""Ops whose outputs selective recomputation keeps (the expensive ones to recompute)."""
+
+
+def _selective_policy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    if func in SAVED_BY_SELECTIVE:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
+
+
+_current_region: list[str] = []
+"""Module path of the region whose forward is running (measurement attributes bytes to it)."""
+
+
+class RecomputeRegion(torch.nn.Module):
+    """One outlined recompute region: its body graph, run under the region's policy."""
+
+    def __init__(self, path: str, policy: str, offload: bool) -> None:
+        super().__init__()
+        self.path = path
+        """The module the region is (`blocks.3`)."""
+        self.policy = policy
+        self.offload = offload
+        self.body: torch.nn.Module | None = None
+
+    def forward(self, *args):
+        _current_region.append(self.path)
+        try:
+            return run_region(self.body, args, self.policy, self.offload)
+        finally:
+            _current_region.pop()
+
+    def extra_repr(self) -> str:
+        return f"{self.path!r}, policy={self.policy!r}, offload={self.offload}"
+
+
+def run_region(body: Callable, args: tuple, policy: str, offload: bool = False) -> Any:
+    """Run one recompute region's forward under its policy."""
+    if policy == "none" or not torch.is_grad_enabled():
+        return body(*args)
+    context_fn = None
+    if policy == "selective":
+        context_fn = functools.partial(create_selective_checkpoint_contexts, _selective_policy)
+    kwargs = {"context_fn": context_fn} if context_fn is not None else {}
+    store = torch.autograd.graph.save_on_cpu() if offload else contextlib.nullcontext()
+    with store:
+        return checkpoint(body, *args, use_reentrant=False, preserve_rng_state=True, **kwargs)
+
+
+def op_flops(func, args, kwargs, out) -> int:
+    """FLOPs of one ATen call: torch's flop formulas for matmul-like ops, else output numel."""
+    formula = flop_registry.get(func._overloadpacket)
+    if formula is not None:
+        return int(formula(*args, **(kwargs or {}), out_val=out))
+    return sum(
+        _numel(t) for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)
+    )
+
+
+def _numel(t: torch.Tensor) -> int:
+    try:
+        return int(t.numel())
+    except Exception:
+        return 0
+
+
+class _CreatedStorages(TorchDispatchMode):
+    """Weak references to the storages ATen ops create, with their bytes and region, and the
+    FLOPs each region spends on ops selective recomputation keeps and on the rest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.created: dict[int, tuple[StorageWeakRef, int, str]] = {}
+        self.flops: dict[tuple[str, bool], int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        region = _current_region[-1] if _current_region else ""
+        if region:
+            key = (region, func in SAVED_BY_SELECTIVE)
+            self.flops[key] = self.flops.get(key, 0) + op_flops(func, args, kwargs, out)
+        # Views and in-place results live in an input's storage: created before (or never).
+        inputs = {
+            t.untyped_storage()._cdata
+            for t in torch.utils._pytree.tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided
+        }
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                storage = t.untyped_storage()
+                if storage._cdata not in inputs:
+                    ref = StorageWeakRef(storage)
+                    self.created.setdefault(ref.cdata, (ref, storage.nbytes(), region))
+        return out
+
+
+@attrs.frozen
+class Kept:
+    """What a forward leaves alive for backward: bytes overall and by region, FLOPs by region."""
+
+    total: int
+    by_region: dict[str, int]
+    """Region module path -> bytes of kept storages created inside it ('' : outside any)."""
+    region_flops: dict[tuple[str, bool], int]
+    """(region, op kept by selective) -> forward FLOPs."""
+
+    def flops(self, region: str, policy: str) -> int:
+        """FLOPs backward spends recomputing `region` under `policy` (from a policy-none run)."""
+        cheap = self.region_flops.get((region, False), 0)
+        if policy == "full":
+            return cheap + self.region_flops.get((region, True), 0)
+        return cheap if policy == "selective" else 0
+
+
+def kept_bytes(forward: Callable[[], Any], keep: Callable[[Any], Any] = lambda out: out) -> Kept:
+    """The storages created by `forward()` still alive while only `keep(output)` (the loss,
+    say) and the autograd graph hanging from it remain, not counting the kept tensors' own."""
+    mode = _CreatedStorages()
+    with mode:
+        out = forward()
+    kept = keep(out)
+    del out
+    gc.collect()
+    own = {
+        StorageWeakRef(t.untyped_storage()).cdata
+        for t in torch.utils._pytree.tree_leaves(kept)
+        if isinstance(t, torch.Tensor)
+    }
+    by_region: dict[str, int] = {}
+    for key, (ref, nbytes, region) in mode.created.items():
+        if key not in own and not ref.expired():
+            by_region[region] = by_region.get(region, 0) + nbytes
+    del kept
+    return Kept(sum(by_region.values()), by_region, dict(mode.flops))
+
+
+class _FakeRun(fx.Interpreter):
+    """Runs a graph on fake tensors, parameters and buffers faked (requires_grad kept)."""
+
+    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode) -> None:
+        super().__init__(gm)
+        self.mode = mode
+        self.fakes: dict[str, torch.Tensor] = {}
+
+    def get_attr(self, target, args, kwargs):
+        value = super().get_attr(target, args, kwargs)
+        if not isinstance(value, torch.Tensor):
+            return value
+        if target not in self.fakes:
+            fake = self.mode.from_tensor(value)
+            if value.requires_grad and not fake.requires_grad:
+                fake.requires_grad_(True)
+            self.fakes[target] = fake
+        return self.fakes[target]
+
+
+def measure_graph(gm: fx.GraphModule, ctx) -> Kept:
+    """`kept_bytes` of one training forward of `gm` on fake copies of the example inputs."""
+    from ..passes.annotate import _placeholder_values
+
+    leaves = _placeholder_values(gm, ctx)
+    if leaves is None:
+        raise ValueError("the example inputs do not fit the graph's placeholders")
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_leaves = [mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in leaves]
+    with mode, torch.enable_grad():
+        return kept_bytes(lambda: _FakeRun(gm, mode).run(*fake_leaves))
