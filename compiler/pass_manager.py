@@ -120,7 +120,7 @@ def plan_passes(passes: Sequence[GraphPass], disable: Sequence[str] = ()) -> lis
             )
     active = [p for p in passes if p.name not in set(disable)]
     _check_conflicts(active)
-    return _order_by_requirements(active, disabled=[p for p in passes if p.name in set(disable)])
+    return _order_by_contracts(active, disabled=[p for p in passes if p.name in set(disable)])
 
 
 def _check_conflicts(active: Sequence[GraphPass]) -> None:
@@ -136,7 +136,7 @@ def _check_conflicts(active: Sequence[GraphPass]) -> None:
                 )
 
 
-def _order_by_requirements(
+def _order_by_contracts(
     active: Sequence[GraphPass], disabled: Sequence[GraphPass]
 ) -> list[GraphPass]:
     providers: dict[str, list[str]] = {}
