@@ -46,6 +46,8 @@ REQUIRED_KEYS = ("files", "tensors", "optimizer", "global_step", "aliases")
 """What every metadata.json holds besides the format marker."""
 PUBLISH_TIMEOUT_S = float(os.environ.get("STRATO_CHECKPOINT_PUBLISH_TIMEOUT_S", 1800))
 """How long rank 0 waits for the other ranks' files before giving the save up."""
+EXIT_GRACE_S = 60.0
+"""... and how long once this process is exiting."""
 
 
 class CheckpointError(StratoError, RuntimeError):
@@ -166,6 +168,10 @@ class SaveJob:
         indexes = [self.tmp / f"index.rank{r}.json" for r in range(self.world_size)]
         deadline = time.monotonic() + PUBLISH_TIMEOUT_S
         while not all(p.exists() for p in indexes):
+            if not threading.main_thread().is_alive():
+                # The process is exiting (maybe because another rank failed): wait a little
+                # for the others, not the whole timeout, then leave the save unpublished.
+                deadline = min(deadline, time.monotonic() + EXIT_GRACE_S)
             if time.monotonic() > deadline:
                 missing = [r for r, p in enumerate(indexes) if not p.exists()]
                 raise CheckpointError(f"ranks {missing} did not write their files")
