@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import inspect
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import attrs
@@ -35,12 +34,8 @@ class GenerationError(StratoError, ValueError):
 
 
 CACHE_ALIGN = 64
-"""`compiled.generate` sizes its caches to prompt + new tokens rounded up to this, so
-requests of similar lengths share compiled graphs."""
-MAX_GENERATORS = 2
-"""Generators (cache shapes) `compiled.generate` keeps; each holds its compiled graphs."""
-MAX_PREFILL_GRAPHS = 4
-"""Prefill graphs (prompt lengths) one Generator keeps, least recently used dropped."""
+"""A Generator without a fixed max_len sizes each call's caches to prompt + new tokens
+rounded up to this (at most the model's position table)."""
 
 
 # ---------------------------------------------------------------------- the model
@@ -326,55 +321,61 @@ class Generation:
 
 
 class Generator:
-    """Generation with compiled prefill and decode-step graphs and a static KV cache of
-    `batch` rows and `max_len` slots."""
+    """Generation with compiled prefill and decode-step graphs and a static KV cache.
 
-    def __init__(self, model: nn.Module, strategy=None, *, max_len: int = 256, batch: int = 1):
+    The two graphs are compiled on first use from that call's sizes and serve every later
+    batch, prompt length and cache length: capture keeps those sizes symbolic, and the
+    compiled model captures again (once, with a note) where a model fixes one. `max_len`
+    fixes the cache length of every call (None: each call's prompt + new tokens, rounded
+    up to CACHE_ALIGN); `batch` and `max_len` are the sizes `graph`, `empty_cache` and
+    `full_mask` use when not told others."""
+
+    def __init__(
+        self, model: nn.Module, strategy=None, *, max_len: int | None = 256, batch: int = 1
+    ):
         self.step = KVCacheStep(model)
         self.model = model
         self.strategy = strategy
         self.max_len = max_len
         self.batch = batch
         param = next(model.parameters())
-        self.key_shape, self.value_shape = self.step.cache_shapes(batch, max_len)
         self.dtype, self.device = param.dtype, param.device
-        self._prefill: OrderedDict[int, nn.Module] = OrderedDict()
-        self._decode: nn.Module | None = None
+        self._graphs: dict[str, nn.Module] = {}
 
-    def empty_cache(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zeroed (keys, values) caches."""
-        return (
-            torch.zeros(self.key_shape, dtype=self.dtype, device=self.device),
-            torch.zeros(self.value_shape, dtype=self.dtype, device=self.device),
-        )
+    def cache_len(self, total: int) -> int:
+        """Cache slots for a request of `total` tokens (prompt + new)."""
+        if self.max_len is not None:
+            return self.max_len
+        length = -(-total // CACHE_ALIGN) * CACHE_ALIGN
+        limit = position_limit(self.model.config)
+        return min(length, limit) if limit is not None else length
 
-    def full_mask(self) -> torch.Tensor:
+    def empty_cache(self, batch: int | None = None, max_len: int | None = None):
+        """Zeroed (keys, values) caches [layers, batch, kv_heads, max_len, head_dim]."""
+        shapes = self.step.cache_shapes(batch or self.batch, max_len or self.cache_len(1))
+        return tuple(torch.zeros(s, dtype=self.dtype, device=self.device) for s in shapes)
+
+    def full_mask(self, batch: int | None = None, max_len: int | None = None) -> torch.Tensor:
         """An attention mask of all real tokens [batch, max_len] (no padding)."""
-        return torch.ones(self.batch, self.max_len, dtype=torch.long, device=self.device)
+        shape = (batch or self.batch, max_len or self.cache_len(1))
+        return torch.ones(shape, dtype=torch.long, device=self.device)
 
-    def graph(self, q_len: int) -> nn.Module:
-        """The compiled step for `q_len` new tokens (1: the decode graph), built on first use."""
-        if q_len == 1 and self._decode is not None:
-            return self._decode
-        if q_len in self._prefill:
-            self._prefill.move_to_end(q_len)
-            return self._prefill[q_len]
-        from ..compiler.capture import model_mode
-        from ..compiler.compile import compile
+    def graph(self, q_len: int, batch: int | None = None, max_len: int | None = None):
+        """The compiled step for `q_len` new tokens: the decode graph for 1, else the prefill
+        graph (one for every prompt length), built on first use from inputs of these sizes."""
+        kind = "decode" if q_len == 1 else "prefill"
+        if kind not in self._graphs:
+            from ..compiler.capture import model_mode
+            from ..compiler.compile import compile
 
-        keys, values = self.empty_cache()
-        ids = torch.zeros(self.batch, q_len, dtype=torch.long, device=self.device)
-        pos = torch.zeros((), dtype=torch.long, device=self.device)
-        example = (ids, pos, self.full_mask(), keys, values)
-        with model_mode(self.step, training=False):  # an eval graph; the model's mode is kept
-            compiled = compile(self.step, self.strategy, example_inputs=example)
-        if q_len == 1:
-            self._decode = compiled
-        else:
-            self._prefill[q_len] = compiled
-            if len(self._prefill) > MAX_PREFILL_GRAPHS:
-                self._prefill.popitem(last=False)
-        return compiled
+            batch, max_len = batch or self.batch, max_len or self.cache_len(q_len)
+            keys, values = self.empty_cache(batch, max_len)
+            ids = torch.zeros(batch, q_len, dtype=torch.long, device=self.device)
+            pos = torch.zeros((), dtype=torch.long, device=self.device)
+            example = (ids, pos, self.full_mask(batch, max_len), keys, values)
+            with model_mode(self.step, training=False):  # an eval graph; the model's mode is kept
+                self._graphs[kind] = compile(self.step, self.strategy, example_inputs=example)
+        return self._graphs[kind]
 
     @torch.no_grad()
     def generate(
@@ -398,11 +399,13 @@ class Generator:
         eos = _token_ids(eos_token_id, "eos_token_id")
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         eos_ids = torch.tensor(eos, dtype=torch.long, device=self.device)
-        prefill, decode = self.graph(prompt.shape[1]), self.graph(1)
-        keys, values = self.empty_cache()
-        slots = self.full_mask()
+        batch, length = prompt.shape[0], self.cache_len(prompt.shape[1] + max_new_tokens)
+        prefill = self.graph(prompt.shape[1], batch, length)
+        decode = self.graph(1, batch, length)
+        keys, values = self.empty_cache(batch, length)
+        slots = self.full_mask(batch, length)
         slots[:, : prompt.shape[1]] = mask
-        unfinished = torch.ones(self.batch, 1, dtype=torch.bool, device=self.device)
+        unfinished = torch.ones(batch, 1, dtype=torch.bool, device=self.device)
         tokens, ids, pos = [prompt], prompt, 0
         start = time.perf_counter()
         decode_start = None
@@ -438,18 +441,13 @@ class Generator:
             raise GenerationError(
                 f"generate: input_ids must be int64 token ids [batch, length], got {got}"
             )
-        if prompt.shape[0] != self.batch:
-            raise GenerationError(
-                f"generate: input_ids has batch {prompt.shape[0]}; this Generator was built "
-                f"for batch={self.batch}"
-            )
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise GenerationError(
                 f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}"
             )
         check_length(self.model.config, prompt.shape[1], max_new_tokens)
         total = prompt.shape[1] + max_new_tokens
-        if total > self.max_len:
+        if self.max_len is not None and total > self.max_len:
             raise GenerationError(
                 f"generate: prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) = "
                 f"{total} exceeds max_len={self.max_len}; build the Generator with a larger max_len."
@@ -516,7 +514,7 @@ def generate(
         if generator is not None:
             raise GenerationError("generate: pass either generator or seed, not both")
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-    runner = _generator_for(compiled, input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+    runner = _generator_for(compiled)
     result = runner.generate(
         input_ids,
         max_new_tokens,
@@ -528,27 +526,16 @@ def generate(
         pad_token_id=pad_token_id,
         generator=generator,
     )
-    compiled.__dict__["last_generation"] = result
+    vars(compiled)["last_generation"] = result
     return result.tokens
 
 
-def _generator_for(compiled, batch: int, total: int) -> Generator:
-    """The compiled model's Generator for `batch` rows and at least `total` slots."""
-    limit = position_limit(compiled.model.config)
-    max_len = -(-total // CACHE_ALIGN) * CACHE_ALIGN
-    if limit is not None:
-        max_len = min(max_len, limit)
-    cached: OrderedDict = compiled.__dict__.setdefault("_generators", OrderedDict())
-    for (b, length), runner in cached.items():
-        if b == batch and length >= total:
-            cached.move_to_end((b, length))
-            return runner
-    runner = Generator(
-        compiled.model, _serving_strategy(compiled.strategy), max_len=max_len, batch=batch
-    )
-    cached[(batch, max_len)] = runner
-    if len(cached) > MAX_GENERATORS:
-        cached.popitem(last=False)
+def _generator_for(compiled) -> Generator:
+    """The compiled model's Generator (built on its first generate call)."""
+    runner = vars(compiled).get("_generator")
+    if runner is None:
+        runner = Generator(compiled.model, _serving_strategy(compiled.strategy), max_len=None)
+        vars(compiled)["_generator"] = runner
     return runner
 
 

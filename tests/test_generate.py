@@ -133,16 +133,19 @@ def test_sampling_is_seeded_and_equals_transformers_sampling(llama):
     assert torch.equal(ours, theirs)
 
 
-def test_graphs_are_reused_across_calls(llama):
-    _, compiled = llama
+def test_one_prefill_and_one_decode_graph_serve_every_size(llama):
+    model, compiled = llama
     ids, mask = left_padded_batch()
-    first = compiled.generate(ids, 4, attention_mask=mask, eos_token_id=[])
-    runner = next(iter(compiled._generators.values()))
-    decode = runner.graph(1)
-    longer = compiled.generate(ids, 6, attention_mask=mask, eos_token_id=[])
-    assert torch.equal(longer[:, :13], first)
-    assert runner.graph(1) is decode and len(compiled._generators) == 1
-    assert compiled.last_generation.new_tokens == 6
+    compiled.generate(ids, 4, attention_mask=mask, eos_token_id=[])
+    graphs = dict(compiled._generator._graphs)
+    assert sorted(graphs) == ["decode", "prefill"]
+    for lengths, new in [((3, 5, 2), 6), ((12,), 30), ((7, 7), 3)]:
+        ids, mask = left_padded_batch(lengths)
+        got = compiled.generate(ids, new, attention_mask=mask, eos_token_id=[])
+        want = hf_generate(model, ids, mask, new, do_sample=False, eos_token_id=None)
+        assert torch.equal(got, want), lengths
+        assert compiled.last_generation.new_tokens == new
+    assert compiled._generator._graphs == graphs  # the same two compiled models
 
 
 def test_filters_match_transformers_warpers():
