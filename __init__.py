@@ -30,7 +30,7 @@ from .compiler.training_config import (
     WarmupLinear,
 )
 from .compiler.zero_config import NVMe
-from .consolidate import consolidate
+from .consolidation import consolidate
 from .runtime.checkpoint import CheckpointError
 from .runtime.compiled_model import CompiledModel
 from .runtime.engine import TrainingEngine

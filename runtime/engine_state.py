@@ -308,7 +308,7 @@ def full_state_dict(engine: TrainingEngine) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(engine: TrainingEngine, directory: str | Path) -> Path:
-    from ..consolidate import write_pretrained
+    from ..consolidation import write_pretrained
 
     full = full_state_dict(engine)
     directory = Path(directory)
