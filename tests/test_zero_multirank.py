@@ -163,6 +163,7 @@ def check_bytes_per_dim(results: list[dict], stage: int, replicas: int, shards: 
     p = psi()
     for rank, r in enumerate(results):
         by_dim = r["comm_by_dim"]
+        assert r["stats"]["comm_bytes_by_dim"] == by_dim  # the engine's last-step count
         planned = r["explain_comm_by_dim"]
         within = ring_sent_bytes(by_dim.get("shard", {}), shards)
         expected = (2 if stage < 3 else 3) * p * (shards - 1) / shards * 4
