@@ -210,7 +210,11 @@ def _collectives(stage: int, has_units: bool, has_buckets: bool, replicas: int) 
     out = []
     if has_units:
         out += [
-            {"op": "all_gather", "dim": SHARD, "what": "stage-3 unit parameters (forward, backward)"},
+            {
+                "op": "all_gather",
+                "dim": SHARD,
+                "what": "stage-3 unit parameters (forward, backward)",
+            },
             {"op": "reduce_scatter", "dim": SHARD, "what": "stage-3 unit gradients"},
         ]
     if has_buckets:

@@ -192,9 +192,7 @@ def all_reduce(
     if world_size(group) == 1:
         return _Done() if async_op else None
     _count("all_reduce", group, tensor)
-    return dist.all_reduce(
-        tensor, op=op or dist.ReduceOp.SUM, group=_pg(group), async_op=async_op
-    )
+    return dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM, group=_pg(group), async_op=async_op)
 
 
 def broadcast(tensor: torch.Tensor, src: int = 0, group: Any | None = None, async_op: bool = False):

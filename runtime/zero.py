@@ -449,9 +449,7 @@ class ZeroManager:
                 send[offset : offset + hi - lo].copy_(p.detach().reshape(-1)[lo:hi])
                 send[offset + hi - lo : offset + s].zero_()  # padding of the last shard
         out = torch.empty(self.shards * bucket.shard_numel, device=self.comm_device)
-        work = collectives.all_gather_into_tensor(
-            out, send, group=self.shard_group, async_op=True
-        )
+        work = collectives.all_gather_into_tensor(out, send, group=self.shard_group, async_op=True)
         return bucket, out, work
 
     def _scatter_gathered(self, bucket: Group, out: torch.Tensor) -> None:
