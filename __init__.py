@@ -34,6 +34,7 @@ from .consolidation import consolidate
 from .runtime.checkpoint import CheckpointError
 from .runtime.compiled_model import CompiledModel
 from .runtime.engine import TrainingEngine
+from .runtime.generate import GenerationError
 from .runtime.inference import ArtifactError, LoadedModel, export, load
 
 __version__ = "0.1.0"
@@ -68,6 +69,7 @@ __all__ = [
     "consolidate",
     "graph_pass",
     "ArtifactError",
+    "GenerationError",
     "LoadedModel",
     "Quantize",
     "Recompute",
