@@ -50,10 +50,11 @@ def capture(
     kwargs: Mapping | None = None,
     *,
     training: bool = True,
-    dynamic: bool = True,
+    dynamic: str = "all",
 ) -> Captured:
-    """Trace `model(*args, **kwargs)` in the given mode into an FX GraphModule; with
-    `dynamic`, input sizes stay symbolic wherever the model allows."""
+    """Trace `model(*args, **kwargs)` in the given mode into an FX GraphModule. `dynamic`:
+    'all' keeps every input size symbolic where the model allows, 'batch' only dim 0
+    (kernels that bake the other sizes in, e.g. fused attention), 'none' none."""
     kwargs = dict(kwargs or {})
     with model_mode(model, training):
         try:
@@ -75,9 +76,9 @@ def capture(
 # ------------------------------------------------------------------ export route
 
 
-def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict):
-    """Mark every dim of every tensor input `Dim.AUTO`: export keeps symbolic what the model
-    lets vary (batch, sequence) and quietly fixes the rest (hidden size, image channels).
+def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict, batch_only: bool):
+    """Mark every dim (or dim 0) of every tensor input `Dim.AUTO`: export keeps symbolic
+    what the model lets vary (batch, sequence) and quietly fixes the rest (hidden size).
 
     Keyed like `torch.export` binds the call, so arguments caught by `**kwargs` (all of
     Hugging Face's optional inputs) are marked too."""
@@ -88,7 +89,7 @@ def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict):
 
     def spec(x):
         if isinstance(x, torch.Tensor) and x.dim() >= 1:
-            return {d: torch.export.Dim.AUTO for d in range(x.dim())}
+            return {d: torch.export.Dim.AUTO for d in range(1 if batch_only else x.dim())}
         return None
 
     return {name: pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
@@ -96,7 +97,7 @@ def _dynamic_shapes(model: torch.nn.Module, args: tuple, kwargs: dict):
 
 def _export(model, args, kwargs, dynamic) -> fx.GraphModule:
     model = _with_named_keywords(model, kwargs)
-    shapes = _dynamic_shapes(model, args, kwargs) if dynamic else None
+    shapes = None if dynamic == "none" else _dynamic_shapes(model, args, kwargs, dynamic == "batch")
     ep = torch.export.export(model, tuple(args), kwargs, dynamic_shapes=shapes, strict=False)
     return ep.module()
 

@@ -89,7 +89,10 @@ def compile(
             **_world(),
         )
         ctx.record("precision", **precision.record())
-        captured = capture(model, call.args, call.kwargs, training=training)
+        # Fused kernels bake sequence sizes into their layouts: batch-only symbolic sizes,
+        # other lengths capture again (CompiledModel).
+        dynamic = "batch" if strategy.fuse else "all"
+        captured = capture(model, call.args, call.kwargs, training=training, dynamic=dynamic)
         ctx.capture_method = captured.method
         gm, history = run_passes(captured.gm, ctx, passes, keep_snapshots=keep_snapshots)
         fill_fake_values(gm, ctx)

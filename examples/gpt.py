@@ -94,6 +94,9 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         t = idx.shape[1]
+        # Tells capture the length's bound (the position table), so a symbolic length
+        # still fits fused attention's tile.
+        torch._check(t <= self.cfg.seq_len)
         pos = torch.arange(t, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))
         for block in self.blocks:

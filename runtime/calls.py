@@ -11,6 +11,7 @@ graph) and each tensor's rank, dtype and device (sizes are symbolic, see capture
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -28,6 +29,7 @@ class TensorSpec:
     ndim: int
     dtype: torch.dtype
     device: str
+    """The device type ('cpu', 'cuda'): a graph runs on any index of it."""
 
     def __str__(self) -> str:
         dtype = str(self.dtype).removeprefix("torch.")
@@ -92,10 +94,28 @@ class BoundCall:
 
 def forward_parameters(model: torch.nn.Module) -> list[inspect.Parameter] | None:
     """The parameters of model.forward, or None when it has no inspectable signature."""
+    signature = forward_signature(model)
+    return None if signature is None else list(signature.parameters.values())
+
+
+def forward_signature(model: torch.nn.Module) -> inspect.Signature | None:
+    """inspect.signature(model.forward), computed once per forward function (every call
+    binds through it, decode steps included)."""
+    forward = model.forward
+    func = getattr(forward, "__func__", forward)
     try:
-        return list(inspect.signature(model.forward).parameters.values())
+        signature = _signature_of(func)
     except (TypeError, ValueError):
         return None
+    if hasattr(forward, "__self__"):  # a bound method: drop `self`
+        params = list(signature.parameters.values())[1:]
+        signature = signature.replace(parameters=params)
+    return signature
+
+
+@functools.lru_cache(maxsize=256)
+def _signature_of(func) -> inspect.Signature:
+    return inspect.signature(func)
 
 
 def bind_call(
@@ -103,11 +123,12 @@ def bind_call(
 ) -> BoundCall:
     """`model(*args, **kwargs)` in canonical form; `defaults` fill arguments the call leaves
     out (see `capture_defaults`). A call the model would refuse raises an InputError."""
-    params = forward_parameters(model)
-    if params is None:
+    signature = forward_signature(model)
+    if signature is None:
         return BoundCall(tuple(args), dict(kwargs), describe(tuple(args), dict(kwargs)))
+    params = list(signature.parameters.values())
     try:
-        bound = inspect.Signature(params).bind(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
     except TypeError as exc:
         names = ", ".join(p.name for p in params)
         raise InputError(
@@ -178,17 +199,20 @@ def describe(
     names += list(kwargs)
     structure, constants, tensors = [], [], []
     for value in values:
+        if isinstance(value, torch.Tensor):  # the common case, without pytree (decode loops)
+            structure.append("*")
+            constants.append(())
+            tensors.append((_tensor_spec(value),))
+            continue
         leaves, spec = pytree.tree_flatten(value)
         structure.append(str(spec))
         constants.append(tuple(_constant(x) for x in leaves if not isinstance(x, torch.Tensor)))
-        tensors.append(
-            tuple(
-                TensorSpec(x.dim(), x.dtype, str(x.device))
-                for x in leaves
-                if isinstance(x, torch.Tensor)
-            )
-        )
+        tensors.append(tuple(_tensor_spec(x) for x in leaves if isinstance(x, torch.Tensor)))
     return CallSignature(tuple(names), tuple(structure), tuple(constants), tuple(tensors))
+
+
+def _tensor_spec(x: torch.Tensor) -> TensorSpec:
+    return TensorSpec(x.dim(), x.dtype, x.device.type)
 
 
 def _constant(value: Any):
