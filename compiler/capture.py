@@ -55,8 +55,10 @@ def capture(
     """Trace `model(*args, **kwargs)` in the given mode into an FX GraphModule. `dynamic`:
     'all' keeps every input size symbolic where the model allows, 'batch' only dim 0
     (kernels that bake the other sizes in, e.g. fused attention), 'none' none."""
+    from ..passes.recompute import CHECKPOINT_REGIONS, model_checkpoint_regions
+
     kwargs = dict(kwargs or {})
-    with model_mode(model, training):
+    with model_mode(model, training), model_checkpoint_regions(model) as checkpointed:
         try:
             gm = _export(model, args, kwargs, dynamic)
             method = "export"
@@ -68,6 +70,8 @@ def capture(
                 raise _capture_error(model, kwargs, export_exc, fx_exc) from export_exc
     _bind_model_tensors(gm, model)
     annotate_module_paths(gm)
+    # The trace inlined the model's own checkpoint regions; the recompute pass keeps them.
+    gm.meta[CHECKPOINT_REGIONS] = checkpointed
     for node in gm.graph.nodes:
         node.meta["strato_created_by"] = "capture"
     return Captured(gm=gm, method=method)

@@ -34,10 +34,10 @@ def builtin_passes(strategy: Strategy) -> list[GraphPass]:
         from ..passes.zero import data_parallel
 
         passes.append(data_parallel)
-    if strategy.recompute is not None:  # ordered after precision/fuse/ZeRO by its contract
-        from ..passes.recompute import recompute_activations
+    # Always: it also keeps the model's own checkpoint regions (ordered by its contract).
+    from ..passes.recompute import recompute_activations
 
-        passes.append(recompute_activations)
+    passes.append(recompute_activations)
     return [as_graph_pass(p) for p in passes]
 
 

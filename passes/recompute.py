@@ -1,6 +1,6 @@
 """Activation recomputation: outline module regions and recompute them in backward.
 
-Contract: requires `shapes`; runs after mixed_precision, fuse and the ZeRO / data-parallel
+Contract: runs after annotate_metadata (`shapes`), mixed_precision, fuse and the ZeRO / data-parallel
 passes (their casts and ZeRO-3 gathers belong to the region, so a recomputed region casts
 and gathers again in backward); training graphs only.
 
@@ -16,7 +16,9 @@ and picks the cheapest plan that fits (`plan_budget`). Everything goes to
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import functools
 import operator
 
 import torch
@@ -27,6 +29,55 @@ from ..compiler.errors import StrategyError, did_you_mean
 from ..compiler.pass_manager import graph_pass
 from ..compiler.recompute_config import Budget, Recompute
 from ..runtime.saved_tensors import RecomputeRegion, measure_graph
+
+CHECKPOINT_REGIONS = "strato_checkpoint_regions"
+"""gm.meta key: module paths the model itself checkpoints, found at capture."""
+
+
+def _checkpointed_module(fn) -> torch.nn.Module | None:
+    """The module a checkpointed function runs: a module, its bound method, or a partial of
+    either (Hugging Face passes `partial(forward, layer, **kwargs)`)."""
+    while isinstance(fn, functools.partial):
+        if fn.args and isinstance(fn.args[0], torch.nn.Module):
+            return fn.args[0]
+        fn = fn.func
+    target = getattr(fn, "__self__", fn)
+    return target if isinstance(target, torch.nn.Module) else None
+
+
+@contextlib.contextmanager
+def model_checkpoint_regions(model: torch.nn.Module):
+    """While tracing, note the modules the model runs under torch.utils.checkpoint (its own
+    calls or Hugging Face gradient checkpointing): the trace inlines them, this keeps them."""
+    import torch.utils.checkpoint as tuc
+
+    names = {id(m): n for n, m in model.named_modules()}
+    found: list[str] = []
+
+    def note(fn) -> None:
+        path = names.get(id(_checkpointed_module(fn)))
+        if path and path not in found:
+            found.append(path)
+
+    non_reentrant, reentrant = tuc._checkpoint_without_reentrant_generator, tuc.CheckpointFunction
+
+    def noting_generator(fn, *args, **kwargs):
+        note(fn)
+        return non_reentrant(fn, *args, **kwargs)
+
+    class NotingFunction:
+        @staticmethod
+        def apply(fn, *args):
+            note(fn)
+            return reentrant.apply(fn, *args)
+
+    tuc._checkpoint_without_reentrant_generator = noting_generator
+    tuc.CheckpointFunction = NotingFunction
+    try:
+        yield found
+    finally:
+        tuc._checkpoint_without_reentrant_generator = non_reentrant
+        tuc.CheckpointFunction = reentrant
 
 
 def module_paths(gm: fx.GraphModule) -> list[str]:
@@ -200,18 +251,23 @@ def plan_budget(gm: fx.GraphModule, ctx: CompileContext, paths: list[str], limit
 
 @graph_pass(
     name="recompute",
-    requires=("shapes",),
-    after=("mixed_precision", "fuse", "zero1", "zero2", "zero3", "data_parallel"),
+    after=("shapes", "mixed_precision", "fuse", "zero1", "zero2", "zero3", "data_parallel"),
 )
 def recompute_activations(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     """Outline the strategy's recompute regions; the runtime recomputes them in backward."""
     config = ctx.strategy.recompute
-    if not ctx.training or config is None:
+    own = [p for p in gm.meta.get(CHECKPOINT_REGIONS, []) if region_runs(gm, p)]
+    if not ctx.training or (config is None and not own):
         return gm
     if isinstance(config, Recompute) and config.policy == "none":
-        ctx.record("recompute", regions=[], plan="none", reason="Strategy.recompute='none'")
+        reason = "Strategy.recompute='none'" + (
+            f" turns off the model's own checkpoint regions ({', '.join(own)})" if own else ""
+        )
+        ctx.record("recompute", regions=[], plan="none", reason=reason, model_regions=own)
         return gm
     field = "Strategy.recompute.modules"
+    if config is None:  # the model checkpoints these itself: keep them, recompute fully
+        config = Recompute(modules=tuple(own), policy="full")
     paths = select_regions(gm, config.modules, field)
     if not paths:
         raise StrategyError(
@@ -227,6 +283,8 @@ def recompute_activations(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMo
     else:
         plan = dict.fromkeys(paths, policy)
         reason, totals = f"Strategy.recompute policy {policy!r} on every region", {}
+        if ctx.strategy.recompute is None:
+            reason = "the model's own torch.utils.checkpoint regions, recomputed fully"
     measured = measure_graph(gm, ctx)
     unplanned = measure_graph_with(gm, ctx, "none")
     for entry in entries:
@@ -245,6 +303,7 @@ def recompute_activations(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMo
         kept_bytes=measured.total,
         kept_bytes_by_policy=totals,
         budget=config.limit if isinstance(config, Budget) else None,
+        model_regions=own,
     )
     return gm
 

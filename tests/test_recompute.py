@@ -180,3 +180,46 @@ def test_from_dict_reads_recompute():
     assert s.recompute == strato.Budget(2 * 2**20)
     s = strato.Strategy.from_dict({"recompute": "selective"})
     assert s.recompute.policy == "selective"
+
+
+class CheckpointedBlocks(torch.nn.Module):
+    """A model that checkpoints each of its blocks itself (torch.utils.checkpoint)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx):
+        m = self.model
+        torch._check(idx.shape[1] <= m.cfg.seq_len)
+        x = m.drop(m.tok_emb(idx) + m.pos_emb(torch.arange(idx.shape[1])))
+        for block in m.blocks:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        return m.lm_head(m.ln_f(x))
+
+
+def test_model_own_checkpoint_regions_are_kept_and_none_turns_them_off():
+    model, args, _ = gpt()
+    wrapped = CheckpointedBlocks(model).train()
+    torch.manual_seed(0)
+    eager = kept_bytes(lambda: wrapped(*args)).total
+    compiled = strato.compile(wrapped, strato.Strategy(), example_inputs=args)
+    record = compiled._graphs[True].ctx.records["recompute"]
+    assert record["model_regions"] == ["model.blocks.0", "model.blocks.1"]
+    assert measured_kept_bytes(compiled, args, {}) <= 1.05 * eager
+    assert "own torch.utils.checkpoint regions" in str(compiled.explain())
+    assert_parity(wrapped, compiled, args, atol=1e-6, reduce=_loss)
+    off = strato.compile(
+        copy.deepcopy(wrapped), strato.Strategy(recompute="none"), example_inputs=args
+    )
+    assert measured_kept_bytes(off, args, {}) > 2 * eager
+    assert "turns off the model's own checkpoint regions" in str(off.explain())
+
+
+def test_hf_gradient_checkpointing_is_detected():
+    model, _, kwargs = hf("llama")
+    model.gradient_checkpointing_enable()
+    compiled = compile_train(model, (), kwargs, None)
+    record = compiled._graphs[True].ctx.records["recompute"]
+    assert record["model_regions"] == ["model.layers.0", "model.layers.1"]
+    assert_parity(model, compiled, (), kwargs, atol=1e-6, reduce=_loss)
