@@ -125,7 +125,9 @@ def _near_matches(pattern: str, paths: list[str]) -> list[str]:
 
 
 def _in_region(node: fx.Node, path: str) -> bool:
-    module = node.meta.get("strato_module", "")
+    """Owned by module `path`; ZeRO-3's gathers/releases of a unit inside it count too, so a
+    recomputed region gathers its parameters again instead of holding them until backward."""
+    module = node.meta.get("strato_module", "") or node.meta.get("strato_zero", {}).get("unit", "")
     return module == path or module.startswith(path + ".")
 
 
@@ -156,6 +158,7 @@ def outline(gm: fx.GraphModule, run: list[fx.Node], name: str, region: Recompute
         env[node] = body.node_copy(node, lambda a: env[a])
     body.output(tuple(env[o] for o in outputs))
     region.body = fx.GraphModule(torch.nn.Module(), body)
+    region.model_tensor_inputs = tuple(i for i, a in enumerate(inputs) if a.op == "get_attr")
     gm.add_submodule(name, region)
     marker = {"region": region.path, "policy": region.policy, "offload": region.offload}
     with gm.graph.inserting_after(run[-1]):
@@ -188,7 +191,16 @@ def outline_regions(
             name = "recompute_" + path.replace(".", "_") + (f"_{k}" if len(runs) > 1 else "")
             region = RecomputeRegion(path, policies[path], offload)
             outline(gm, run, name, region)
-            entries.append({"submodule": name, "module": path, "nodes": len(run)})
+            gathers = [n for n in run if str(n.target) == "strato.zero_gather.default"]
+            entries.append(
+                {
+                    "submodule": name,
+                    "module": path,
+                    "nodes": len(run),
+                    # ZeRO-3: these units are gathered in forward and again by the recompute.
+                    "zero3_units_gathered_again": [n.meta["strato_zero"]["unit"] for n in gathers],
+                }
+            )
     gm.graph.lint()
     gm.recompile()
     return entries

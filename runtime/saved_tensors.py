@@ -70,11 +70,22 @@ class RecomputeRegion(torch.nn.Module):
         self.policy = policy
         self.offload = offload
         self.body: torch.nn.Module | None = None
+        self.model_tensor_inputs: tuple[int, ...] = ()
+        """Positions of the body's inputs that are the model's parameters/buffers: the
+        recomputation reads them as they are (ZeRO-3 finds its shards by the Parameter
+        objects), and checkpoint does not save them."""
 
     def forward(self, *args):
+        fixed = {i: args[i] for i in self.model_tensor_inputs}
+        moving = [a for i, a in enumerate(args) if i not in fixed]
+
+        def body(*values):
+            it = iter(values)
+            return self.body(*(fixed[i] if i in fixed else next(it) for i in range(len(args))))
+
         _current_region.append(self.path)
         try:
-            return run_region(self.body, args, self.policy, self.offload)
+            return run_region(body, tuple(moving), self.policy, self.offload)
         finally:
             _current_region.pop()
 

@@ -223,3 +223,40 @@ def test_hf_gradient_checkpointing_is_detected():
     record = compiled._graphs[True].ctx.records["recompute"]
     assert record["model_regions"] == ["model.layers.0", "model.layers.1"]
     assert_parity(model, compiled, (), kwargs, atol=1e-6, reduce=_loss)
+
+
+@pytest.mark.parametrize("policy", ["full", "selective"])
+def test_zero3_regions_gather_again_and_match_eager(policy, monkeypatch):
+    """One process, ZeRO-3: each block's gather is inside its region, so the recompute in
+    backward gathers it again (the count the record states), and SGD weights equal eager's
+    with dropout active (SGD: no Adam step amplifying rounding noise)."""
+    from strato.runtime import zero_units
+
+    model, (x,), _ = gpt()
+    y = torch.randint(0, VOCAB, x.shape)
+    reference = copy.deepcopy(model).train()
+    sgd = torch.optim.SGD(reference.parameters(), lr=0.1)
+    torch.manual_seed(5)
+    reference(x, y).backward()
+    sgd.step()
+
+    gathered = []
+    gather = zero_units.Stage3Units._gather
+    monkeypatch.setattr(
+        zero_units.Stage3Units,
+        "_gather",
+        lambda self, i, order: gathered.append(i) or gather(self, i, order),
+    )
+    strategy = strato.Strategy(optimizer=strato.SGD(lr=0.1), zero=3, recompute=policy)
+    engine = strato.compile(model, strategy, example_inputs=(x, y))
+    records = engine._graphs[True].ctx.records
+    units = [u["name"] for u in records["zero"]["units"]]
+    again = [u for r in records["recompute"]["regions"] for u in r["zero3_units_gathered_again"]]
+    assert again == ["blocks.0", "blocks.1"]
+    torch.manual_seed(5)
+    engine.train_step(x, y)
+    for name in again:  # gathered for forward, then by the recompute in backward
+        assert gathered.count(units.index(name)) == 2, (name, gathered)
+    full = engine.full_state_dict()
+    for name, value in reference.state_dict().items():
+        torch.testing.assert_close(full[name], value, atol=1e-6, rtol=0)
