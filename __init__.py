@@ -5,8 +5,8 @@ compiled = strato.compile(model, strato.Strategy(), example_inputs=(x,))
 
 from .compiler.compile import compile
 from .compiler.context import CompileContext
-from .compiler.deepspeed import DeepSpeedReport, convert_deepspeed
 from .compiler.cost_model import Explanation
+from .compiler.deepspeed import DeepSpeedReport, convert_deepspeed
 from .compiler.errors import (
     CaptureError,
     InputError,

@@ -62,8 +62,10 @@ def _all_ok(ok: bool) -> list[int]:
     world = collectives.world_size()
     if world == 1:
         return [] if ok else [0]
-    flags = torch.zeros(world, dtype=torch.int64)
-    collectives.all_gather_into_tensor(flags, torch.tensor([int(ok)], dtype=torch.int64))
+    device = collectives.device_of(None)  # NCCL takes CUDA tensors only
+    flags = torch.zeros(world, dtype=torch.int64, device=device)
+    mine = torch.tensor([int(ok)], dtype=torch.int64, device=device)
+    collectives.all_gather_into_tensor(flags, mine)
     return [r for r, f in enumerate(flags.tolist()) if not f]
 
 
