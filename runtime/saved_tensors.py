@@ -39,15 +39,15 @@ aten = torch.ops.aten
 SAVED_BY_SELECTIVE = {
     aten.mm.default,
     aten.addmm.default,
-    aten.bmm.default,
-    aten.baddbmm.default,
     aten._scaled_dot_product_flash_attention.default,
     aten._scaled_dot_product_efficient_attention.default,
     aten._scaled_dot_product_flash_attention_for_cpu.default,
     aten._scaled_dot_product_cudnn_attention.default,
     aten.convolution.default,
 }
-"""Ops whose outputs selective recomputation keeps (the expensive ones to recompute)."""
+"""Ops whose outputs selective recomputation keeps: linear layers and fused attention.
+Batched matmuls (an unfused attention core: QKᵀ, probabilities x V) are recomputed, as in
+Megatron's selective recomputation: their T x T outputs cost more memory than FLOPs."""
 
 
 def _selective_policy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
