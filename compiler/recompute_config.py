@@ -71,8 +71,9 @@ class Recompute:
     'none' (recompute nothing: also turns off the model's own checkpoint regions)."""
 
     offload: bool = False
-    """Move the tensors a region keeps to host memory after forward and back for backward
-    (DeepSpeed's cpu_checkpointing); on a CPU-only model this only adds copies."""
+    """Move what a region keeps through autograd (its inputs under 'full'/'selective',
+    everything under 'none') to host memory after forward and back for backward (DeepSpeed's
+    cpu_checkpointing); on a CPU-only model this only adds copies."""
 
 
 @attrs.frozen

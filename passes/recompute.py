@@ -271,7 +271,7 @@ def recompute_activations(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMo
     own = [p for p in gm.meta.get(CHECKPOINT_REGIONS, []) if region_runs(gm, p)]
     if not ctx.training or (config is None and not own):
         return gm
-    if isinstance(config, Recompute) and config.policy == "none":
+    if isinstance(config, Recompute) and config.policy == "none" and not config.offload:
         reason = "Strategy.recompute='none'" + (
             f" turns off the model's own checkpoint regions ({', '.join(own)})" if own else ""
         )

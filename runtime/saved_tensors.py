@@ -94,9 +94,14 @@ class RecomputeRegion(torch.nn.Module):
 
 
 def run_region(body: Callable, args: tuple, policy: str, offload: bool = False) -> Any:
-    """Run one recompute region's forward under its policy."""
-    if policy == "none" or not torch.is_grad_enabled():
+    """Run one recompute region's forward under its policy. With `offload`, what autograd
+    saves outside checkpoint's own hooks (the region's inputs; everything under 'none')
+    goes to host memory, as DeepSpeed's cpu_checkpointing does."""
+    if not torch.is_grad_enabled():
         return body(*args)
+    if policy == "none":
+        with torch.autograd.graph.save_on_cpu() if offload else contextlib.nullcontext():
+            return body(*args)
     context_fn = None
     if policy == "selective":
         context_fn = functools.partial(create_selective_checkpoint_contexts, _selective_policy)

@@ -277,3 +277,12 @@ def test_bf16_recompute_equals_bf16_without(policy):
     assert grads["none"].keys() == grads[policy].keys()
     for name, grad in grads["none"].items():
         torch.testing.assert_close(grads[policy][name], grad, atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("policy", ["none", "full"])
+def test_offload_keeps_gradients_equal_eager(policy):
+    model, args, kwargs = gpt()
+    compiled = compile_train(model, args, kwargs, strato.Recompute(policy=policy, offload=True))
+    regions = [n for n in compiled.graph.graph.nodes if "strato_recompute" in n.meta]
+    assert regions and all(n.meta["strato_recompute"]["offload"] for n in regions)
+    assert_parity(model, compiled, args, kwargs, atol=1e-6, reduce=_loss)
