@@ -56,6 +56,28 @@ def _selective_policy(ctx, func, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
+_default_hooks: list[str] = []
+"""Owners of the saved-tensor default hooks pushed through `push_default_hooks`, innermost last."""
+
+
+def push_default_hooks(owner: str, pack: Callable, unpack: Callable) -> None:
+    """Make (pack, unpack) autograd's saved-tensor hooks until `pop_default_hooks(owner)`; the
+    one place that pushes them for a whole forward (ZeRO-3's parameter handles). Regions
+    push checkpoint's hooks on top, so inside a recomputed region checkpoint decides."""
+    torch._C._autograd._push_saved_tensors_default_hooks(pack, unpack)
+    _default_hooks.append(owner)
+
+
+def pop_default_hooks(owner: str) -> None:
+    if not _default_hooks or _default_hooks[-1] != owner:
+        raise RuntimeError(
+            f"saved-tensor hooks of {owner!r} popped while {_default_hooks or 'none'} are pushed "
+            "(innermost last): hooks must be popped in the reverse order of pushing"
+        )
+    torch._C._autograd._pop_saved_tensors_default_hooks()
+    _default_hooks.pop()
+
+
 _current_region: list[str] = []
 """Module path of the region whose forward is running (measurement attributes bytes to it)."""
 

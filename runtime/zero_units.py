@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import attrs
 import torch
 
-from . import collectives
+from . import collectives, saved_tensors
 from .zero_ops import UNIT_ATTR
 
 if TYPE_CHECKING:
@@ -133,17 +133,17 @@ class Stage3Units:
     # -------------------------------------------------------------- saved tensors
     def begin_forward(self) -> None:
         if self._hooks_pushed:  # a forward that raised left them pushed
-            torch._C._autograd._pop_saved_tensors_default_hooks()
+            saved_tensors.pop_default_hooks("zero3")
         self.live.clear()
         self.forward_full.clear()
         self.saved_units = []
         self.gathered = 0
-        torch._C._autograd._push_saved_tensors_default_hooks(self._pack, self._unpack)
+        saved_tensors.push_default_hooks("zero3", self._pack, self._unpack)
         self._hooks_pushed = True
 
     def end_forward(self) -> None:
         if self._hooks_pushed:
-            torch._C._autograd._pop_saved_tensors_default_hooks()
+            saved_tensors.pop_default_hooks("zero3")
             self._hooks_pushed = False
         self.live.clear()
         self.forward_full.clear()
