@@ -30,9 +30,9 @@ from .compiler.training_config import (
     WarmupLinear,
 )
 from .compiler.zero_config import NVMe
-from .consolidation import consolidate
 from .runtime.checkpoint import CheckpointError
 from .runtime.compiled_model import CompiledModel
+from .runtime.consolidation import consolidate
 from .runtime.engine import TrainingEngine
 from .runtime.generate import GenerationError
 from .runtime.inference import ArtifactError, LoadedModel, export, load

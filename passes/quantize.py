@@ -25,6 +25,7 @@ from ..compiler.errors import StrategyError
 from ..compiler.pass_manager import graph_pass
 from ..compiler.quantize_config import Quantize
 from ..kernels import quantized_linear as ql
+from ..runtime.calls import bind_call, capture_defaults
 from .annotate import getattr_path
 
 aten = torch.ops.aten
@@ -158,7 +159,11 @@ def calibration_batches(config: Quantize, ctx: CompileContext) -> list[tuple[tup
             )
     if not batches:
         raise StrategyError("Quantize.calibration: no batches; give at least one.")
-    return batches
+    # The graph takes calls in the canonical form it was captured from (runtime/calls.py):
+    # bind each batch as a call of the model would be, defaults such as use_cache filled.
+    defaults = capture_defaults(ctx.model)
+    bound = [bind_call(ctx.model, args, kwargs, defaults) for args, kwargs in batches]
+    return [(call.args, call.kwargs) for call in bound]
 
 
 def calibrate(

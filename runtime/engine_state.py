@@ -310,7 +310,7 @@ def full_state_dict(engine: TrainingEngine) -> dict[str, torch.Tensor]:
 
 
 def save_pretrained(engine: TrainingEngine, directory: str | Path) -> Path:
-    from ..consolidation import write_pretrained
+    from .consolidation import write_pretrained
 
     full = full_state_dict(engine)
     directory = Path(directory)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .runtime import checkpoint
+from . import checkpoint
 
 
 def consolidate(checkpoint_path: str | Path, out: str | Path) -> Path:
