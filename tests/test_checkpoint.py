@@ -288,7 +288,9 @@ def test_layout_steps_compose_and_invert():
     assert aliases == {"lm_head.weight": "tok_emb.weight"} and layouts["tok_emb.weight"].holds_full
 
 
-@pytest.mark.parametrize("family,zero", [("llama", 3), ("gpt2", 3)])
+@pytest.mark.parametrize(
+    "family,zero", [pytest.param("llama", 3, marks=pytest.mark.slow), ("gpt2", 3)]
+)
 def test_hf_weights_from_full_state_dict_save_pretrained_and_consolidate(tmp_path, family, zero):
     """Llama (GQA) and GPT-2 (tied LM head) trained 2 steps: full_state_dict,
     save_pretrained and the offline consolidation (Python and `python -m

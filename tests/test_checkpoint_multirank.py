@@ -127,16 +127,18 @@ def test_checkpoint_call_on_one_rank_only_fails_fast_naming_the_others(tmp_path,
 
 
 def test_elastic_restart_after_kill_ends_with_the_uninterrupted_loss(tmp_path):
-    """torchrun --max-restarts 1, 2 ranks ZeRO-2: rank 1 is killed with SIGKILL at step 5;
+    """torchrun --max-restarts 3, 2 ranks ZeRO-2: rank 1 is killed with SIGKILL at step 5;
     torchrun restarts both, they load the newest complete checkpoint and finish with the
     losses of a run that was never killed."""
     script = str(Path(__file__).resolve().parent.parent / "examples" / "elastic_train.py")
 
     def torchrun(name: str, *extra: str) -> dict:
         out = tmp_path / f"{name}.json"
+        # Restarts beyond the planned one absorb a gloo connect timeout at start-up, seen
+        # once on a loaded 2-core machine; the losses below are checked all the same.
         command = [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
-            "--nproc-per-node", "2", "--max-restarts", "1", script,
+            "--nproc-per-node", "2", "--max-restarts", "3", script,
             "--ckpt", str(tmp_path / f"{name}-ckpt"), "--steps", "8", "--save-every", "2",
             "--out", str(out), *extra,
         ]  # fmt: skip

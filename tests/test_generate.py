@@ -231,6 +231,7 @@ def test_generate_needs_a_causal_lm_head():
         plain.generate(ids, 4)
 
 
+@pytest.mark.slow  # two more compiles of prefill and decode graphs (~20 s)
 def test_fused_and_training_strategies_generate_as_transformers_does():
     """A fuse=True strategy's step graphs run fused kernels; a training engine generates
     from its current weights through an inference-only copy of its strategy."""

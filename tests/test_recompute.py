@@ -65,7 +65,7 @@ def compile_train(model, args, kwargs, recompute, **strategy):
 
 
 @pytest.mark.parametrize("policy", ["full", "selective"])
-@pytest.mark.parametrize("name", ["gpt", "llama", "gpt2"])
+@pytest.mark.parametrize("name", ["gpt", pytest.param("llama", marks=pytest.mark.slow), "gpt2"])
 def test_gradients_equal_eager_with_dropout(name, policy):
     model, args, kwargs = MODELS[name]()
     compiled = compile_train(model, args, kwargs, policy)
@@ -103,7 +103,14 @@ def saved_by_hooks(model, args, kwargs) -> int:
     return sum(n for ptr, n in storages.items() if ptr not in params | inputs | outputs)
 
 
-@pytest.mark.parametrize("name", ["gpt", "llama", "gpt2"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "gpt",
+        pytest.param("llama", marks=pytest.mark.slow),
+        pytest.param("gpt2", marks=pytest.mark.slow),
+    ],
+)
 def test_explain_estimate_within_ten_percent_of_measured(name):
     model, args, kwargs = MODELS[name]()
     kept = {}
@@ -131,6 +138,7 @@ def test_graph_and_print_graph_show_regions():
     assert "recompute_blocks_1 (blocks.1, full)" in str(compiled.explain())
 
 
+@pytest.mark.slow  # a fake-tensor measurement per region and policy: ~45 s on 2 cores
 def test_budget_plan_fits_and_impossible_budget_names_minimum():
     model, args, kwargs = gpt()
     none = measured_kept_bytes(
@@ -216,6 +224,7 @@ def test_model_own_checkpoint_regions_are_kept_and_none_turns_them_off():
     assert "turns off the model's own checkpoint regions" in str(off.explain())
 
 
+@pytest.mark.slow
 def test_hf_gradient_checkpointing_is_detected():
     model, _, kwargs = hf("llama")
     model.gradient_checkpointing_enable()
@@ -225,7 +234,7 @@ def test_hf_gradient_checkpointing_is_detected():
     assert_parity(model, compiled, (), kwargs, atol=1e-6, reduce=_loss)
 
 
-@pytest.mark.parametrize("policy", ["full", "selective"])
+@pytest.mark.parametrize("policy", ["full", pytest.param("selective", marks=pytest.mark.slow)])
 def test_zero3_regions_gather_again_and_match_eager(policy, monkeypatch):
     """One process, ZeRO-3: each block's gather is inside its region, so the recompute in
     backward gathers it again (the count the record states), and SGD weights equal eager's
