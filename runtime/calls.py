@@ -238,3 +238,40 @@ def check_tensors(call: CallSignature, captured: list[CallSignature]) -> None:
                 f"{theirs} (from the example inputs). Pass {name!r} with that rank and dtype, "
                 "or compile with an example that has yours."
             )
+
+
+def position_limit(model: torch.nn.Module) -> tuple[int, str] | None:
+    """The longest sequence a model with a learned position table takes, and where that
+    limit comes from; None when it has no such table (rotary or relative positions)."""
+    config = getattr(model, "config", None)
+    for field in ("max_position_embeddings", "n_positions"):
+        limit = getattr(config, field, None)
+        if not isinstance(limit, int):
+            continue
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Embedding) and module.num_embeddings == limit:
+                return limit, f"config.{field}, the rows of its position table {name!r}"
+    return None
+
+
+def check_sequence_length(
+    model: torch.nn.Module, call: BoundCall, limit: tuple[int, str] | None
+) -> None:
+    """Raise an InputError naming the input when a token-like input (integer or bool, dim 1
+    = sequence) is longer than the model's position table, before the graph indexes past it."""
+    if limit is None:
+        return
+    most, source = limit
+    names = [p.name for p in forward_parameters(model) or []]
+    for name, value in [*zip(names, call.args), *call.kwargs.items()]:
+        if (
+            isinstance(value, torch.Tensor)
+            and value.dim() >= 2
+            and not value.is_floating_point()
+            and value.shape[1] > most
+        ):
+            raise InputError(
+                f"input {name!r} has {value.shape[1]} positions (dim 1), more than the "
+                f"{most} that {type(model).__name__} takes ({source}). Cut the sequence to "
+                f"at most {most} tokens, or split it."
+            )

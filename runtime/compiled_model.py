@@ -17,7 +17,15 @@ from ..compiler.context import CompileContext
 from ..compiler.errors import InputError, StratoError
 from ..compiler.pass_manager import PassRecord
 from ..compiler.strategy import Strategy
-from .calls import BoundCall, CallSignature, bind_call, capture_defaults, check_tensors
+from .calls import (
+    BoundCall,
+    CallSignature,
+    bind_call,
+    capture_defaults,
+    check_sequence_length,
+    check_tensors,
+    position_limit,
+)
 
 MAX_RECAPTURES = 8
 """Graphs per mode captured again for calls the example's graph cannot take (other
@@ -91,6 +99,7 @@ class CompiledModel(torch.nn.Module):
         object.__setattr__(self, "_graphs", {})
         object.__setattr__(self, "_recaptured", {True: [], False: []})
         object.__setattr__(self, "_call_defaults", capture_defaults(model))
+        object.__setattr__(self, "_position_limit", position_limit(model))
         self.training = model.training
         self._graph_for(self.training)
 
@@ -102,6 +111,7 @@ class CompiledModel(torch.nn.Module):
 
     def forward(self, *args, **kwargs):
         call = bind_call(self.model, args, kwargs, self._call_defaults)
+        check_sequence_length(self.model, call, self._position_limit)
         graphs = [self._graph_for(self.training), *self._recaptured[self.training]]
         fitting = [g for g in graphs if g.call is None or g.call == call.signature]
         reason = ""

@@ -142,3 +142,18 @@ def test_zero3_refuses_a_new_argument_naming_it():
     engine.step()
     with pytest.raises(strato.InputError, match=r"'attention_mask' given.*example_kwargs"):
         engine(**batch, attention_mask=torch.ones_like(batch["input_ids"]))
+
+
+def test_sequence_longer_than_the_position_table_names_the_input_and_the_limit():
+    """GPT-2 has a learned table of n_positions rows: a longer call is refused before the
+    graph indexes past it (eager raises a bare IndexError), naming the input and both sizes."""
+    model = hf_model("gpt2").eval()
+    limit = model.config.n_positions
+    ids = hf_batch("gpt2", 0, size=2, length=8)["input_ids"]
+    compiled = strato.compile(model, example_kwargs={"input_ids": ids})
+    longest = torch.randint(0, model.config.vocab_size, (1, limit))
+    with torch.no_grad():
+        assert torch.equal(compiled(input_ids=longest).logits, model(input_ids=longest).logits)
+    too_long = torch.randint(0, model.config.vocab_size, (1, limit + 3))
+    with pytest.raises(strato.InputError, match=rf"'input_ids' has {limit + 3} positions.*{limit}"):
+        compiled(input_ids=too_long)
