@@ -10,50 +10,24 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import strato
-from tests import checkpoint_worker
+from tests import checkpoint_worker, multirank
 
 pytestmark = pytest.mark.slow
 
 TOL = 1e-6
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(spec: dict, world: int, out: Path, timeout: float = 240) -> list[dict]:
     """Run `spec` on `world` ranks; every rank's result (or fail with its traceback)."""
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [
-        ctx.Process(target=checkpoint_worker.run, args=(r, world, port, spec, str(out)))
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout)
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert not hung, f"ranks {hung} did not finish in {timeout}s (a hang)"
-    errors = [(out / f"rank{r}.err") for r in range(world) if (out / f"rank{r}.err").exists()]
-    assert not errors, "\n".join(e.read_text() for e in errors)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return multirank.launch(checkpoint_worker.run, spec, world, out, timeout)
 
 
 def assert_losses_close(got: list[float], want: list[float], what: str) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.multirank import free_port
 from tests.training_utils import eager_train, reference_groups, tiny_gpt, without_key_bias
 
 pytestmark = pytest.mark.slow
@@ -23,12 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent
 WORKER = str(ROOT / "tests" / "training_worker.py")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 TOL = 1e-5
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def worker_env() -> dict[str, str]:

@@ -10,13 +10,10 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
-import torch.multiprocessing as mp
 
 import strato
-from tests import hf_worker
+from tests import hf_worker, multirank
 from tests.hf_models import example_kwargs, hf_model, train_losses
-from tests.test_zero_multirank import free_port
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("transformers")
@@ -28,27 +25,9 @@ SPEC = {"model": "llama", "steps": 20, "lr": 3e-3, "per_rank": 4}
 VARIANTS = [(2, "bf16"), (3, "fp16")]
 
 
-def launch(spec: dict, world: int, out: Path, timeout: float = 280) -> list:
-    """Run the worker on `world` ranks; every rank's results (or fail with its traceback)."""
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [
-        ctx.Process(target=hf_worker.run, args=(r, world, port, spec, str(out)))
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout)
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert not hung, f"ranks {hung} did not finish in {timeout}s (a hang)"
-    errors = [out / f"rank{r}.err" for r in range(world) if (out / f"rank{r}.err").exists()]
-    assert not errors, "\n".join(e.read_text() for e in errors)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+def launch(spec: dict, world: int, out: Path, timeout: float = 280) -> list[dict]:
+    """Run `spec` on `world` ranks; every rank's result (or fail with its traceback)."""
+    return multirank.launch(hf_worker.run, spec, world, out, timeout)
 
 
 @functools.cache

@@ -9,15 +9,13 @@ Bytes are exact runtime counts (collectives' payload counters, the manager's sto
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from examples.gpt import GPT
-from tests import zero_worker
+from tests import multirank, zero_worker
 from tests.training_utils import batch, reference_groups
 
 pytestmark = pytest.mark.slow
@@ -26,33 +24,9 @@ STEPS = 10
 TOL = 1e-5
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(spec: dict, world: int, out: Path, timeout: float = 150) -> list[dict]:
     """Run `spec` on `world` ranks; every rank's result (or fail with its traceback)."""
-    out.mkdir(parents=True, exist_ok=True)
-    ctx = mp.get_context("spawn")
-    port = free_port()
-    procs = [
-        ctx.Process(target=zero_worker.run, args=(r, world, port, spec, str(out)))
-        for r in range(world)
-    ]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout)
-    hung = [r for r, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert not hung, f"ranks {hung} did not finish in {timeout}s (a hang)"
-    errors = [(out / f"rank{r}.err") for r in range(world) if (out / f"rank{r}.err").exists()]
-    assert not errors, "\n".join(e.read_text() for e in errors)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return multirank.launch(zero_worker.run, spec, world, out, timeout)
 
 
 def eager_reference(opt: str, world: int) -> tuple[list[float], dict[str, torch.Tensor]]:
