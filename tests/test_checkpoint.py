@@ -246,7 +246,9 @@ def test_async_saves_publish_in_order_and_keep_last(tmp_path):
         assert torch.equal(p.detach(), saved[name]), name
 
 
-@pytest.mark.parametrize("saved_stage,loaded_stage", [(0, 3), (3, 0), (3, 1)])
+@pytest.mark.parametrize(
+    "saved_stage,loaded_stage", [(0, 3), pytest.param(3, 0, marks=pytest.mark.slow), (3, 1)]
+)
 def test_stage_change_in_one_process_resumes_exactly(tmp_path, saved_stage, loaded_stage):
     """A stage-0 checkpoint into a ZeRO engine and back (one process: the layouts differ,
     the data do not): the next steps match the uninterrupted run exactly."""

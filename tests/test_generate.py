@@ -79,7 +79,9 @@ def hf_generate(model, ids, mask, new_tokens, **options):
         )
 
 
-@pytest.mark.parametrize("family", ["gpt2", "mistral", "qwen2"])
+@pytest.mark.parametrize(
+    "family", ["gpt2", "mistral", pytest.param("qwen2", marks=pytest.mark.slow)]
+)
 def test_greedy_equals_transformers_generate_with_left_padding(family):
     model = causal_lm(family)
     if family == "qwen2":
@@ -114,6 +116,7 @@ def test_llama_greedy_and_eos_equal_transformers_generate(llama):
         model.generation_config.eos_token_id = before
 
 
+@pytest.mark.slow
 def test_sampling_is_seeded_and_equals_transformers_sampling(llama):
     model, compiled = llama
     ids, mask = left_padded_batch()
