@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -108,8 +109,8 @@ def test_elastic_restart_after_kill_ends_with_the_uninterrupted_loss(tmp_path):
 
     def torchrun(name: str, *extra: str) -> dict:
         out = tmp_path / f"{name}.json"
-        # Restarts beyond the planned one absorb a gloo connect timeout at start-up, seen
-        # once on a loaded 2-core machine; the losses below are checked all the same.
+        # Restarts beyond the planned one absorb restarts whose gloo connect is refused at
+        # start-up (seen here, not yet understood); the losses below are checked all the same.
         command = [
             sys.executable, "-m", "torch.distributed.run", "--standalone",
             "--nproc-per-node", "2", "--max-restarts", "3", script,
@@ -125,7 +126,9 @@ def test_elastic_restart_after_kill_ends_with_the_uninterrupted_loss(tmp_path):
     killed = torchrun("killed", "--kill-rank", "1", "--kill-at-step", "5")
     assert straight["start"] == 0
     assert killed["start"] in (2, 4), killed["log"][-3000:]  # resumed from a checkpoint
-    assert "attempt 1" in killed["log"]
+    # A restart happened (torchrun counts attempts; a restart whose gloo connect fails at
+    # start-up is retried, seen here as attempt 2 or 3).
+    assert re.search(r"attempt [1-9]: starting at step [1-9]", killed["log"]), killed["log"][-3000:]
     final = str(7)
     assert abs(killed["losses"][final] - straight["losses"][final]) <= TOL
     for step, loss in killed["losses"].items():
