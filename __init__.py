@@ -16,10 +16,13 @@ from .compiler.errors import (
     StratoError,
 )
 from .compiler.mesh_config import Mesh
+from .compiler.moe_config import ExpertParallel
 from .compiler.pass_manager import GraphPass, PassRecord, graph_pass
+from .compiler.pipeline_parallel import Pipeline
 from .compiler.quantize_config import Quantize
 from .compiler.recompute_config import Budget, Recompute
 from .compiler.strategy import Strategy
+from .compiler.tensor_parallel_config import TensorParallel
 from .compiler.training_config import (
     SGD,
     AdamW,
@@ -36,6 +39,7 @@ from .runtime.consolidation import consolidate
 from .runtime.engine import TrainingEngine
 from .runtime.generate import GenerationError
 from .runtime.inference import ArtifactError, LoadedModel, export, load
+from . import nn  # strato.nn: layers (runtime/moe.py)
 
 __version__ = "0.1.0"
 
@@ -46,6 +50,8 @@ __all__ = [
     "Constant",
     "LossScaling",
     "Mesh",
+    "ExpertParallel",
+    "nn",
     "NVMe",
     "Polynomial",
     "TrainingEngine",
@@ -60,9 +66,11 @@ __all__ = [
     "PassContractError",
     "PassError",
     "PassRecord",
+    "Pipeline",
     "StratoError",
     "Strategy",
     "StrategyError",
+    "TensorParallel",
     "compile",
     "convert_deepspeed",
     "DeepSpeedReport",

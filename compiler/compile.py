@@ -13,11 +13,13 @@ from ..passes.annotate import check_graph_runs, fill_fake_values
 from ..runtime.calls import BoundCall, bind_call, capture_defaults
 from ..runtime.compiled_model import CompiledGraph, CompiledModel, graph_runner
 from ..runtime.mesh import build_mesh
+from ..runtime.tensor_parallel import whole_parameters
 from .capture import annotate_module_paths, capture
 from .context import CompileContext
 from .hardware import resolve_precision
 from .pass_manager import plan_passes, run_passes
 from .pipeline import pipeline
+from .pipeline_parallel import mesh_with_pipeline
 from .strategy import Strategy, check_batch_sizes
 
 
@@ -72,9 +74,10 @@ def compile(
         from ..runtime.distributed import init_from_env
 
         init_from_env()
-        check_batch_sizes(strategy, _world()["world_size"])
     # One mesh (and its process groups) per compile, shared by the train and eval graphs.
-    mesh = build_mesh(strategy.mesh)
+    mesh = build_mesh(mesh_with_pipeline(strategy.mesh, strategy.pipeline))
+    if strategy.optimizer is not None:
+        check_batch_sizes(strategy, mesh.sizes)  # over the data-parallel ranks of the mesh
 
     def build(training: bool, call: BoundCall | None = None) -> CompiledGraph:
         """The graph of `call` (the example's by default) in the given mode."""
@@ -92,7 +95,8 @@ def compile(
         # Fused kernels bake sequence sizes into their layouts: batch-only symbolic sizes,
         # other lengths capture again (CompiledModel).
         dynamic = "batch" if strategy.fuse else "all"
-        captured = capture(model, call.args, call.kwargs, training=training, dynamic=dynamic)
+        with whole_parameters(model):  # tensor-parallel blocks: capture sees whole shapes
+            captured = capture(model, call.args, call.kwargs, training=training, dynamic=dynamic)
         ctx.capture_method = captured.method
         gm, history = run_passes(captured.gm, ctx, passes, keep_snapshots=keep_snapshots)
         fill_fake_values(gm, ctx)

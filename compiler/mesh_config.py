@@ -30,6 +30,11 @@ class Mesh:
     Without torch.distributed (a plain `python script.py`) every size resolves to 1, so
     the script written for many ranks also runs as one process."""
 
+    pipeline: int = attrs.field(default=1, validator=_check_size)
+    """Pipeline stages (strato.Pipeline): ranks along it run different stage graphs of the
+    model and pass activations / their gradients point to point. Outermost, so each stage's
+    data-parallel ranks are consecutive. 1 (the default) takes `Pipeline.stages`."""
+
     replicate: int = attrs.field(default=1, validator=_check_size)
     """Replicas: ranks along it hold the same shards and all-reduce their (sharded)
     gradients; with ZeRO this is the outer level of hybrid sharding (HSDP)."""
@@ -38,6 +43,12 @@ class Mesh:
     """Ranks that ZeRO shards parameters, gradients and optimizer states over (parameters
     are gathered within this group only); -1 (the default, unless another size is -1):
     all ranks the other dimensions leave."""
+
+    tensor: int = attrs.field(default=1, validator=_check_size)
+    """Tensor parallelism (strato.TensorParallel): ranks along it hold different column /
+    row blocks of the same layers and all-reduce activations every block. Innermost, so a
+    tensor group is consecutive ranks (one node). 1 (the default) takes
+    `TensorParallel.size`."""
 
     def __init__(self, **sizes: int) -> None:
         names = self.dimension_names()

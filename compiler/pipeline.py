@@ -22,6 +22,18 @@ def builtin_passes(strategy: Strategy) -> list[GraphPass]:
             from ..passes.lower_quantized import lower_quantized_linears
 
             passes.append(lower_quantized_linears)
+    if getattr(strategy, "tensor_parallel", None) is not None:
+        from ..passes.tensor_parallel import tensor_parallel  # before quantize: it sees shards
+
+        passes.append(tensor_parallel)
+    if getattr(strategy, "moe", None) is not None:
+        from ..passes.moe_dispatch import moe_dispatch
+
+        passes.append(moe_dispatch)
+    if getattr(strategy, "pipeline", None) is not None and strategy.optimizer is not None:
+        from ..passes.pipeline_cut import pipeline_cut  # before ZeRO: it reads the stages
+
+        passes.append(pipeline_cut)
     if strategy.fuse:
         from ..passes.fuse import fuse_operators
 

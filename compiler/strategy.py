@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -19,8 +20,11 @@ import yaml
 
 from .errors import StrategyError, did_you_mean
 from .mesh_config import Mesh, check_mesh
+from .moe_config import ExpertParallel, check_moe
+from .pipeline_parallel import Pipeline, check_pipeline
 from .quantize_config import Quantize
 from .recompute_config import Budget, Recompute, convert_recompute
+from .tensor_parallel_config import TensorParallel, check_tensor_parallel
 from .training_config import (  # noqa: F401  (names the field annotations resolve to)
     SGD,
     AdamW,
@@ -267,6 +271,25 @@ class Strategy:
     across `replicate` (hybrid sharding); data parallelism (zero=0) spans the whole mesh.
     Default: every rank in one `shard` dimension."""
 
+    tensor_parallel: TensorParallel | None = attrs.field(
+        default=None, validator=check_tensor_parallel
+    )
+    """Tensor parallelism (strato.TensorParallel(size=..., sequence_parallel=..., plan=...)):
+    attention heads, MLP features and the vocabulary split over the mesh's `tensor`
+    dimension (pass `tensor_parallel`); its size sets `Mesh.tensor`. None: no tensor parallelism."""
+
+    pipeline: Pipeline | None = attrs.field(default=None, validator=check_pipeline)
+    """Pipeline parallelism (strato.Pipeline(stages=..., microbatches=..., schedule=...)):
+    the training graph cut into stages (pass `pipeline_cut`) run as a micro-batch schedule
+    over the mesh's `pipeline` dimension; its stages set `Mesh.pipeline`. Only
+    `engine.train_step` drives it. None: no pipeline."""
+
+    moe: ExpertParallel | None = attrs.field(default=None, validator=check_moe)
+    """Expert parallelism for the model's strato.nn.MoE layers (strato.ExpertParallel(size=...)):
+    each layer's experts split over expert groups carved from the data-parallel ranks,
+    tokens sent to their experts by all-to-all (pass `moe_dispatch`). None: every rank
+    runs every expert."""
+
     # ------------------------------------------------------------------ inference
     quantize: Quantize | None = attrs.field(default=None, validator=_check_quantize)
     """Quantize linear layers of the inference (eval) graph: strato.Quantize(weights='int8'
@@ -401,30 +424,35 @@ def _raise_unknown(cls: type, key: str, path: str) -> typing.NoReturn:
     )
 
 
-def check_batch_sizes(strategy: Strategy, world_size: int) -> None:
-    """DeepSpeed's identity train_batch_size = micro x accumulation x data-parallel world,
-    checked once the world size is known (at compile)."""
+def check_batch_sizes(strategy: Strategy, mesh_sizes: Mapping[str, int]) -> None:
+    """DeepSpeed's identity train_batch_size = micro x accumulation x data-parallel size,
+    checked once the mesh is known (at compile). The data-parallel size is replicate x
+    shard: ranks along pipeline or tensor dimensions work on the same samples."""
     total, micro = strategy.train_batch_size, strategy.micro_batch_size
     if total is None:
         return
     accumulation = strategy.grad_accumulation
+    data_parallel = mesh_sizes.get("replicate", 1) * mesh_sizes.get("shard", 1)
+    world_size = math.prod(mesh_sizes.values())
+    ranks = f"data-parallel size {data_parallel}"
+    if world_size != data_parallel:
+        ranks += f" (mesh replicate x shard, of {world_size} ranks)"
     if micro is None:
-        if total % (accumulation * world_size) == 0:
+        if total % (accumulation * data_parallel) == 0:
             return
-        detail = f"train_batch_size {total} is not divisible by grad_accumulation x world size"
-        detail += f" = {accumulation} x {world_size}"
-    elif total == micro * accumulation * world_size:
+        detail = f"train_batch_size {total} is not divisible by grad_accumulation {accumulation}"
+        detail += f" x {ranks}"
+    elif total == micro * accumulation * data_parallel:
         return
     else:
         detail = (
             f"train_batch_size {total} != micro_batch_size {micro} x grad_accumulation "
-            f"{accumulation} x data-parallel world size {world_size} = "
-            f"{micro * accumulation * world_size}"
+            f"{accumulation} x {ranks} = {micro * accumulation * data_parallel}"
         )
     raise StrategyError(
         f"Strategy.train_batch_size: {detail}. Change one of the three (DeepSpeed: "
         "train_batch_size, train_micro_batch_size_per_gpu, gradient_accumulation_steps), "
-        "or run on the number of processes they were written for."
+        "or run on the number of data-parallel ranks they were written for."
     )
 
 

@@ -286,6 +286,50 @@ def reduce_scatter_tensor(
     return _Done() if async_op else None
 
 
+def all_to_all_single(
+    input: torch.Tensor,
+    output_split_sizes: list[int],
+    input_split_sizes: list[int],
+    group: Any | None = None,
+    kind: str = "all_to_all",
+) -> torch.Tensor:
+    """Rows input[sum(in[:r]) : sum(in[:r+1])] go to group rank r; returns what every rank
+    sent here, `output_split_sizes[r]` rows from rank r, in rank order (variable sizes:
+    MoE dispatch). Counted under `kind` (the payload: this rank's whole input)."""
+    rows = sum(output_split_sizes)
+    output = input.new_empty((rows, *input.shape[1:]))
+    if world_size(group) == 1:
+        output.copy_(input)
+        return output
+    input = input.contiguous()
+    _count(kind, group, input, output)
+    dist.all_to_all_single(
+        output,
+        input,
+        output_split_sizes=list(output_split_sizes),
+        input_split_sizes=list(input_split_sizes),
+        group=_pg(group),
+    )
+    return output
+
+
+class AllToAll(torch.autograd.Function):
+    """all_to_all_single with autograd: backward sends each row's gradient back the way
+    it came (the splits swapped), counted like the forward."""
+
+    @staticmethod
+    def forward(ctx, input, output_split_sizes, input_split_sizes, group, kind="all_to_all"):
+        ctx.splits = (list(output_split_sizes), list(input_split_sizes))
+        ctx.group, ctx.kind = group, kind
+        return all_to_all_single(input, output_split_sizes, input_split_sizes, group, kind)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        back = all_to_all_single(grad, in_splits, out_splits, ctx.group, ctx.kind)
+        return back, None, None, None, None
+
+
 def barrier(group: Any | None = None) -> None:
     if world_size(group) > 1:
         dist.barrier(group=_pg(group))
@@ -304,6 +348,20 @@ def monitored_barrier(timeout_s: float, group: Any | None = None) -> None:
     dist.monitored_barrier(
         group=group, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True
     )
+
+
+def isend(tensor: torch.Tensor, dst: int, group: Any | None = None, tag: int = 0):
+    """Start sending `tensor` to group rank `dst` (pipeline stages); returns the work.
+    Counted as 'send' (the payload)."""
+    _count("send", group, tensor)
+    return dist.isend(tensor.contiguous(), dst=global_rank(group, dst), group=_pg(group), tag=tag)
+
+
+def recv(tensor: torch.Tensor, src: int, group: Any | None = None, tag: int = 0) -> torch.Tensor:
+    """Receive into `tensor` from group rank `src`, waiting until it has arrived."""
+    _count("recv", group, tensor)
+    dist.irecv(tensor, src=global_rank(group, src), group=_pg(group), tag=tag).wait()
+    return tensor
 
 
 def growth_by_dim(

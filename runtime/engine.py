@@ -30,7 +30,7 @@ import torch
 
 from ..compiler.errors import StratoError
 from ..compiler.strategy import Strategy
-from . import collectives, engine_state
+from . import collectives, engine_state, moe
 from .collective_schedule import launch_entries, step_schedule, verify_collective_schedule
 from .compiled_model import CompiledGraph, CompiledModel
 from .loss_scaler import DynamicLossScaler
@@ -75,7 +75,14 @@ class TrainingEngine(CompiledModel):
         self.step_owners = _passes_recording(records, "requires_train_step")
         """Passes whose graphs only `train_step` can drive (e.g. a pipeline's schedule)."""
         self.schedule: Schedule = plain_schedule
-        """How `train_step` runs forward/backward over its micro-batches (runtime/train_step.py)."""
+        """How `train_step` runs forward/backward over its micro-batches (runtime/train_step.py);
+        pipelined: the PipelineRunner, whose `engine.schedule()` is the plan (print, plot)."""
+        self.pipeline = None
+        if "pipeline_cut" in records:
+            from .pipeline.executor import PipelineRunner
+
+            self.pipeline = PipelineRunner(self, self._graph_for(True).gm, train_ctx)
+            self.schedule = self.pipeline
         self._in_train_step = False
         self._in_backward = False
         self._loss_fn: Callable | None = None
@@ -112,6 +119,8 @@ class TrainingEngine(CompiledModel):
             self._tokens += first.numel()
         if not self.training:  # the eval graph has no waits for in-flight parameter gathers
             self.manager.synchronize()
+            if self.pipeline is not None:  # the whole model runs: other stages' weights too
+                self.pipeline.synchronize_parameters()
         return super().forward(*args, **kwargs)
 
     def synchronize(self) -> None:
@@ -180,11 +189,13 @@ class TrainingEngine(CompiledModel):
                 "(engine(x), engine.backward, engine.step) still accumulating; finish them "
                 "with engine.step() until it returns True, or use only train_step."
             )
-        n = self.strategy.grad_accumulation
+        n, setting = self.strategy.grad_accumulation, "Strategy.grad_accumulation"
+        if self.pipeline is not None:
+            n, setting = self.pipeline.plan.microbatches, "Pipeline.microbatches"
         if is_micro_batch_source(args, kwargs):
             micro_batches = given_micro_batches(args[0], target, n)
         else:
-            micro_batches = split_batch(args, kwargs, target, n)
+            micro_batches = split_batch(args, kwargs, target, n, setting)
         self._loss_fn = loss_fn
         self._in_train_step = True
         try:
@@ -216,7 +227,10 @@ class TrainingEngine(CompiledModel):
         if self.scaler is not None:
             scaled = scaled * self.scaler.scale
         self._in_backward = True
-        scaled.backward()
+        # MoE auxiliary losses get the gradient the loss got (runtime/moe.py).
+        factor = (self.scaler.scale if self.scaler is not None else 1.0) / accumulation
+        with moe.scaled_loss_grad(factor):
+            scaled.backward()
         self._in_backward = False
         self._loss_sum += float(loss.detach())
         self.micro_step += 1
@@ -266,6 +280,23 @@ class TrainingEngine(CompiledModel):
 
     # ------------------------------------------------------------------ reporting
     @property
+    def stages(self) -> list:
+        """The training graph's per-stage GraphModules (passes/pipeline_cut.py), every
+        stage's, whichever ranks run them; without a pipeline, [the training graph]."""
+        if self.pipeline is None:
+            return [self._graph_for(True).gm]
+        return [stage.gm for stage in self.pipeline.stages]
+
+    def timeline(self):
+        """The last pipelined step as measured (runtime/pipeline/timeline.py): events per
+        rank, `bubble()`, `plot(png)`. Call on every rank (it gathers the ranks' events)."""
+        if self.pipeline is None:
+            raise StratoError(
+                "engine.timeline(): this strategy has no pipeline (Strategy.pipeline)."
+            )
+        return self.pipeline.timeline()
+
+    @property
     def mesh(self):
         """The run's mesh (runtime/mesh.py): print it for the rank grid, the groups of each
         dimension and the collectives the compiled graphs run over them."""
@@ -297,6 +328,8 @@ class TrainingEngine(CompiledModel):
             # The same bytes by mesh dimension ('shard', 'replicate', 'replicate,shard'...).
             "comm_bytes_by_dim": dict(self._comm_dims_last_step),
             "model_state_bytes": self.manager.model_state_bytes(),
+            # Per strato.nn.MoE layer: tokens per expert, dropped tokens, aux loss, z-loss.
+            "moe": moe.model_stats(self.model),
         }
 
     # ------------------------------------------------------------------ checkpoints

@@ -53,9 +53,12 @@ def plain_schedule(engine: Any, micro_batches: list[MicroBatch]) -> list[torch.T
     return losses
 
 
-def split_batch(args: tuple, kwargs: dict, target: Any, n: int) -> list[MicroBatch]:
+def split_batch(
+    args: tuple, kwargs: dict, target: Any, n: int, setting: str = "Strategy.grad_accumulation"
+) -> list[MicroBatch]:
     """Cut every tensor (nested in tuples, lists and dicts too) into `n` equal parts along
-    dim 0; anything else (flags, None, 0-d tensors) goes to every micro-batch unchanged."""
+    dim 0; anything else (flags, None, 0-d tensors) goes to every micro-batch unchanged.
+    `setting` names where `n` comes from in errors."""
     if n == 1:
         return [MicroBatch(args, dict(kwargs), target)]
     leaves, spec = pytree.tree_flatten_with_path((args, kwargs, target))
@@ -68,7 +71,7 @@ def split_batch(args: tuple, kwargs: dict, target: Any, n: int) -> list[MicroBat
         if rows % n:
             raise StratoError(
                 f"train_step: {_input_name(path)} has {rows} rows along dim 0, which "
-                f"Strategy.grad_accumulation={n} does not divide into equal micro-batches; "
+                f"{setting}={n} does not divide into equal micro-batches; "
                 f"give a per-rank batch that is a multiple of {n}, or a list of {n} "
                 "micro-batches."
             )

@@ -1,0 +1,217 @@
+"""Pipeline parallelism in one process: the config's bad input, schedules as data (generators,
+validator, planned bubble), the cut pass, and every schedule run with all stages in this
+process against eager PyTorch (SGD, so weights compare exactly; fp32 within 1e-5).
+The multi-rank runs are in tests/test_pipeline_multirank.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import strato
+from strato.runtime.pipeline.schedules import (
+    Action,
+    PipelineSchedule,
+    ScheduleError,
+    build_schedule,
+)
+from tests.pipeline_models import LR, eager_sgd, skip_lm, tokens
+
+TOL = 1e-5
+
+
+# ---------------------------------------------------------------------- config
+
+
+def test_pipeline_config_round_trips_and_sets_nothing_else():
+    s = strato.Strategy(
+        optimizer=strato.SGD(lr=0.1),
+        pipeline=strato.Pipeline(stages=2, microbatches=4, schedule="zero_bubble"),
+    )
+    again = strato.Strategy.from_yaml(s.to_yaml())
+    assert again == s
+    assert again.pipeline.schedule == "zero_bubble"
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"stages": 4, "microbatches": 2}, ["microbatches=2 < stages=4", "gpipe"]),
+        ({"schedule": "interleaved"}, ["virtual_stages >= 2"]),
+        ({"schedule": "1f1b", "virtual_stages": 2}, ["needs schedule='interleaved'"]),
+        ({"schedule": "1fb1"}, ["Did you mean '1f1b'"]),
+        ({"stages": 2, "cuts": ["a", "b"]}, ["2 cut(s)", "exactly 1"]),
+        (
+            {"stages": 2, "microbatches": 5, "schedule": "interleaved", "virtual_stages": 2},
+            ["multiple"],
+        ),
+    ],
+)
+def test_pipeline_bad_config(kwargs, words):
+    with pytest.raises(strato.StrategyError) as info:
+        strato.Pipeline(**kwargs)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_pipeline_refusals_name_the_fields():
+    pipe = strato.Pipeline(stages=2, microbatches=4)
+    with pytest.raises(strato.StrategyError, match="ZeRO-3"):
+        strato.Strategy(optimizer=strato.SGD(lr=0.1), zero=3, pipeline=pipe)
+    with pytest.raises(strato.StrategyError, match="grad_accumulation=3"):
+        strato.Strategy(optimizer=strato.SGD(lr=0.1), grad_accumulation=3, pipeline=pipe)
+    with pytest.raises(strato.StrategyError, match=r"Mesh\(pipeline=4\)"):
+        strato.Strategy(optimizer=strato.SGD(lr=0.1), mesh=strato.Mesh(pipeline=4), pipeline=pipe)
+
+
+def test_mesh_pipeline_dimension_is_outermost():
+    assert strato.Mesh.dimension_names()[0] == "pipeline"
+    sizes = strato.Mesh(pipeline=2).sizes(8)
+    assert sizes["pipeline"] == 2 and sizes["shard"] == 4
+
+
+# ---------------------------------------------------------------------- schedules
+
+
+@pytest.mark.parametrize("ranks, m", [(2, 4), (2, 8), (4, 8)])
+def test_planned_bubbles(ranks, m):
+    ideal = (ranks - 1) / (m + ranks - 1)
+    one_f_one_b = build_schedule("1f1b", ranks, m)
+    assert one_f_one_b.bubble() == pytest.approx(ideal)
+    assert build_schedule("gpipe", ranks, m).bubble() == pytest.approx(ideal)
+    assert build_schedule("zero_bubble", ranks, m).bubble() <= one_f_one_b.bubble() / 2
+    assert build_schedule("interleaved", ranks, m, 2).bubble() < one_f_one_b.bubble()
+
+
+def test_one_f_one_b_keeps_at_most_p_micro_batches_in_flight():
+    ranks, m = 4, 8
+    for name, limit in (("1f1b", ranks), ("gpipe", m)):
+        schedule = build_schedule(name, ranks, m)
+        in_flight = 0
+        peak = 0
+        for a in schedule.actions[0]:
+            in_flight += {"F": 1, "B": -1}.get(a.kind, 0)
+            peak = max(peak, in_flight)
+        assert peak == limit, name
+
+
+def test_schedule_prints_and_plots(tmp_path):
+    schedule = build_schedule("1f1b", 2, 4)
+    text = str(schedule)
+    assert "rank 0:" in text and "rank 1:" in text and "F0" in text and "B3" in text
+    assert "bubble 20.0%" in text
+    assert "SEND_F0[s0>s1]" in schedule.describe()
+    png = schedule.plot(tmp_path / "plan.png")
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_residual_producers_add_sends_to_non_adjacent_stages():
+    producers = {0: (), 1: (0,), 2: (0, 1)}  # stage 0 also feeds stage 2
+    schedule = build_schedule("1f1b", 3, 4, producers=producers)
+    kinds = [str(a) for a in schedule.actions[0]]
+    assert "SEND_F0[s0>s2]" in kinds and "RECV_B0[s0<s2]" in kinds
+
+
+def test_validator_rejects_a_lone_send_and_a_deadlock():
+    good = build_schedule("1f1b", 2, 2)
+    lone = tuple(a for a in good.actions[1] if a.kind != "RECV_F" or a.microbatch != 1)
+    with pytest.raises(ScheduleError, match="no matching receive"):
+        PipelineSchedule("bad", 2, 2, 1, (good.actions[0], lone), good.producers)
+    # Rank 0 waits for a gradient before sending the activation rank 1 waits for.
+    r0 = (
+        Action("RECV_B", 0, 0, 1),
+        Action("F", 0, 0),
+        Action("SEND_F", 0, 0, 1),
+        Action("B", 0, 0),
+    )
+    r1 = (
+        Action("RECV_F", 1, 0, 0),
+        Action("F", 1, 0),
+        Action("B", 1, 0),
+        Action("SEND_B", 1, 0, 0),
+    )
+    with pytest.raises(ScheduleError, match="deadlock"):
+        PipelineSchedule("stuck", 2, 1, 1, (r0, r1), {0: (), 1: (0,)})
+
+
+# ---------------------------------------------------------------------- cut + run
+
+
+def _strategy(schedule="1f1b", stages=2, m=4, v=1, **pipe):
+    return strato.Strategy(
+        optimizer=strato.SGD(lr=LR, momentum=0.0),
+        pipeline=strato.Pipeline(
+            stages=stages, microbatches=m, schedule=schedule, virtual_stages=v, **pipe
+        ),
+    )
+
+
+def test_cut_pass_records_stages_residual_and_tied_weight():
+    model = skip_lm()
+    engine = strato.compile(model, _strategy(), example_inputs=tokens(0, 8))
+    record = engine.context.records["pipeline_cut"]
+    assert len(engine.stages) == 2
+    assert record["tied"] == {"tok_emb.weight": [0, 1]}
+    # The embedding output reaches the head on the last stage: sent across the cut.
+    sent = {r["node"] for r in record["stages"][1]["receives"]}
+    assert len(sent) == 2, record["stages"][1]["receives"]
+    modules = [s["modules"] for s in record["stages"]]
+    assert "layers.0" in modules[0] and "layers.3" in modules[1]
+    assert record["requires_train_step"]
+    layouts, _ = engine.layout()
+    assert layouts["layers.3.up.weight"].by == ("pipeline_cut",)
+    with pytest.raises(strato.StratoError, match="train_step"):
+        engine(*tokens(0, 8))
+    grid = str(engine.schedule())
+    assert "rank 1:" in grid
+
+
+def test_cut_errors_name_the_module():
+    with pytest.raises(strato.PassError) as info:
+        strato.compile(skip_lm(layers=2), _strategy(stages=4), example_inputs=tokens(0, 8))
+    assert "runs 2 (layers.0, layers.1)" in str(info.value)
+    with pytest.raises(strato.PassError) as info:
+        strato.compile(skip_lm(), _strategy(cuts=["layer.2"]), example_inputs=tokens(0, 8))
+    assert "Did you mean 'layers.2'" in str(info.value)
+
+
+def test_user_cut_is_where_the_stage_begins():
+    engine = strato.compile(skip_lm(), _strategy(cuts=["layers.3"]), example_inputs=tokens(0, 8))
+    stages = engine.context.records["pipeline_cut"]["stages"]
+    assert stages[1]["modules"][0] == "layers.3"
+
+
+def test_batch_not_divisible_names_both_sizes():
+    engine = strato.compile(skip_lm(), _strategy(), example_inputs=tokens(0, 8))
+    with pytest.raises(strato.StratoError) as info:
+        engine.train_step(*tokens(0, 6))
+    assert "6 rows" in str(info.value) and "Pipeline.microbatches=4" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "schedule, stages, v",
+    [("gpipe", 2, 1), ("1f1b", 2, 1), ("zero_bubble", 2, 1), ("interleaved", 2, 2), ("1f1b", 4, 1)],
+)
+def test_single_process_pipeline_matches_eager(schedule, stages, v):
+    steps, size = 3, 8
+    want_losses, want_weights = eager_sgd(skip_lm(), steps, size)
+    engine = strato.compile(
+        skip_lm(), _strategy(schedule, stages, 4, v), example_inputs=tokens(0, size)
+    )
+    losses = [engine.train_step(*tokens(step, size)) for step in range(steps)]
+    assert losses == pytest.approx(want_losses, abs=TOL)
+    for name, p in engine.model.named_parameters():
+        torch.testing.assert_close(p.detach(), want_weights[name], atol=TOL, rtol=0, msg=name)
+    timeline = engine.timeline()
+    kinds = {e.kind for e in timeline.events}
+    assert kinds == ({"F", "B", "W"} if schedule == "zero_bubble" else {"F", "B"})
+    assert len(timeline.events) == 4 * v * stages * (3 if schedule == "zero_bubble" else 2)
+
+
+def test_eval_after_pipelined_steps_runs_the_whole_model():
+    engine = strato.compile(skip_lm(), _strategy(), example_inputs=tokens(0, 8))
+    engine.train_step(*tokens(0, 8))
+    engine.eval()
+    with torch.no_grad():
+        loss = engine(*tokens(1, 8))
+    assert torch.isfinite(loss)
