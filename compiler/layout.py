@@ -7,6 +7,8 @@ previous passes left it to the part this rank owns:
 
     {"kind": "box",  "starts": [..], "stops": [..]}   a block of an N-d tensor (tensor/expert shards)
     {"kind": "flat", "lo": lo, "hi": hi}              elements [lo, hi) of it flattened (ZeRO)
+    {"kind": "view", "shape": [..]}                    the same elements in another shape (a fused
+                                                      qkv weight seen as [3, C, in] to cut each part)
 
 Steps compose in registration order (ZeRO's flat shard of a tensor-parallel column block is
 `[box, flat]`), and they are all the data: the forward map (model tensor -> this rank's
@@ -61,6 +63,8 @@ class TensorLayout:
         for step in self.steps:
             if step["kind"] == "box":
                 shape = tuple(b - a for a, b in zip(step["starts"], step["stops"]))
+            elif step["kind"] == "view":
+                shape = tuple(step["shape"])
             else:
                 shape = (step["hi"] - step["lo"],)
         return tuple(shape)
@@ -91,6 +95,8 @@ def apply_steps(tensor: torch.Tensor, steps: tuple[dict[str, Any], ...]) -> torc
             tensor = tensor[tuple(slice(a, b) for a, b in zip(step["starts"], step["stops"]))]
         elif step["kind"] == "flat":
             tensor = tensor.reshape(-1)[step["lo"] : step["hi"]]
+        elif step["kind"] == "view":
+            tensor = tensor.reshape(step["shape"])
         else:
             raise ValueError(f"unknown layout step kind {step['kind']!r} (expected box or flat)")
     return tensor
@@ -244,6 +250,8 @@ def describe(layout: TensorLayout) -> str:
     for step, by in zip(layout.steps, layout.by):
         if step["kind"] == "flat":
             parts.append(f"flat [{step['lo']}, {step['hi']}) by {by}")
+        elif step["kind"] == "view":
+            continue  # a reshape: the box after it says what is owned
         else:
             box = ", ".join(f"{a}:{b}" for a, b in zip(step["starts"], step["stops"]))
             parts.append(f"box [{box}] by {by}")

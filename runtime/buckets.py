@@ -14,7 +14,6 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch.utils.weak import WeakTensorKeyDictionary
 
 from . import collectives
@@ -103,7 +102,7 @@ class GradientReducer:
 def broadcast_model(model: torch.nn.Module, group: Any | None = None) -> None:
     """Start every rank of `group` from the parameters and buffers of its first rank, as
     DDP does."""
-    src = dist.get_global_rank(group, 0) if group is not None else 0
+    src = collectives.global_rank(group, 0) if group is not None else 0
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             collectives.broadcast(tensor.data, src=src, group=group)

@@ -51,7 +51,9 @@ class DataParallelManager:
         self.optimizer = build_optimizer(model, optimizer_config)
         self.optimizer_config = optimizer_config
         if collectives.world_size() > 1:
-            broadcast_model(model)  # every rank starts from rank 0's weights, as DDP does
+            # Every rank starts from the first data-parallel rank's weights, as DDP does (within
+            # the group only: ranks along other dimensions hold other pieces of the model).
+            broadcast_model(model, self.group)
         self.buckets = [[self.params[n] for n in bucket["params"]] for bucket in record["buckets"]]
         self.reducer = GradientReducer(self.buckets, self._launch) if self.world_size > 1 else None
 

@@ -1,0 +1,216 @@
+"""Tensor parallelism at run time: the autograd collectives the `tensor_parallel` pass puts
+in the graph, and the parameter shards it leaves on the model.
+
+Megatron's four conjugate functions, over the mesh's `tensor` group (named in the graph by
+a string key, resolved here):
+
+    tp_copy      forward identity,   backward all-reduce   (before column-parallel linears)
+    tp_reduce    forward all-reduce, backward identity     (after row-parallel linears)
+    tp_gather    forward all-gather along a dim, backward its own slice (split values
+                 leaving the graph, e.g. vocab-split logits)
+
+plus the vocab-parallel embedding and cross-entropy built from them. Every function runs
+on fake tensors too (no communication: the compiler propagates shapes through them), and
+over a group of one rank it is the identity. All communication goes through
+runtime/collectives.py, so it is counted under the `tensor` dimension.
+
+A sharded parameter keeps the model's own Parameter object; its data becomes this rank's
+block, and the parameter remembers its whole shape (`whole_parameters` restores that shape,
+uninitialised, while a graph is captured again).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch._subclasses.fake_tensor import is_fake
+
+from . import collectives
+from .mesh import MeshGroup
+
+GLOBAL_ATTR = "_strato_tp_whole"
+"""Attribute of a sharded Parameter: (whole shape, layout steps) it was cut with."""
+
+_groups: dict[str, MeshGroup] = {}
+
+
+def register_group(group: MeshGroup) -> str:
+    """The key graphs name `group` by (its dimension and ranks), registered for this process."""
+    key = f"{group.name}:{','.join(map(str, group.ranks))}"
+    _groups[key] = group
+    return key
+
+
+def group_of(key: str) -> MeshGroup:
+    try:
+        return _groups[key]
+    except KeyError:
+        raise RuntimeError(
+            f"tensor parallel: the graph names group {key!r}, which this process never "
+            "registered; run graphs compiled with Strategy(tensor_parallel=...) in the process "
+            "that compiled them."
+        ) from None
+
+
+def _communicates(x: torch.Tensor, key: str) -> bool:
+    return not is_fake(x) and group_of(key).size > 1
+
+
+def _all_reduce(x: torch.Tensor, key: str) -> torch.Tensor:
+    out = x.contiguous().clone()
+    if _communicates(x, key):
+        group = group_of(key)
+        collectives.all_reduce(out.to(group.device), group=group)
+    return out
+
+
+def _all_gather(x: torch.Tensor, dim: int, key: str) -> torch.Tensor:
+    group = group_of(key)
+    if group.size == 1:
+        return x.clone()
+    if is_fake(x):
+        return torch.cat([x] * group.size, dim=dim)
+    moved = x.movedim(dim, 0).contiguous()
+    out = moved.new_empty((group.size * moved.shape[0], *moved.shape[1:]))
+    collectives.all_gather_into_tensor(out, moved, group=group)
+    return out.movedim(0, dim).contiguous()
+
+
+def _own_slice(x: torch.Tensor, dim: int, key: str) -> torch.Tensor:
+    group = group_of(key)
+    return x.chunk(group.size, dim=dim)[group.rank].contiguous()
+
+
+class _Copy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, key):
+        ctx.key = key
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_reduce(grad, ctx.key), None
+
+
+class _Reduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, key):
+        return _all_reduce(x, key)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _Gather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, key):
+        ctx.dim, ctx.key = dim, key
+        return _all_gather(x, dim, key)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _own_slice(grad, ctx.dim, ctx.key), None, None
+
+
+def tp_copy(x: torch.Tensor, group: str) -> torch.Tensor:
+    """Identity in forward; all-reduce of the gradient in backward (column-parallel input)."""
+    return _Copy.apply(x, group)
+
+
+def tp_reduce(x: torch.Tensor, group: str) -> torch.Tensor:
+    """All-reduce (sum) of the partial results in forward; identity in backward."""
+    return _Reduce.apply(x, group)
+
+
+def tp_gather(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    """All-gather of the split dimension `dim` in forward; this rank's slice in backward."""
+    return _Gather.apply(x, dim, group)
+
+
+def vocab_parallel_embedding(
+    weight: torch.Tensor, ids: torch.Tensor, start: int, padding_idx: int, group: str
+) -> torch.Tensor:
+    """Embedding over a block of rows [start, start + rows): ids outside it give zeros, and
+    the all-reduce over the tensor group sums in the row of the rank that holds each id."""
+    local = ids - start
+    outside = (local < 0) | (local >= weight.shape[0])
+    out = torch.ops.aten.embedding.default(weight, local.masked_fill(outside, 0), padding_idx)
+    return tp_reduce(out.masked_fill(outside.unsqueeze(-1), 0.0), group)
+
+
+def vocab_parallel_cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    start: int,
+    reduction: int,
+    ignore_index: int,
+    group: str,
+) -> torch.Tensor:
+    """Cross-entropy of logits [N, V] split over the vocabulary (this rank holds classes
+    [start, start + V/size)), as Megatron computes it: the global max, the sum of exps and
+    the target's logit are all-reduced, never the logits. `reduction` is aten's enum
+    (0 none, 1 mean, 2 sum); targets equal to `ignore_index` count nowhere."""
+    with torch.no_grad():
+        row_max = logits.max(dim=-1, keepdim=True).values.float()
+        if _communicates(logits, group):
+            moved = row_max.to(group_of(group).device)
+            collectives.all_reduce(moved, op=dist.ReduceOp.MAX, group=group_of(group))
+            row_max = moved.to(logits.device)
+    shifted = logits.float() - row_max
+    sum_exp = tp_reduce(shifted.exp().sum(dim=-1), group)
+    local = target - start
+    outside = (local < 0) | (local >= logits.shape[-1])
+    picked = shifted.gather(-1, local.masked_fill(outside, 0).unsqueeze(-1)).squeeze(-1)
+    target_logit = tp_reduce(picked.masked_fill(outside, 0.0), group)
+    kept = target != ignore_index
+    loss = (sum_exp.log() - target_logit).masked_fill(~kept, 0.0)
+    if reduction == 0:
+        return loss
+    if reduction == 2:
+        return loss.sum()
+    return loss.sum() / kept.sum()
+
+
+# ---------------------------------------------------------------------- parameter shards
+
+
+def shard_parameter(param: torch.nn.Parameter, steps: list[dict[str, Any]]) -> bool:
+    """Leave `param` holding only its block (layout `steps` from the whole tensor); False
+    when it already holds exactly that block (a second graph of the same model)."""
+    from ..compiler.layout import apply_steps
+
+    held = getattr(param, GLOBAL_ATTR, None)
+    if held is not None:
+        if held[1] != steps:
+            raise RuntimeError(
+                "tensor parallel: a parameter already split one way is asked to split "
+                "another way by a later graph; compile the model once per strategy."
+            )
+        return False
+    whole = tuple(param.shape)
+    with torch.no_grad():
+        param.data = apply_steps(param.data, tuple(steps)).contiguous().clone()
+    setattr(param, GLOBAL_ATTR, (whole, [dict(s) for s in steps]))
+    return True
+
+
+@contextlib.contextmanager
+def whole_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """While capturing a model whose parameters are tensor-parallel blocks: each holds an
+    uninitialised tensor of its whole shape (capture reads shapes only), then its block again."""
+    held = []
+    for p in model.parameters():
+        whole = getattr(p, GLOBAL_ATTR, None)
+        if whole is not None:
+            held.append((p, p.data))
+            p.data = torch.empty(whole[0], dtype=p.dtype, device=p.device)
+    try:
+        yield
+    finally:
+        for p, data in held:
+            p.data = data

@@ -1,0 +1,137 @@
+"""One rank of a tensor-parallel test: started by tests/test_tensor_parallel_multirank.py
+(torch.multiprocessing spawn, gloo, one thread), writes what it measured to out/rank<r>.pt."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from examples.gpt import GPT, GPTConfig
+from tests.hf_models import example_kwargs, hf_batch, hf_model
+from tests.training_utils import batch
+
+# Heads and MLP width divide by 2 and 4; the vocabulary by 2; the LM head is tied.
+GPT_CFG = GPTConfig(vocab_size=64, seq_len=12, d_model=32, n_layers=2, n_heads=4)
+BATCH = 4
+LR = 0.1
+
+
+def build_model(name: str, seed: int = 0) -> torch.nn.Module:
+    if name == "gpt":
+        torch.manual_seed(seed)
+        return GPT(GPT_CFG)
+    return hf_model(name, seed)
+
+
+def global_batch(name: str, step: int, size: int = BATCH) -> dict:
+    """Batch `step` as keyword inputs (our GPT: idx/targets; HF: input_ids/labels...)."""
+    if name == "gpt":
+        x, y = batch(step, size, GPT_CFG)
+        return {"idx": x, "targets": y}
+    return hf_batch(name, step, size=size)
+
+
+def loss_of(output) -> torch.Tensor:
+    return output if isinstance(output, torch.Tensor) else output.loss
+
+
+def eager_train(name: str, steps: int, precision: str = "fp32") -> tuple[list[float], dict]:
+    """The oracle: one process, plain PyTorch SGD on the whole batch."""
+    model = build_model(name)
+    optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
+    losses = []
+    for step in range(steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = loss_of(model(**global_batch(name, step)))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses, {n: t.detach().clone() for n, t in model.state_dict().items()}
+
+
+def make_engine(spec: dict, rank: int, world: int):
+    import strato
+
+    name = spec["model"]
+    model = build_model(name)
+    tp = strato.TensorParallel(
+        size=spec.get("size", 2), sequence_parallel=spec.get("sequence_parallel", False)
+    )
+    strategy = strato.Strategy(
+        optimizer=strato.SGD(lr=LR, momentum=0.9),
+        tensor_parallel=tp,
+        precision=spec.get("precision", "fp32"),
+        zero=spec.get("zero", 0),
+        mesh=strato.Mesh(**spec.get("mesh", {})),
+    )
+    example = local_batch(spec, 0, rank, world)
+    if name != "gpt":
+        example = {**example_kwargs(name, size=len(example["labels"])), **example}
+    return strato.compile(model, strategy, example_kwargs=example)
+
+
+def local_batch(spec: dict, step: int, rank: int, world: int) -> dict:
+    """This rank's part of the global batch: ranks of one tensor group share their batch."""
+    size = spec.get("size", 2)
+    replicas = world // size
+    data_rank = rank // size
+    full = global_batch(spec["model"], step, BATCH * replicas)
+    return {k: v[data_rank * BATCH : (data_rank + 1) * BATCH] for k, v in full.items()}
+
+
+def scenario_train(rank: int, spec: dict, out: Path) -> dict:
+    from strato.runtime import collectives
+
+    engine = make_engine(spec, rank, dist.get_world_size())
+    losses, comm = [], []
+    for step in range(spec["steps"]):
+        before = collectives.comm_bytes_by_dim()
+        losses.append(engine.train_step(**local_batch(spec, step, rank, dist.get_world_size())))
+        comm.append(collectives.growth_by_dim(before, collectives.comm_bytes_by_dim()))
+    result = {
+        "losses": losses,
+        "comm": comm,
+        "record": engine.context.records["tensor_parallel"],
+        "layout": engine.context.records["layout"],
+        "full": engine.full_state_dict(),
+        "mesh": str(engine.mesh),
+    }
+    if spec.get("save"):
+        engine.save_checkpoint(out / "ckpt")
+        engine.wait_for_checkpoint()
+    return result
+
+
+def scenario_load(rank: int, spec: dict, out: Path) -> dict:
+    """Load a checkpoint written at another tensor-parallel size, then train one step."""
+    engine = make_engine(spec, rank, dist.get_world_size())
+    step = engine.load_checkpoint(spec["load"])
+    loaded = engine.full_state_dict()
+    loss = engine.train_step(**local_batch(spec, step, rank, dist.get_world_size()))
+    return {"step": step, "loaded": loaded, "loss": loss}
+
+
+SCENARIOS = {"train": scenario_train, "load": scenario_load}
+
+
+def run(rank: int, world: int, port: int, spec: dict, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    out = Path(out_dir)
+    try:
+        result = SCENARIOS[spec["kind"]](rank, spec, out)
+        torch.save(result, out / f"rank{rank}.pt")
+    except BaseException:
+        (out / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
