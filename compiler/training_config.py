@@ -33,6 +33,13 @@ def _non_negative(instance, attribute, value) -> None:
         )
 
 
+def _flag(instance, attribute, value) -> None:
+    if not isinstance(value, bool):
+        raise StrategyError(
+            f"{type(instance).__name__}.{attribute.name}: must be True or False, got {value!r}."
+        )
+
+
 def _fraction(instance, attribute, value) -> None:
     if not isinstance(value, int | float) or not 0 <= value <= 1:
         raise StrategyError(
@@ -439,8 +446,14 @@ class LossScaling:
     """Consecutive finite steps before the scale grows."""
 
     hysteresis: int = attrs.field(default=1, validator=_positive("hysteresis"))
-    """Overflows in a row tolerated before the scale backs off (each one still skips its step);
-    1 backs off at the first overflow."""
+    """Overflows tolerated before the scale backs off (each one still skips its step), as
+    DeepSpeed's `hysteresis`: once used up, every overflow backs off until the count refills
+    when the scale grows (or at every finite step, with `consecutive_hysteresis`). 1 backs
+    off at every overflow."""
+
+    consecutive_hysteresis: bool = attrs.field(default=False, validator=_flag)
+    """Refill `hysteresis` after every finite step, so only overflows in a row count
+    (DeepSpeed's `consecutive_hysteresis`); False: they count until the scale grows."""
 
     min_scale: float = attrs.field(default=1.0, validator=_positive("min_scale"))
     """The scale never backs off below this."""

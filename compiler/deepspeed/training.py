@@ -84,6 +84,7 @@ def _loss_scaling(c: Converter, fp16: Mapping, active: bool) -> None:
     power = fp16.get("initial_scale_power", 16)
     window = fp16.get("loss_scale_window", 1000)
     hysteresis = fp16.get("hysteresis", 2)
+    consecutive = fp16.get("consecutive_hysteresis", False)
     min_scale = fp16.get("min_loss_scale", 1)
     try:
         if static:
@@ -98,6 +99,7 @@ def _loss_scaling(c: Converter, fp16: Mapping, active: bool) -> None:
                 initial_scale=2.0**power,
                 growth_interval=window,
                 hysteresis=hysteresis,
+                consecutive_hysteresis=consecutive,
                 min_scale=float(min_scale),
             )
     except (StrategyError, TypeError, ValueError, OverflowError) as exc:
@@ -111,10 +113,9 @@ def _loss_scaling(c: Converter, fp16: Mapping, active: bool) -> None:
         else "0: dynamic loss scaling",
         "initial_scale_power": f"LossScaling.initial_scale=2**{power}",
         "loss_scale_window": f"LossScaling.growth_interval={window}",
-        "hysteresis": f"LossScaling.hysteresis={hysteresis} (Strato re-arms it after each "
-        "backoff, DeepSpeed after a growth)",
+        "hysteresis": f"LossScaling.hysteresis={hysteresis}",
         "min_loss_scale": f"LossScaling.min_scale={min_scale}",
-        "consecutive_hysteresis": "false: overflows count until the scale changes",
+        "consecutive_hysteresis": f"LossScaling.consecutive_hysteresis={consecutive}",
     }
     inert = {
         "auto_cast": "Strato casts inside the graph (mixed_precision pass)",
@@ -128,16 +129,15 @@ def _loss_scaling(c: Converter, fp16: Mapping, active: bool) -> None:
             continue
         if not active:
             c.no_effect(key, value, "fp16 is not enabled")
-        elif name == "consecutive_hysteresis" and value:
-            c.refuse(
-                key,
-                value,
-                "Strato counts overflows until the scale changes (DeepSpeed's default, false)",
-            )
         elif name in ("fp16_master_weights_and_grads", "fp16_optimizer_states") and value:
             c.refuse(key, value, "Strato keeps fp32 master weights, gradients and states")
         elif name in fields:
-            if static and name in ("initial_scale_power", "loss_scale_window", "hysteresis"):
+            if static and name in (
+                "initial_scale_power",
+                "loss_scale_window",
+                "hysteresis",
+                "consecutive_hysteresis",
+            ):
                 c.no_effect(key, value, "loss_scale > 0 fixes the scale")
             else:
                 c.honour(key, value, fields[name])
