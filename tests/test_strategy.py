@@ -219,3 +219,34 @@ def test_auto_precision_on_cuda_follows_compute_capability(monkeypatch):
         choice = hardware.choose_precision("auto", torch.device("cuda", 0))
         assert choice.precision == expected, capability
         assert f"compute capability {capability[0]}.{capability[1]}" in choice.reason
+
+
+def test_batch_sizes_are_checked_against_the_data_parallel_ranks_of_the_mesh():
+    """train_batch_size = micro x accumulation x (replicate x shard): on 8 ranks with
+    tensor 2 x pipeline 2 only 2 ranks see different samples."""
+    from strato.compiler.strategy import check_batch_sizes
+
+    strategy = strato.Strategy(train_batch_size=8, micro_batch_size=2, grad_accumulation=2)
+    check_batch_sizes(strategy, {"pipeline": 2, "replicate": 1, "shard": 2, "tensor": 2})
+    check_batch_sizes(strategy, {"replicate": 2, "shard": 1})
+    with pytest.raises(strato.StrategyError) as info:
+        check_batch_sizes(strategy, {"replicate": 1, "shard": 4, "tensor": 2})
+    message = str(info.value)
+    assert "2 x data-parallel size 4 (mesh replicate x shard, of 8 ranks) = 16" in message
+    only_total = strato.Strategy(train_batch_size=12, grad_accumulation=3)
+    check_batch_sizes(only_total, {"replicate": 1, "shard": 2, "tensor": 4})
+    with pytest.raises(strato.StrategyError, match="not divisible by grad_accumulation 3 x"):
+        check_batch_sizes(only_total, {"replicate": 1, "shard": 8})
+
+
+def test_compile_checks_batch_sizes_against_its_mesh():
+    """One process: data-parallel size 1, so 8 != 2 x 2 x 1 is refused at compile."""
+    from tests.training_utils import batch, tiny_gpt
+
+    strategy = strato.Strategy(
+        optimizer=strato.SGD(lr=0.1), train_batch_size=8, micro_batch_size=2, grad_accumulation=2
+    )
+    with pytest.raises(strato.StrategyError, match="x data-parallel size 1 = 4"):
+        strato.compile(tiny_gpt(), strategy, example_inputs=batch(0, 2))
+    fits = strategy.replace(train_batch_size=4)
+    strato.compile(tiny_gpt(), fits, example_inputs=batch(0, 2))  # 4 = 2 x 2 x 1: compiles
