@@ -396,9 +396,11 @@ def _stages_using(node: fx.Node, stage_of: dict[fx.Node, Any]) -> set[int]:
 
 
 def _register_layout(ctx: CompileContext, record: dict[str, Any]) -> None:
-    """Every rank holds every parameter; the ranks of the first stage using one write it
-    (with ZeRO its shard ranks, which the zero pass registers; else the stage's first
-    data-parallel rank)."""
+    """Every rank keeps every parameter, but only the stages that read one keep it up to
+    date, so none counts as holding it whole (`holds_full=False` on every rank, as the
+    whole-tensor gathers need the same layout kinds everywhere: they take it from its
+    writer); the ranks of the first stage using it write it (with ZeRO its shard ranks, which the
+    zero pass registers; else that stage's first data-parallel rank)."""
     mesh = ctx.mesh
     ranks = record["ranks"]
     local = mesh.sizes.get("pipeline", 1) == 1
@@ -417,7 +419,7 @@ def _register_layout(ctx: CompileContext, record: dict[str, Any]) -> None:
             name,
             tensor,
             {"kind": "box", "starts": [0] * tensor.ndim, "stops": list(tensor.shape)},
-            holds_full=True,
+            holds_full=local,
             writes=writes,
         )
 
