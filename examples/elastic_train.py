@@ -9,6 +9,8 @@ from global sample indices (sample i is the same whatever the world size), so a 
 restarts -- even at another world size, with torchrun's `--nnodes 1:2` ranges -- sees the
 same data from where the checkpoint left off and ends with the same loss as one that never
 stopped. `--kill-rank/--kill-at-step` kill -9 one rank on the first attempt, to try it.
+Each attempt prints which checkpoint step it resumed from (torchrun counts attempts in
+TORCHELASTIC_RESTART_COUNT); a plain `python examples/elastic_train.py` runs one process.
 """
 
 from __future__ import annotations
@@ -49,6 +51,45 @@ def local_batch(step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.T
     return seqs[:, :-1].contiguous(), seqs[:, 1:].contiguous()
 
 
+def train(
+    ckpt: str,
+    steps: int,
+    save_every: int,
+    zero: int = 2,
+    kill_rank: int = -1,
+    kill_at_step: int = -1,
+) -> tuple[int, dict[int, float]]:
+    """Resume from the newest complete checkpoint under `ckpt` (if any) and train up to
+    `steps`, saving every `save_every` steps. Returns (the step it started at, the
+    global-batch mean loss of each step it trained)."""
+    torch.manual_seed(0)
+    strategy = strato.Strategy(zero=zero, optimizer=strato.AdamW(lr=1e-3))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    engine = strato.compile(GPT(CFG), strategy, example_inputs=local_batch(0, rank, world))
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    start = 0
+    if (Path(ckpt) / "latest").exists():
+        start = engine.load_checkpoint(ckpt)
+    if rank == 0:
+        where = f"resumed from the checkpoint of step {start}" if start else "started afresh"
+        print(f"attempt {attempt} ({world} ranks): {where}", flush=True)
+    losses = {}
+    for step in range(start, steps):
+        if attempt == 0 and rank == kill_rank and step == kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+        loss = engine(*local_batch(step, rank, world))
+        engine.backward(loss)
+        engine.step()
+        total = loss.detach().double().reshape(1)
+        collectives.all_reduce(total)
+        losses[step] = total.item() / world
+        if (step + 1) % save_every == 0:
+            engine.save_checkpoint(ckpt)
+    engine.wait_for_checkpoint()
+    return start, losses
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", required=True)
@@ -60,30 +101,10 @@ def main() -> None:
     parser.add_argument("--out", help="rank 0 writes the losses here (JSON)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    torch.manual_seed(0)
-    strategy = strato.Strategy(zero=args.zero, optimizer=strato.AdamW(lr=1e-3))
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank = int(os.environ.get("RANK", 0))
-    engine = strato.compile(GPT(CFG), strategy, example_inputs=local_batch(0, rank, world))
-    start = 0
-    if (Path(args.ckpt) / "latest").exists():
-        start = engine.load_checkpoint(args.ckpt)
-    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
-    print(f"rank {rank}/{world}, attempt {attempt}: starting at step {start}", flush=True)
-    losses = {}
-    for step in range(start, args.steps):
-        if attempt == 0 and rank == args.kill_rank and step == args.kill_at_step:
-            os.kill(os.getpid(), signal.SIGKILL)
-        loss = engine(*local_batch(step, rank, world))
-        engine.backward(loss)
-        engine.step()
-        total = loss.detach().double().reshape(1)
-        collectives.all_reduce(total)
-        losses[step] = total.item() / world
-        if (step + 1) % args.save_every == 0:
-            engine.save_checkpoint(args.ckpt)
-    engine.wait_for_checkpoint()
-    if rank == 0 and args.out:
+    start, losses = train(
+        args.ckpt, args.steps, args.save_every, args.zero, args.kill_rank, args.kill_at_step
+    )
+    if collectives.rank() == 0 and args.out:
         Path(args.out).write_text(json.dumps({"start": start, "losses": losses}))
 
 
