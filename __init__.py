@@ -3,6 +3,7 @@
 compiled = strato.compile(model, strato.Strategy(), example_inputs=(x,))
 """
 
+from . import nn  # strato.nn: layers (runtime/moe.py)
 from .compiler.compile import compile
 from .compiler.context import CompileContext
 from .compiler.cost_model import Explanation
@@ -39,7 +40,6 @@ from .runtime.consolidation import consolidate
 from .runtime.engine import TrainingEngine
 from .runtime.generate import GenerationError
 from .runtime.inference import ArtifactError, LoadedModel, export, load
-from . import nn  # strato.nn: layers (runtime/moe.py)
 
 __version__ = "0.1.0"
 

@@ -22,6 +22,9 @@ import torch.distributed as dist
 from ..compiler.errors import StrategyError, did_you_mean
 from ..compiler.mesh_config import Mesh
 
+EXPERT_GROUPS = ("expert", "expert_replicate")
+"""Groups carved from the data-parallel ranks for expert parallelism (`expert_groups`)."""
+
 
 @attrs.frozen(eq=False)
 class MeshGroup:
@@ -108,7 +111,15 @@ class ProcessMesh:
 
     def group(self, *dims: str) -> MeshGroup:
         """This rank's group along `dims` (one dimension, or several flattened into one
-        group). Groups not built with the mesh are created here: call on every rank."""
+        group). Groups not built with the mesh are created here: call on every rank.
+        'expert' / 'expert_replicate' are the groups `expert_groups` carved."""
+        if len(dims) == 1 and dims[0] in EXPERT_GROUPS:
+            if dims[0] not in self._groups:
+                raise StrategyError(
+                    f"mesh: no {dims[0]!r} group: expert parallelism is carved from the "
+                    "data-parallel ranks by Strategy(moe=strato.ExpertParallel(size=...))."
+                )
+            return self._groups[dims[0]]
         names = self._names(dims)
         key = ",".join(names)
         if key not in self._groups:
@@ -126,6 +137,51 @@ class ProcessMesh:
                 process_group=process_group,
             )
         return self._groups[key]
+
+    def expert_groups(self, size: int) -> tuple[MeshGroup, MeshGroup]:
+        """Expert parallelism, carved from the data-parallel ranks (replicate x shard) as in
+        DeepSpeed and torchtitan, not a dimension of its own: this rank's data-parallel
+        group (in group order) cut into runs of `size` ranks is its `expert` group (ranks
+        holding different experts: the all-to-all runs here); the ranks at its place in
+        every run are its `expert_replicate` group (ranks holding the same experts).
+        Process groups are created the first time: call on every rank."""
+        data_dims = tuple(d for d in ("replicate", "shard") if d in self.sizes)
+        data_parallel = self.size(*data_dims)
+        if data_parallel % size:
+            raise StrategyError(
+                f"Strategy.moe: ExpertParallel(size={size}) does not divide the "
+                f"{data_parallel} data-parallel ranks (replicate x shard of {self.world_size} "
+                "ranks) it is carved from; choose a size that divides them."
+            )
+        carved = self._groups.get("expert")
+        if carved is not None:
+            if carved.size != size:
+                raise StrategyError(
+                    f"Strategy.moe: this mesh already has expert groups of {carved.size} "
+                    f"ranks; ExpertParallel(size={size}) cannot be carved as well."
+                )
+            return carved, self._groups["expert_replicate"]
+        runs, strided = [], []
+        for ranks in sorted({self.ranks_along(data_dims, r) for r in range(self.world_size)}):
+            runs += [ranks[i : i + size] for i in range(0, len(ranks), size)]
+            strided += [ranks[i::size] for i in range(size)]
+        for name, groups in (("expert", runs), ("expert_replicate", strided)):
+            mine = None
+            for ranks in groups:  # every rank creates every group, in the same order
+                process_group = None
+                if 1 < len(ranks) < self.world_size:
+                    process_group = dist.new_group(list(ranks))
+                if self.rank in ranks:
+                    mine = MeshGroup(
+                        name=name,
+                        ranks=tuple(ranks),
+                        rank=ranks.index(self.rank),
+                        device=self.device,
+                        process_group=process_group,
+                    )
+            assert mine is not None
+            self._groups[name] = mine
+        return self._groups["expert"], self._groups["expert_replicate"]
 
     def with_uses(self, records: dict[str, Any]) -> ProcessMesh:
         """This mesh annotated with the collectives the passes recorded (each pass's
@@ -164,6 +220,11 @@ class ProcessMesh:
             used = [f"{op} {what}" for dim, op, what in self.uses if dim == key]
             lines.append(f"    {key}: {shown}")
             lines += [f"      {use}" for use in used] or ["      (no collectives)"]
+        for key in EXPERT_GROUPS:  # carved from the data-parallel ranks, when they were
+            if key in self._groups:
+                used = [f"{op} {what}" for dim, op, what in self.uses if dim == key]
+                lines.append(f"    {key} (this rank's): {list(self._groups[key].ranks)}")
+                lines += [f"      {use}" for use in used] or ["      (no collectives)"]
         coords = ", ".join(f"{d}={c}" for d, c in self.coordinates(self.rank).items())
         lines.append(f"  this rank: {self.rank} ({coords})")
         return "\n".join(lines)

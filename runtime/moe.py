@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import threading
+import sys
 import warnings
 from fractions import Fraction
 from typing import Any
@@ -66,12 +66,41 @@ GROUPED_MM = _grouped_mm_function()
 _warned_loop = False
 
 
+def _grouped_mm_impl(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return GROUPED_MM(x, weight, offs=offs)
+
+
+def _grouped_mm_fake(x, weight, offs):
+    return x.new_empty(x.shape[0], weight.shape[-1])
+
+
+def _grouped_mm_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, grad):
+    x, weight, offs = ctx.saved_tensors
+    grad = grad.contiguous()
+    grad_x = GROUPED_MM(grad, weight.transpose(-2, -1), offs=offs)  # rows past offs[-1]: undefined
+    grad_w = GROUPED_MM(x.t(), grad, offs=offs)  # an expert without rows gets zeros
+    return grad_x, grad_w, None
+
+
 def grouped_mm(x: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """Rows [offs[e-1], offs[e]) of `x` [N, d] times `weight[e]` [d, f], as one [N, f]
     (rows past offs[-1] are undefined: callers mask them). One grouped GEMM where torch
-    has it; otherwise one matmul per expert, with a warning saying why."""
+    has it (its rows must be 16-byte aligned: d and f are zero-padded to that, exactly);
+    otherwise one matmul per expert, with a warning saying why."""
     if GROUPED_MM is not None and x.dtype in (torch.float32, torch.bfloat16, torch.float16):
-        return GROUPED_MM(x, weight.to(x.dtype), offs=offs.to(torch.int32))
+        align = 16 // x.element_size()
+        d, f = weight.shape[-2:]
+        pad_d, pad_f = -d % align, -f % align
+        weight = weight.to(x.dtype)
+        if pad_d or pad_f:
+            x = F.pad(x, (0, pad_d))
+            weight = F.pad(weight, (0, pad_f, 0, pad_d))
+        out = grouped_mm_op(x.contiguous(), weight.contiguous(), offs.to(torch.int32))
+        return out[:, :f] if pad_f else out
     global _warned_loop
     if not _warned_loop:
         _warned_loop = True
@@ -138,7 +167,11 @@ def expert_capacity(tokens: Any, num_experts: int, top_k: int, factor: float, mi
     integer arithmetic so a symbolic token count stays symbolic under capture."""
     ratio = Fraction(factor).limit_denominator(10**6)
     capacity = -(-(tokens * top_k * ratio.numerator) // (num_experts * ratio.denominator))
-    return torch.sym_max(capacity, minimum) if not isinstance(capacity, int) else max(capacity, minimum)
+    return (
+        torch.sym_max(capacity, minimum)
+        if not isinstance(capacity, int)
+        else max(capacity, minimum)
+    )
 
 
 def route(logits: torch.Tensor, top_k: int, capacity: Any | None) -> Routing:
@@ -156,7 +189,9 @@ def route(logits: torch.Tensor, top_k: int, capacity: Any | None) -> Routing:
     kept = slots < capacity if capacity is not None else torch.ones_like(slots, dtype=torch.bool)
     weights = probs * kept
     if top_k > 1:
-        weights = weights / weights.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(gates.dtype).eps)
+        weights = weights / weights.sum(dim=-1, keepdim=True).clamp(
+            min=torch.finfo(gates.dtype).eps
+        )
     first_choice = masks[0].float().mean(dim=0)
     aux = (gates.mean(dim=0) * first_choice).sum() * num_experts
     z = torch.logsumexp(logits, dim=-1).pow(2).mean()
@@ -205,7 +240,9 @@ def combine_local(
 ) -> torch.Tensor:
     """Every expert local: gather the sorted assignments, one grouped GEMM per weight,
     weight and sum back per token (a dropped assignment adds nothing)."""
-    x = tokens[dispatch.tokens]
+    # Dropped rows enter as zeros: the grouped GEMM leaves rows past the last offset
+    # undefined, in its backward too, and nothing of them may reach the tokens.
+    x = torch.where(dispatch.kept.unsqueeze(-1), tokens[dispatch.tokens], 0.0)
     out = expert_mlp(x, dispatch.counts.cumsum(0), w_in, w_out, activation, loop)
     out = torch.where(dispatch.kept.unsqueeze(-1), out, 0.0)  # rows past the last offset
     out = out * dispatch.weights.unsqueeze(-1).to(out.dtype)
@@ -227,14 +264,16 @@ def routing_stats(routing: Routing, dispatch: Dispatch) -> torch.Tensor:
 
 # ---------------------------------------------------------------------- losses and stats
 
-_state = threading.local()
+_state = {"scale": 1.0}
+"""The aux losses' backward gradient: a process global, not thread-local, since CUDA
+autograd runs backward on its own device threads."""
 _stats: dict[str, torch.Tensor] = {}
 """Layer key -> the last forward's routing_stats (read by layer_stats / engine.stats)."""
 
 
 def loss_grad_scale() -> float:
     """The gradient the auxiliary losses get in backward (see the module docstring)."""
-    return getattr(_state, "scale", 1.0)
+    return _state["scale"]
 
 
 @contextlib.contextmanager
@@ -242,23 +281,34 @@ def scaled_loss_grad(scale: float):
     """Within the block, auxiliary losses backpropagate with gradient `scale` (the engine:
     1/grad_accumulation x the loss scale, the factor the main loss was multiplied by)."""
     previous = loss_grad_scale()
-    _state.scale = scale
+    _state["scale"] = scale
     try:
         yield
     finally:
-        _state.scale = previous
+        _state["scale"] = previous
 
 
-@torch.library.custom_op("strato::moe_losses", mutates_args=())
-def moe_losses(output: torch.Tensor, loss: torch.Tensor, stats: torch.Tensor, layer: str) -> torch.Tensor:
+def _defined_elsewhere(op_name: str):
+    """The other copy of this module that already defined custom op `op_name`, if any
+    (pytest's importlib mode imports the repository root a second time under its folder
+    name): torch runs that copy's op, so its state and statistics are the ones to share."""
+    from torch._library import custom_ops
+
+    opdef = getattr(custom_ops, "OPDEFS", {}).get(op_name)
+    name = getattr(getattr(opdef, "_init_fn", None), "__module__", None)
+    return sys.modules.get(name) if name not in (None, __name__) else None
+
+
+def _moe_losses_impl(
+    output: torch.Tensor, loss: torch.Tensor, stats: torch.Tensor, layer: str
+) -> torch.Tensor:
     """`output` unchanged (a copy); records `stats` for `layer`; backward gives `loss` (the
     weighted auxiliary losses) the gradient `loss_grad_scale()`."""
     _stats[layer] = stats.detach().to("cpu", copy=True)
     return output.clone()
 
 
-@moe_losses.register_fake
-def _(output, loss, stats, layer):
+def _moe_losses_fake(output, loss, stats, layer):
     return torch.empty_like(output)
 
 
@@ -271,7 +321,19 @@ def _moe_losses_backward(ctx, grad):
     return grad, scale, None, None
 
 
-moe_losses.register_autograd(_moe_losses_backward, setup_context=_moe_losses_setup)
+_first = _defined_elsewhere("strato::moe_losses")
+if _first is not None:
+    _state, _stats, moe_losses = _first._state, _first._stats, _first.moe_losses
+    grouped_mm_op = _first.grouped_mm_op
+else:
+    moe_losses = torch.library.custom_op("strato::moe_losses", mutates_args=())(_moe_losses_impl)
+    moe_losses.register_fake(_moe_losses_fake)
+    moe_losses.register_autograd(_moe_losses_backward, setup_context=_moe_losses_setup)
+    # torch's own op has a CUDA-only meta function (bf16 only), so capture could not
+    # trace it in fp32; this op has the shape function and backward in grouped GEMMs.
+    grouped_mm_op = torch.library.custom_op("strato::grouped_mm", mutates_args=())(_grouped_mm_impl)
+    grouped_mm_op.register_fake(_grouped_mm_fake)
+    grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
 
 
 def layer_stats(key: str, num_experts: int) -> dict[str, Any] | None:
@@ -350,10 +412,14 @@ class MoE(nn.Module):
         self.capacity_factor = _positive_number("capacity_factor", capacity_factor)
         self.eval_capacity_factor = _positive_number("eval_capacity_factor", eval_capacity_factor)
         if not isinstance(min_capacity, int) or isinstance(min_capacity, bool) or min_capacity < 0:
-            raise MoEError(f"strato.nn.MoE: min_capacity must be an integer >= 0, got {min_capacity!r}.")
+            raise MoEError(
+                f"strato.nn.MoE: min_capacity must be an integer >= 0, got {min_capacity!r}."
+            )
         self.min_capacity = min_capacity
         if not isinstance(drop_tokens, bool):
-            raise MoEError(f"strato.nn.MoE: drop_tokens must be True or False, got {drop_tokens!r}.")
+            raise MoEError(
+                f"strato.nn.MoE: drop_tokens must be True or False, got {drop_tokens!r}."
+            )
         self.drop_tokens = drop_tokens
         self.aux_loss_weight = _weight("aux_loss_weight", aux_loss_weight)
         self.z_loss_weight = _weight("z_loss_weight", z_loss_weight)
@@ -362,7 +428,7 @@ class MoE(nn.Module):
                 f"strato.nn.MoE: activation {activation!r} is not one of {', '.join(ACTIVATIONS)}."
             )
         self.activation = activation
-        self.stats_key = f"moe{next(_keys)}"
+        self.stats_key = f"moe{next(_keys)}.{id(self):x}"
         """Where this layer's routing statistics are recorded (layer_stats)."""
         width = 2 * d_ff if activation == "swiglu" else d_ff
         self.gate = nn.Parameter(torch.empty(num_experts, d_model))
@@ -386,7 +452,9 @@ class MoE(nn.Module):
         return expert_capacity(tokens, self.num_experts, self.top_k, factor, self.min_capacity)
 
     def route(self, tokens: torch.Tensor) -> Routing:
-        return route(F.linear(tokens, self.gate.to(tokens.dtype)), self.top_k, self.capacity(tokens.shape[0]))
+        return route(
+            F.linear(tokens, self.gate.to(tokens.dtype)), self.top_k, self.capacity(tokens.shape[0])
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.d_model:
@@ -400,7 +468,9 @@ class MoE(nn.Module):
         out = combine_local(tokens, dispatch, self.w_in, self.w_out, self.activation)
         return self.attach_losses(out, routing, dispatch).reshape(x.shape).to(x.dtype)
 
-    def attach_losses(self, out: torch.Tensor, routing: Routing, dispatch: Dispatch) -> torch.Tensor:
+    def attach_losses(
+        self, out: torch.Tensor, routing: Routing, dispatch: Dispatch
+    ) -> torch.Tensor:
         loss = self.aux_loss_weight * routing.aux_loss + self.z_loss_weight * routing.z_loss
         return moe_losses(out, loss, routing_stats(routing, dispatch), self.stats_key)
 
@@ -414,3 +484,110 @@ class MoE(nn.Module):
             f"d_model={self.d_model}, d_ff={self.d_ff}, num_experts={self.num_experts}, "
             f"top_k={self.top_k}, {drop}, activation={self.activation}"
         )
+
+
+def model_stats(model: nn.Module) -> dict[str, dict[str, Any] | None]:
+    """Module path -> `MoE.stats()` for every MoE layer of `model` (engine.stats()["moe"])."""
+    return {path: m.stats() for path, m in model.named_modules() if isinstance(m, MoE)}
+
+
+# ---------------------------------------------------------------------- expert parallel
+
+
+def _grouped_by_local_expert(received: torch.Tensor) -> torch.Tensor:
+    """`received` [P, L]: rows from source rank r for local expert j arrive as block (r, j)
+    in row-major order; the row indices that put them in (j, r) order instead."""
+    counts = received.reshape(-1).tolist()
+    sources, local = received.shape
+    starts = list(itertools.accumulate([0, *counts[:-1]]))
+    pieces = [
+        torch.arange(starts[r * local + j], starts[r * local + j] + counts[r * local + j])
+        for j in range(local)
+        for r in range(sources)
+    ]
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
+
+
+class ExpertParallelMoE(nn.Module):
+    """One MoE layer of a training graph under expert parallelism (the `moe_dispatch`
+    pass puts it where the layer's captured ops were): route as the layer does, send each
+    kept (token, choice) to the rank of the expert group holding its expert (all-to-all,
+    variable sizes), run this rank's experts as one grouped GEMM, send the results back,
+    combine. Called with the layer's input and its three parameters (graph values, so
+    ZeRO-3 gathers them as usual); this rank reads only its experts' slice of the stacked
+    weights, so the other experts' gradients are zero here and the data-parallel
+    reduction sums each expert's gradient from the ranks that hold it."""
+
+    def __init__(self, layer: MoE, group: Any, compute_dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.settings = {
+            name: getattr(layer, name)
+            for name in (
+                "d_model", "num_experts", "top_k", "capacity_factor", "min_capacity",
+                "drop_tokens", "aux_loss_weight", "z_loss_weight", "activation", "stats_key",
+            )
+        }  # fmt: skip
+        self.group = group
+        """The expert group (runtime/mesh.py `expert_groups`)."""
+        self.local_experts = layer.num_experts // group.size
+        self.first_expert = group.rank * self.local_experts
+        self.compute_dtype = compute_dtype
+        """Expert and gate GEMMs run in this dtype (the strategy's bf16/fp16), routing in fp32."""
+
+    def extra_repr(self) -> str:
+        last = self.first_expert + self.local_experts - 1
+        return f"experts {self.first_expert}..{last} of {self.settings['num_experts']}, group {list(self.group.ranks)}"
+
+    def forward(self, x, gate, w_in, w_out):
+        s = self.settings
+        tokens = x.reshape(-1, s["d_model"])
+        dtype = self.compute_dtype or tokens.dtype
+        capacity = None
+        if s["drop_tokens"]:
+            capacity = expert_capacity(
+                tokens.shape[0],
+                s["num_experts"],
+                s["top_k"],
+                s["capacity_factor"],
+                s["min_capacity"],
+            )
+        routing = route(F.linear(tokens.to(dtype), gate.to(dtype)), s["top_k"], capacity)
+        dispatch = sort_by_expert(routing, s["num_experts"])
+        if _is_fake(x):  # compile-time shape propagation: the local computation's shapes
+            out = combine_local(tokens.to(dtype), dispatch, w_in, w_out, s["activation"])
+        else:
+            out = self._exchange(tokens.to(dtype), dispatch, w_in.to(dtype), w_out.to(dtype))
+        loss = s["aux_loss_weight"] * routing.aux_loss + s["z_loss_weight"] * routing.z_loss
+        out = moe_losses(out, loss, routing_stats(routing, dispatch), s["stats_key"])
+        return out.reshape(x.shape).to(x.dtype)
+
+    def _exchange(self, tokens, dispatch: Dispatch, w_in, w_out) -> torch.Tensor:
+        from . import collectives
+
+        group, local = self.group, self.local_experts
+        counts = dispatch.counts
+        kept = int(counts.sum())
+        # Kept assignments per (destination rank, its local expert), then per source rank.
+        received = collectives.all_to_all_single(
+            counts, [local] * group.size, [local] * group.size, group, kind="all_to_all_splits"
+        ).view(group.size, local)
+        send_splits = counts.view(group.size, local).sum(dim=1).tolist()
+        recv_splits = received.sum(dim=1).tolist()
+        sent = dispatch.tokens[:kept]
+        arrived = collectives.AllToAll.apply(tokens[sent], recv_splits, send_splits, group)
+        order = _grouped_by_local_expert(received)
+        experts = slice(self.first_expert, self.first_expert + local)
+        out = expert_mlp(
+            arrived[order], received.sum(dim=0).cumsum(0), w_in[experts], w_out[experts],
+            self.settings["activation"],
+        )  # fmt: skip
+        back = out[torch.argsort(order)]  # rows in arrival order again
+        returned = collectives.AllToAll.apply(back, send_splits, recv_splits, group)
+        returned = returned * dispatch.weights[:kept].unsqueeze(-1).to(returned.dtype)
+        return torch.zeros_like(tokens, dtype=returned.dtype).index_add(0, sent, returned)
+
+
+def _is_fake(tensor: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(tensor)

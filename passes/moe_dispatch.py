@@ -1,0 +1,192 @@
+"""Expert parallelism: rewrite each captured `strato.nn.MoE` layer into its expert-parallel form.
+
+Capture inlines the layer's eager forward (runtime/moe.py) into ATen ops owned by the
+layer's module path (`meta['strato_module']`). With `Strategy(moe=strato.ExpertParallel(
+size=P))` this pass replaces each such region of the training graph by one `call_module`
+of an `ExpertParallelMoE` (gate -> top-k -> capacity or dropless -> all-to-all over the
+`expert` group -> this rank's experts as one grouped GEMM -> all-to-all back -> combine),
+fed by the region's input and the layer's three parameters as graph values, so the ZeRO
+and data-parallel passes after it treat them like any other parameter. The expert groups
+are carved from the data-parallel ranks (runtime/mesh.py `expert_groups`).
+
+Expert weights stay whole tensors in the model (every rank keeps every expert's weights;
+ZeRO shards them like the rest): a rank reads only its experts' slice, so the others'
+gradients are zero on it, and the data-parallel reduction (all-reduce or ZeRO's
+reduce-scatter over replicate x shard, averaged over all R x S ranks) sums each expert's
+gradient from the ranks that computed it, which is the expert-data-parallel reduction.
+Checkpoints see ordinary tensors, so they load at any expert-parallel size.
+
+Eval graphs keep the local layer (every expert on every rank: no collective that a rank
+evaluating alone would wait in). Decisions go to ctx.records['moe_dispatch'].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..compiler.context import CompileContext
+from ..compiler.errors import PassError, StrategyError
+from ..compiler.pass_manager import graph_pass
+from ..runtime.moe import ExpertParallelMoE, MoE
+from .annotate import getattr_path
+
+EXPERT = "expert"
+"""The group the all-to-alls run over (carved from the data-parallel ranks)."""
+
+_LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def moe_layers(model: torch.nn.Module) -> dict[str, MoE]:
+    """Module path -> layer, for every strato.nn.MoE of the model."""
+    return {path: m for path, m in model.named_modules() if isinstance(m, MoE)}
+
+
+def unrecognised_moe_blocks(model: torch.nn.Module) -> list[str]:
+    """Modules that look like mixture-of-experts blocks but are no strato.nn.MoE (their
+    class names say 'MoE' or 'Experts'), as 'path (ClassName)'."""
+    found = []
+    for path, m in model.named_modules():
+        name = type(m).__name__
+        if not isinstance(m, MoE) and any(w in name.lower() for w in ("moe", "experts")):
+            found.append(f"{path} ({name})")
+    return found
+
+
+def _inside(module_path: str | None, layer: str) -> bool:
+    return module_path is not None and (module_path == layer or module_path.startswith(layer + "."))
+
+
+def _region(graph: fx.Graph, layer: str) -> list[fx.Node]:
+    return [
+        n
+        for n in graph.nodes
+        if n.op in ("call_function", "call_method", "call_module")
+        and _inside(n.meta.get("strato_module"), layer)
+    ]
+
+
+def _rewrite_layer(
+    gm: fx.GraphModule, path: str, layer: MoE, group, dtype: torch.dtype | None
+) -> dict:
+    graph = gm.graph
+    nodes = _region(graph, path)
+    if not nodes:
+        raise PassError(
+            f"moe_dispatch: strato.nn.MoE {path!r} has no ops in the training graph (is it "
+            "called in forward?); remove it, or compile without Strategy.moe."
+        )
+    inside = set(nodes)
+    params = {id(layer.gate): "gate", id(layer.w_in): "w_in", id(layer.w_out): "w_out"}
+    reads: dict[str, fx.Node] = {}
+    inputs: list[fx.Node] = []
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            if arg in inside:
+                continue
+            if arg.op == "get_attr":
+                role = params.get(id(getattr_path(gm, arg.target)))
+                if role is None:
+                    raise PassError(
+                        f"moe_dispatch: strato.nn.MoE {path!r} reads {arg.target!r}, which is "
+                        "none of its parameters (gate, w_in, w_out)."
+                    )
+                reads.setdefault(role, arg)
+            elif isinstance(arg.meta.get("val"), torch.Tensor) and arg not in inputs:
+                inputs.append(arg)
+    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+    if len(inputs) != 1 or len(outputs) != 1 or len(reads) != 3:
+        raise PassError(
+            f"moe_dispatch: strato.nn.MoE {path!r} was captured with {len(inputs)} tensor "
+            f"inputs and {len(outputs)} outputs used outside it (expected 1 and 1: "
+            "forward(x) -> y), reading parameters {sorted(reads)}; call the layer on one tensor."
+        )
+    (x,), (out,) = inputs, outputs
+    name = "moe_dispatch_" + path.replace(".", "_")
+    gm.add_submodule(name, ExpertParallelMoE(layer, group, dtype))
+    with graph.inserting_before(out):
+        call = graph.call_module(name, (x, reads["gate"], reads["w_in"], reads["w_out"]))
+    call.meta.update(
+        {k: out.meta[k] for k in ("val", "nn_module_stack", "stack_trace") if k in out.meta}
+    )
+    call.meta["strato_module"] = path
+    call.meta["strato_moe"] = {
+        "layer": path,
+        "collective": "all_to_all",
+        "mesh_dim": EXPERT,
+        "experts": [gm.get_submodule(name).first_expert, layer.num_experts // group.size],
+    }
+    out.replace_all_uses_with(call)
+    for node in reversed(nodes):
+        graph.erase_node(node)
+    return {"replaced_nodes": len(nodes), "module": name}
+
+
+@graph_pass(
+    name="moe_dispatch",
+    requires="shapes",
+    provides="moe_dispatch",
+    before=(
+        "mixed_precision", "fuse", "pipeline_cut", "zero1", "zero2", "zero3", "data_parallel",
+        "recompute",
+    ),
+)  # fmt: skip
+def moe_dispatch(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
+    """Expert parallelism over `Strategy.moe.size` ranks for every strato.nn.MoE layer."""
+    layers = moe_layers(ctx.model)
+    if not layers:
+        others = unrecognised_moe_blocks(ctx.model)
+        found = (
+            f" It has {', '.join(others[:3])}, which Strato does not dispatch." if others else ""
+        )
+        raise StrategyError(
+            f"Strategy.moe: {type(ctx.model).__name__} has no strato.nn.MoE layer to split "
+            f"over experts.{found} Build the experts with strato.nn.MoE, or drop Strategy.moe."
+        )
+    distributed = ctx.mesh.world_size > 1
+    size = ctx.strategy.moe.size if distributed else 1  # one process holds every expert
+    for path, layer in layers.items():
+        if layer.num_experts % ctx.strategy.moe.size:
+            raise StrategyError(
+                f"Strategy.moe: ExpertParallel(size={ctx.strategy.moe.size}) does not divide "
+                f"the {layer.num_experts} experts of {path!r} (strato.nn.MoE); choose a size "
+                "that divides num_experts."
+            )
+    record = {
+        "expert_size": size,
+        "layers": {
+            path: {
+                "num_experts": layer.num_experts,
+                "experts_per_rank": layer.num_experts // size,
+                "top_k": layer.top_k,
+                "d_model": layer.d_model,
+                "dropless": not layer.drop_tokens,
+            }
+            for path, layer in layers.items()
+        },
+    }
+    if not ctx.training or size == 1:
+        why = "eval graphs run every expert locally" if not ctx.training else "expert size 1"
+        ctx.record("moe_dispatch", **record, rewritten=False, reason=why)
+        return gm
+    group, replicas = ctx.mesh.expert_groups(size)
+    dtype = _LOW_PRECISION.get(ctx.strategy.precision)
+    for path, layer in layers.items():
+        record["layers"][path].update(_rewrite_layer(gm, path, layer, group, dtype))
+    ctx.record(
+        "moe_dispatch",
+        **record,
+        rewritten=True,
+        expert_group=list(group.ranks),
+        expert_replicate_group=list(replicas.ranks),
+        compute_dtype=str(dtype or "float32").removeprefix("torch."),
+        collectives=[
+            {
+                "op": "all_to_all",
+                "dim": EXPERT,
+                "what": "kept tokens to their experts and back (forward; gradients in backward)",
+            },
+            {"op": "all_to_all", "dim": EXPERT, "what": "kept tokens per expert (int64 splits)"},
+        ],
+    )
+    return gm

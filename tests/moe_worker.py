@@ -1,0 +1,126 @@
+"""One rank of an expert-parallel test (started by tests/test_moe_multirank.py with
+torch.multiprocessing: spawn, gloo, one thread), and the tiny MoE GPT the MoE tests share."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from examples.gpt import GPT, GPTConfig
+
+CFG = GPTConfig(vocab_size=53, seq_len=8, d_model=16, n_layers=2, n_heads=2)
+PER_RANK = 2
+D_FF = 24
+
+
+def moe_gpt(num_experts: int = 4, top_k: int = 2, seed: int = 0, **layer) -> GPT:
+    """The test GPT with every block's MLP replaced by a strato.nn.MoE (path blocks.N.mlp)."""
+    import strato
+
+    torch.manual_seed(seed)
+    model = GPT(CFG)
+    settings = {"capacity_factor": 4.0, **layer}  # nothing dropped unless a test asks
+    for block in model.blocks:
+        block.mlp = strato.nn.MoE(CFG.d_model, D_FF, num_experts, top_k, **settings)
+    return model
+
+
+def tiny_batch(step: int, rows: int, vocab: int = CFG.vocab_size, seq: int = CFG.seq_len):
+    """Deterministic tokens and next-token targets for `step`."""
+    g = torch.Generator().manual_seed(1000 + step)
+    data = torch.randint(0, vocab, (rows, seq + 1), generator=g)
+    return data[:, :-1], data[:, 1:]
+
+
+def local_batch(step: int, rank: int, world: int):
+    x, y = tiny_batch(step, PER_RANK * world)
+    rows = slice(rank * PER_RANK, (rank + 1) * PER_RANK)
+    return x[rows], y[rows]
+
+
+# ---------------------------------------------------------------------- scenarios
+
+
+def scenario_layer(rank: int, world: int, spec: dict, out_dir: Path) -> dict:
+    """The expert-parallel layer on this rank's tokens vs the local layer on the same
+    tokens: outputs, aux loss, gradients (summed over ranks by the caller), all-to-all bytes."""
+    import strato
+    from strato.runtime import collectives, moe
+    from strato.runtime.mesh import build_mesh
+
+    torch.manual_seed(0)
+    layer = strato.nn.MoE(16, 24, 4, spec.get("top_k", 2), capacity_factor=4.0,
+                          drop_tokens=spec.get("drop_tokens", True), aux_loss_weight=0.1,
+                          z_loss_weight=0.01)  # fmt: skip
+    mesh = build_mesh(strato.Mesh())
+    group, _ = mesh.expert_groups(spec["expert_size"])
+    parallel = moe.ExpertParallelMoE(layer, group, None)
+    torch.manual_seed(1 + rank)
+    x = torch.randn(5 + rank, 16, requires_grad=True)  # ranks route different token counts
+    before = collectives.comm_bytes()
+    y = parallel(x, layer.gate, layer.w_in, layer.w_out)
+    forward_bytes = collectives.comm_bytes().get("all_to_all", 0) - before.get("all_to_all", 0)
+    stats = layer.stats()
+    y.pow(2).sum().backward()
+    total = collectives.comm_bytes().get("all_to_all", 0) - before.get("all_to_all", 0)
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    return {"x": x.detach(), "y": y.detach(), "x_grad": x.grad.clone(), "grads": grads,
+            "stats": stats, "forward_bytes": forward_bytes, "step_bytes": total,
+            "state": {n: p.detach().clone() for n, p in layer.named_parameters()}}  # fmt: skip
+
+
+def scenario_train(rank: int, world: int, spec: dict, out_dir: Path) -> dict:
+    """Train the MoE GPT under spec's strategy; losses, final weights, stats, graph."""
+    import strato
+
+    model = moe_gpt(**spec.get("layer", {}))
+    strategy = strato.Strategy(
+        optimizer=strato.SGD(lr=0.1, momentum=0.0)
+        if spec.get("optimizer") == "sgd"
+        else strato.AdamW(lr=1e-3),
+        zero=spec.get("zero", 0),
+        precision=spec.get("precision", "fp32"),
+        moe=strato.ExpertParallel(size=spec["expert_size"]),
+    )
+    engine = strato.compile(model, strategy, example_inputs=local_batch(0, rank, world))
+    losses = [engine.train_step(*local_batch(step, rank, world)) for step in range(spec["steps"])]
+    full = engine.full_state_dict()
+    result = {"losses": losses, "full": full, "stats": engine.stats(), "mesh": str(engine.mesh),
+              "record": engine.context.records.get("moe_dispatch"),
+              "graph": engine.graph.print_readable(print_output=False) if rank == 0 else ""}  # fmt: skip
+    masters = getattr(engine.manager, "masters", {})  # ZeRO: this rank's optimizer tensors
+    state = getattr(engine.manager, "optimizer", None)
+    result["moments"] = {
+        name: state.state[m]["exp_avg"].numel()
+        for name, m in masters.items()
+        if state is not None and "exp_avg" in state.state.get(m, {})
+    }
+    if spec.get("checkpoint"):
+        engine.save_checkpoint(out_dir / "ckpt")
+        engine.wait_for_checkpoint()
+    return result
+
+
+SCENARIOS = {"layer": scenario_layer, "train": scenario_train}
+
+
+def run(rank: int, world: int, port: int, spec: dict, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    )
+    out = Path(out_dir)
+    try:
+        result = SCENARIOS[spec["kind"]](rank, world, spec, out)
+        torch.save(result, out / f"rank{rank}.pt")
+    except BaseException:
+        (out / f"rank{rank}.err").write_text(traceback.format_exc())
+        raise
+    finally:
+        dist.destroy_process_group()
