@@ -129,11 +129,16 @@ def saved_activation_bytes(
     if record and record.get("regions"):
         notes.append(f"recompute: {record['reason']}")
         for region in record["regions"]:
+            how = f"recomputes {region['recompute_flops']:,d} FLOPs in backward"
+            if region.get("grad_in_forward") and region["policy"] != "none":
+                how = "runs its backward in forward (ends in the loss): keeps input gradients"
             notes.append(
                 f"  {region['submodule']} ({region['module']}, {region['policy']}): keeps "
                 f"{format_bytes(region['kept_bytes'])} of {format_bytes(region['kept_bytes_without'])}"
-                f", recomputes {region['recompute_flops']:,d} FLOPs in backward"
+                f", {how}"
             )
+        for name, why in record.get("left_out", {}).items():
+            notes.append(f"  {name} is not a region: {why}")
     elif record:
         notes.append(f"recompute: none ({record['reason']})")
     return kept.total, notes

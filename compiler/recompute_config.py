@@ -18,8 +18,10 @@ POLICIES = ("none", "selective", "full")
 """none: autograd saves what it saves; selective: keep matmul/attention outputs, recompute the
 rest in backward; full: keep only the region's inputs, recompute the whole region."""
 
-DEFAULT_MODULES = ("<layers>",)
-"""Regions by default: every numbered layer (`blocks.3`, `model.layers.0`), as ZeRO-3 units."""
+DEFAULT_MODULES = ("<layers>", "<tail>")
+"""Regions by default: every numbered layer (`blocks.3`, `model.layers.0`), as ZeRO-3 units,
+and the tail after the last one (final norm, output projection, loss: the logits are the
+largest activation of a language model)."""
 
 _UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4}
 _UNITS.update({"kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4})
@@ -64,7 +66,8 @@ class Recompute:
 
     modules: tuple[str, ...] = attrs.field(default=DEFAULT_MODULES, converter=_as_modules)
     """Module paths or fnmatch globs (`layers.*`, `blocks.[0-3]`); each matched module is one
-    region. '<layers>' means every numbered layer. A glob matching no module is an error."""
+    region. '<layers>' means every numbered layer, '<tail>' the nodes after the last one (final
+    norm, output projection, loss). A glob matching no module is an error."""
 
     policy: str = attrs.field(default="full", validator=check_policy)
     """'full' (keep only region inputs), 'selective' (also keep matmul/attention outputs) or

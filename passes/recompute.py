@@ -33,6 +33,11 @@ from ..runtime.saved_tensors import RecomputeRegion, measure_graph
 CHECKPOINT_REGIONS = "strato_checkpoint_regions"
 """gm.meta key: module paths the model itself checkpoints, found at capture."""
 
+TAIL = "<tail>"
+"""Region name: the nodes after the last numbered layer (final norm, output projection, loss)."""
+
+_GATHER = "strato.zero_gather.default"
+
 
 def _checkpointed_module(fn) -> torch.nn.Module | None:
     """The module a checkpointed function runs: a module, its bound method, or a partial of
@@ -95,11 +100,22 @@ def _outermost(paths: list[str]) -> list[str]:
     return [p for p in paths if not any(p.startswith(q + ".") for q in paths if q != p)]
 
 
-def select_regions(gm: fx.GraphModule, modules: tuple[str, ...], field: str) -> list[str]:
-    """Module paths matching `modules` ('<layers>': numbered layers), outermost first-use order."""
+def layer_paths(gm: fx.GraphModule) -> list[str]:
+    """The numbered layers (`blocks.3`, `model.layers.0`), outermost, in first-use order."""
+    return _outermost([p for p in module_paths(gm) if p.rpartition(".")[2].isdigit()])
+
+
+def select_regions(
+    gm: fx.GraphModule, modules: tuple[str, ...], field: str
+) -> tuple[list[str], dict[str, str]]:
+    """Module paths matching `modules` ('<layers>': numbered layers; '<tail>': what follows
+    them, outlined last), outermost, in first-use order; and the named regions left out, why."""
     paths = module_paths(gm)
     chosen: list[str] = []
+    left_out: dict[str, str] = {}
     for pattern in modules:
+        if pattern == TAIL:
+            continue
         if pattern == "<layers>":
             hits = [p for p in paths if p.rpartition(".")[2].isdigit()]
         else:
@@ -112,7 +128,14 @@ def select_regions(gm: fx.GraphModule, modules: tuple[str, ...], field: str) -> 
                     + f". Module paths look like {', '.join(paths[:4])}."
                 )
         chosen += [p for p in hits if p not in chosen]
-    return _outermost(chosen)
+    chosen = _outermost(chosen)
+    if TAIL in modules:
+        members, why = tail_nodes(gm)
+        if members:
+            chosen.append(TAIL)
+        else:
+            left_out[TAIL] = why or "nothing follows the last numbered layer"
+    return chosen, left_out
 
 
 def _near_matches(pattern: str, paths: list[str]) -> list[str]:
@@ -131,15 +154,64 @@ def _in_region(node: fx.Node, path: str) -> bool:
     return module == path or module.startswith(path + ".")
 
 
+def tail_nodes(gm: fx.GraphModule) -> tuple[set[fx.Node], str]:
+    """The `<tail>` region: the call_function nodes after the last numbered layer (final norm,
+    output projection, loss), or none and why. ZeRO-3 nodes belong to it when their unit is
+    gathered inside it; a tail reading parameters gathered before it (an embedding tied to the
+    output projection) is left out: its recompute would read them after their release."""
+    layers = layer_paths(gm)
+    nodes = list(gm.graph.nodes)
+    last = max(
+        (i for i, n in enumerate(nodes) if any(_in_region(n, p) for p in layers)), default=None
+    )
+    if last is None:
+        return set(), "the model has no numbered layers"
+    span = [n for n in nodes[last + 1 :] if n.op == "call_function"]
+    inside = {n.meta["strato_zero"]["unit"] for n in span if str(n.target) == _GATHER}
+    # Other ZeRO nodes (a release of a unit gathered earlier, bucket waits, forward_end) stay out.
+    members = {
+        n
+        for n in span
+        if "strato_zero" not in n.meta or n.meta["strato_zero"].get("unit", None) in inside
+    }
+    for node in members:
+        for arg in node.all_input_nodes:
+            zero = arg.meta.get("strato_zero", {})
+            if "param" in zero and zero["unit"] not in inside:
+                return set(), (
+                    f"it reads {zero['param']}, which ZeRO-3 gathers before it (unit "
+                    f"{zero['unit'] or '<root>'!r}): its recompute would read it after the release"
+                )
+    return members, ""
+
+
 def region_runs(gm: fx.GraphModule, path: str) -> list[list[fx.Node]]:
     """Maximal runs of call_function nodes of region `path` (get_attr nodes don't break one)."""
+    tail = tail_nodes(gm)[0] if path == TAIL else set()
     runs: list[list[fx.Node]] = [[]]
     for node in gm.graph.nodes:
-        if node.op == "call_function" and _in_region(node, path):
+        if node.op == "call_function" and (
+            node in tail if path == TAIL else _in_region(node, path)
+        ):
             runs[-1].append(node)
         elif node.op != "get_attr" and runs[-1]:
             runs.append([])
     return [r for r in runs if r]
+
+
+def ends_in_loss(run: list[fx.Node], outputs: list[fx.Node]) -> bool:
+    """The run's one output is a scalar the graph returns and nothing else reads (the loss),
+    and it neither communicates nor mutates: its backward may run during forward."""
+    if len(outputs) != 1 or any(u.op != "output" for u in outputs[0].users):
+        return False
+    val = outputs[0].meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.numel() != 1 or not val.dtype.is_floating_point:
+        return False
+    for node in run:
+        schema = getattr(node.target, "_schema", None)
+        if "strato_zero" in node.meta or (schema is not None and schema.is_mutable):
+            return False
+    return True
 
 
 def outline(gm: fx.GraphModule, run: list[fx.Node], name: str, region: RecomputeRegion) -> fx.Node:
@@ -149,6 +221,7 @@ def outline(gm: fx.GraphModule, run: list[fx.Node], name: str, region: Recompute
     for node in run:
         inputs += [a for a in node.all_input_nodes if a not in members and a not in inputs]
     outputs = [n for n in run if any(u not in members for u in n.users)]
+    region.grad_in_forward = ends_in_loss(run, outputs)
     body = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for a in inputs:
@@ -188,15 +261,21 @@ def outline_regions(
     for path in paths:
         runs = region_runs(gm, path)
         for k, run in enumerate(runs):
-            name = "recompute_" + path.replace(".", "_") + (f"_{k}" if len(runs) > 1 else "")
+            name = (
+                "recompute_"
+                + path.strip("<>").replace(".", "_")
+                + (f"_{k}" if len(runs) > 1 else "")
+            )
             region = RecomputeRegion(path, policies[path], offload)
             outline(gm, run, name, region)
-            gathers = [n for n in run if str(n.target) == "strato.zero_gather.default"]
+            gathers = [n for n in run if str(n.target) == _GATHER]
             entries.append(
                 {
                     "submodule": name,
                     "module": path,
                     "nodes": len(run),
+                    # Its backward runs in forward (the loss): nothing recomputed.
+                    "grad_in_forward": region.grad_in_forward,
                     # ZeRO-3: these units are gathered in forward and again by the recompute.
                     "zero3_units_gathered_again": [n.meta["strato_zero"]["unit"] for n in gathers],
                 }
@@ -220,6 +299,7 @@ def set_policies(gm: fx.GraphModule, policies: dict[str, str]) -> None:
 
 def plan_budget(gm: fx.GraphModule, ctx: CompileContext, paths: list[str], limit: int):
     """Cheapest per-region policies (recompute FLOPs) whose measured kept bytes fit `limit`."""
+    eager = {m.path for m in gm.modules() if isinstance(m, RecomputeRegion) and m.grad_in_forward}
     per_policy = {}
     for policy in ("none", "selective", "full"):
         set_policies(gm, dict.fromkeys(paths, policy))
@@ -236,7 +316,9 @@ def plan_budget(gm: fx.GraphModule, ctx: CompileContext, paths: list[str], limit
     steps = []  # (FLOPs recomputed per byte saved, region, policy) upgrades, cheapest first
     for path in paths:
         kept = {p: per_policy[p].by_region.get(path, 0) for p in per_policy}
-        flops = {"none": 0, **{p: per_policy["none"].flops(path, p) for p in ("selective", "full")}}
+        flops = {p: per_policy["none"].flops(path, p) for p in ("none", "selective", "full")}
+        if path in eager:  # backward moved into forward: nothing recomputed
+            flops = dict.fromkeys(flops, 0)
         for lower, upper in (("none", "selective"), ("selective", "full"), ("none", "full")):
             saved = kept[lower] - kept[upper]
             if saved > 0:
@@ -280,7 +362,7 @@ def recompute_activations(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMo
     field = "Strategy.recompute.modules"
     if config is None:  # the model checkpoints these itself: keep them, recompute fully
         config = Recompute(modules=tuple(own), policy="full")
-    paths = select_regions(gm, config.modules, field)
+    paths, left_out = select_regions(gm, config.modules, field)
     if not paths:
         raise StrategyError(
             f"{field}: the model has no numbered layers ('<layers>'); name the modules to "
@@ -305,7 +387,7 @@ def recompute_activations(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMo
             policy=plan[path],
             kept_bytes=measured.by_region.get(path, 0),
             kept_bytes_without=unplanned.by_region.get(path, 0),
-            recompute_flops=unplanned.flops(path, plan[path]),
+            recompute_flops=0 if entry["grad_in_forward"] else unplanned.flops(path, plan[path]),
         )
     ctx.record(
         "recompute",
@@ -316,6 +398,7 @@ def recompute_activations(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMo
         kept_bytes_by_policy=totals,
         budget=config.limit if isinstance(config, Budget) else None,
         model_regions=own,
+        left_out=left_out,
     )
     return gm
 

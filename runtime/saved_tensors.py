@@ -96,23 +96,63 @@ class RecomputeRegion(torch.nn.Module):
         """Positions of the body's inputs that are the model's parameters/buffers: the
         recomputation reads them as they are (ZeRO-3 finds its shards by the Parameter
         objects), and checkpoint does not save them."""
+        self.grad_in_forward = False
+        """The region's one output is the scalar loss (the pass checked): under 'full' and
+        'selective' its backward runs in forward and only its input gradients are kept."""
 
     def forward(self, *args):
-        fixed = {i: args[i] for i in self.model_tensor_inputs}
-        moving = [a for i, a in enumerate(args) if i not in fixed]
-
-        def body(*values):
-            it = iter(values)
-            return self.body(*(fixed[i] if i in fixed else next(it) for i in range(len(args))))
-
         _current_region.append(self.path)
         try:
+            if self.grad_in_forward and self.policy != "none" and torch.is_grad_enabled():
+                return _GradInForward.apply(self.body, self.offload, *args)
+            fixed = {i: args[i] for i in self.model_tensor_inputs}
+            moving = [a for i, a in enumerate(args) if i not in fixed]
+
+            def body(*values):
+                it = iter(values)
+                return self.body(*(fixed[i] if i in fixed else next(it) for i in range(len(args))))
+
             return run_region(body, tuple(moving), self.policy, self.offload)
         finally:
             _current_region.pop()
 
     def extra_repr(self) -> str:
-        return f"{self.path!r}, policy={self.policy!r}, offload={self.offload}"
+        grad = ", grad_in_forward" if self.grad_in_forward else ""
+        return f"{self.path!r}, policy={self.policy!r}, offload={self.offload}{grad}"
+
+
+class _GradInForward(torch.autograd.Function):
+    """A region whose only output is the loss: forward computes the loss and, at once, its
+    gradients with respect to the region's inputs (activations and parameters); backward
+    scales them by the incoming gradient (the loss is the graph's end, so that is exact:
+    1, or a loss-scale / accumulation factor). Nothing is recomputed; what stays for
+    backward is the input gradients instead of the region's activations (a language
+    model's vocabulary-sized logits and log-probabilities)."""
+
+    @staticmethod
+    def forward(ctx, body, offload, *args):
+        leaves = [
+            a.detach().requires_grad_(a.requires_grad) if isinstance(a, torch.Tensor) else a
+            for a in args
+        ]
+        wrt = [i for i, a in enumerate(leaves) if isinstance(a, torch.Tensor) and a.requires_grad]
+        with torch.enable_grad():
+            (loss,) = body(*leaves)
+            grads = torch.autograd.grad(loss, [leaves[i] for i in wrt], allow_unused=True)
+        if offload:
+            grads = tuple(g.to("cpu", non_blocking=True) if g is not None else g for g in grads)
+        ctx.grads = dict(zip(wrt, grads))
+        ctx.devices = {i: args[i].device for i in wrt}
+        ctx.inputs = len(args)
+        return (loss.detach(),)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        out = [None] * ctx.inputs
+        for i, g in ctx.grads.items():
+            if g is not None:
+                out[i] = g.to(ctx.devices[i]) * grad_loss
+        return (None, None, *out)
 
 
 def run_region(body: Callable, args: tuple, policy: str, offload: bool = False) -> Any:
