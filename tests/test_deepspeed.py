@@ -301,16 +301,12 @@ def test_schedules_follow_deepspeed_formulas(kind, params):
         assert got[-1] == got[params["total_num_steps"]]
 
 
-def test_activation_checkpointing_and_pipeline_are_named_not_mapped():
-    config = {
-        "train_micro_batch_size_per_gpu": 1,
-        "activation_checkpointing": {"partition_activations": True},
-        "pipeline": {"pipe_partitioned": True},
-    }
+def test_pipeline_is_named_not_mapped():  # activation_checkpointing: tests/test_recompute_deepspeed.py
+    config = {"train_micro_batch_size_per_gpu": 1, "pipeline": {"pipe_partitioned": True}}
     _, report = strato.convert_deepspeed(config)
-    assert {e.key for e in report.select(NOT_MAPPED)} == {"activation_checkpointing", "pipeline"}
+    assert {e.key for e in report.select(NOT_MAPPED)} == {"pipeline"}
     assert "not mapped yet:" in str(report)
-    with pytest.warns(UserWarning, match="activation_checkpointing, pipeline"):
+    with pytest.warns(UserWarning, match="pipeline"):
         strato.Strategy.from_deepspeed(config)
 
 

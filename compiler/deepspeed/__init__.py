@@ -3,7 +3,7 @@ deepspeed/runtime/{config,zero/config,fp16/loss_scaler,lr_schedules}.py).
 
 `convert_deepspeed(config)` returns the Strategy and a `DeepSpeedReport` of what became of
 every key: honoured (mapped to a Strategy field), no effect in Strato (logging, knobs
-Strato handles its own way), or not mapped yet (activation_checkpointing, pipeline). Keys
+Strato handles its own way), or not mapped yet (pipeline). Keys
 Strato cannot honour, and "auto" values nothing resolves, raise one StrategyError listing
 them all. Keys a config leaves out take DeepSpeed's defaults where they change the math
 (optimizer hyper-parameters, loss scaling, warmup); performance knobs left out keep Strato's.

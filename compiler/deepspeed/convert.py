@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import StrategyError
+from .recompute import convert_activation_checkpointing
 from .report import HONOURED, NO_EFFECT, NOT_MAPPED, UNRESOLVED, DeepSpeedReport, ReportEntry, short
 from .training import convert_optimizer, convert_precision, convert_scheduler
 from .zero import convert_zero
@@ -68,7 +69,6 @@ _REFUSED_WHEN_ENABLED = {
 }
 
 _NOT_MAPPED_SECTIONS = {
-    "activation_checkpointing": "Strato has no activation checkpointing yet: activations are kept",
     "pipeline": "Strato has no pipeline parallelism yet: the model runs whole on each rank",
 }
 
@@ -84,6 +84,7 @@ _CONVERTED = frozenset(
         "bf16",
         "bfloat16",
         "zero_optimization",
+        "activation_checkpointing",
     }
 )
 """Top-level keys with their own converter below."""
@@ -223,11 +224,12 @@ class Converter:
             "optimizer": convert_optimizer,
             "scheduler": convert_scheduler,
             "zero_optimization": convert_zero,
+            "activation_checkpointing": convert_activation_checkpointing,
         }
         self._batch_sizes()
         self._clipping()
         convert_precision(self)
-        for key in ("optimizer", "scheduler", "zero_optimization"):
+        for key in handlers:
             value = self.config.get(key)
             if key == "zero_optimization" and isinstance(value, bool):
                 value = {"stage": int(value)}  # DeepSpeed's legacy spelling: true is stage 1
