@@ -22,6 +22,9 @@ from torch.utils import _pytree as pytree
 
 from .errors import CaptureError
 
+INPUT_VALUES = "strato_input_values"
+"""gm.meta key: {placeholder name: its fake value at capture, with symbolic sizes}."""
+
 
 @attrs.frozen
 class Captured:
@@ -72,6 +75,11 @@ def capture(
     annotate_module_paths(gm)
     # The trace inlined the model's own checkpoint regions; the recompute pass keeps them.
     gm.meta[CHECKPOINT_REGIONS] = checkpointed
+    # The inputs' symbolic sizes as captured (later fake runs on the examples make them
+    # concrete); strato.export states the size ranges an artifact serves from them.
+    gm.meta[INPUT_VALUES] = {
+        n.name: n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"
+    }
     for node in gm.graph.nodes:
         node.meta["strato_created_by"] = "capture"
     return Captured(gm=gm, method=method)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -9,6 +10,8 @@ import attrs
 from .errors import StrategyError, did_you_mean
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
+DEFAULT_GROUP_SIZE = 128
+"""The int4 group size when Quantize.group_size is None."""
 
 
 def _as_globs(value: Any) -> tuple[str, ...]:
@@ -37,9 +40,9 @@ def _check_choice(choices: tuple):
 
 
 def _check_group_size(instance, attribute, value) -> None:
-    if value not in INT4_GROUP_SIZES:
+    if value is not None and value not in INT4_GROUP_SIZES:
         raise StrategyError(
-            f"Quantize.group_size: expected one of {INT4_GROUP_SIZES}, got {value!r}."
+            f"Quantize.group_size: expected one of {INT4_GROUP_SIZES} or None, got {value!r}."
         )
 
 
@@ -58,15 +61,21 @@ def _check_alpha(instance, attribute, value) -> None:
 
 
 def _check_calibration(instance, attribute, value) -> None:
-    if value is None or callable(value) or isinstance(value, str | list | tuple):
-        if isinstance(value, str) and ":" not in value:
+    if isinstance(value, str) and ":" not in value:
+        raise StrategyError(
+            f"Quantize.calibration: {value!r} is not an import path; write "
+            "'package.module:function' (a function returning a list of batches)."
+        )
+    iterable = isinstance(value, Iterable) and not isinstance(value, Mapping)
+    if value is None or callable(value) or isinstance(value, str) or iterable:
+        if type(value).__name__ == "Tensor":  # iterating a tensor yields rows, not batches
             raise StrategyError(
-                f"Quantize.calibration: {value!r} is not an import path; write "
-                "'package.module:function' (a function returning a list of batches)."
+                "Quantize.calibration: got one tensor; give a list of batches, e.g. [ids] "
+                "or [(ids,), (ids2,)] (each a call of the model)."
             )
         return
     raise StrategyError(
-        "Quantize.calibration: expected a list of batches, a function returning one, an "
+        "Quantize.calibration: expected an iterable of batches, a function returning one, an "
         f"import path 'package.module:function' or None, got {type(value).__name__}."
     )
 
@@ -79,9 +88,10 @@ class Quantize:
     """'int8': one scale per output channel. 'int4': one scale per `group_size` input
     columns of each output channel (8x smaller than fp32; a little less accurate)."""
 
-    group_size: int = attrs.field(default=128, validator=_check_group_size)
-    """int4 only: input columns that share a scale (32, 64, 128 or 256). Layers whose
-    input size is not a multiple are zero-padded to one."""
+    group_size: int | None = attrs.field(default=None, validator=_check_group_size)
+    """int4 only: input columns that share a scale (32, 64, 128 or 256; None: 128). Layers
+    whose input size is not a multiple are zero-padded to one. An error with int8, which
+    has one scale per output channel."""
 
     symmetric: bool = attrs.field(default=True, validator=_check_bool)
     """True: scales only (zero maps to zero). False: a zero point per channel/group too,
@@ -97,10 +107,12 @@ class Quantize:
     rounding error over the columns not yet quantized, which keeps outputs closer."""
 
     calibration: Any = attrs.field(default=None, validator=_check_calibration, eq=False)
-    """Sample inputs for method='gptq' and for activations='int8' (SmoothQuant), as a list
-    of batches (each a tensor, an args tuple, or an (args, kwargs) pair), a function
-    returning one, or an import path 'package.module:function' to such a function (the
-    YAML form). None: the example inputs given to strato.compile."""
+    """Sample inputs for method='gptq' and for activations='int8' (SmoothQuant): calls of
+    the model, as an iterable of batches (each a tensor, an args tuple, or an (args,
+    kwargs) pair), a function returning one, or an import path 'package.module:function'
+    to such a function (the YAML form). Required by 'gptq' (calibrating on the example
+    inputs would measure quality on the text it was fitted to); SmoothQuant without it
+    calibrates on the example inputs and warns. An error where nothing calibrates."""
 
     smoothquant_alpha: float | None = attrs.field(default=0.5, validator=_check_alpha)
     """activations='int8' only: SmoothQuant migration strength (0: none, 1: all of the
@@ -113,6 +125,11 @@ class Quantize:
     skip: tuple[str, ...] = attrs.field(default=(), converter=_as_globs)
     """Layers left in float, as fnmatch globs on module paths ('lm_head', '*.attention.*')."""
 
+    @property
+    def int4_group_size(self) -> int:
+        """The group size int4 weights use (`group_size`, default 128)."""
+        return self.group_size if self.group_size is not None else DEFAULT_GROUP_SIZE
+
     def __attrs_post_init__(self) -> None:
         if self.method == "gptq" and self.weights != "int4":
             raise StrategyError(
@@ -122,4 +139,23 @@ class Quantize:
             raise StrategyError(
                 "Quantize.activations: 'int8' activations need weights='int8' and "
                 f"symmetric=True (got weights={self.weights!r}, symmetric={self.symmetric})."
+            )
+        if self.group_size is not None and self.weights != "int4":
+            raise StrategyError(
+                f"Quantize.group_size: applies to weights='int4' only (weights={self.weights!r} "
+                f"has one scale per output channel); drop group_size={self.group_size} or use "
+                "weights='int4'."
+            )
+        calibrates = self.method == "gptq" or self.activations == "int8"
+        if self.calibration is not None and not calibrates:
+            raise StrategyError(
+                "Quantize.calibration: only method='gptq' and activations='int8' calibrate; "
+                f"weights={self.weights!r} with method={self.method!r} rounds each weight to "
+                "the nearest level and reads no data. Drop calibration, or set method='gptq'."
+            )
+        if self.method == "gptq" and self.calibration is None:
+            raise StrategyError(
+                "Quantize.calibration: method='gptq' needs calibration batches (calls of the "
+                "model on text like what it will serve, e.g. 32-128 sequences), given as "
+                "Quantize(..., calibration=[...]); they are never taken from the example inputs."
             )

@@ -4,9 +4,12 @@ Matches ATen `linear(x, W, b)`, `addmm(b, x, W.t())` and `mm(x, W.t())` where W 
 2-D float `get_attr`, and `addmm(b, x, V)` / `mm(x, V)` on a constant V = W.t() stored
 [in, out] (GPT-2's Conv1D); packs W as the strategy asks (kernels/quantized_linear.py) and
 registers the packed tensors on the graph module. Layers whose module path matches a
-`Quantize.skip` glob stay float. With int8 activations, the graph first runs on the
-calibration inputs to record each layer's per-input-channel |x| maximum (SmoothQuant).
-Decisions land in ctx.records['quantize']: per layer, the scheme and bytes before/after.
+`Quantize.skip` glob stay float; a glob matching no layer, or a model with no linear
+layer, is a StrategyError. GPTQ (Hessians X^T X) and SmoothQuant (per-input-channel |x|
+maxima) calibrate by running the user's model eagerly on `Quantize.calibration`; the
+statistics and the packed weights are kept per model, so every graph of it (forward,
+generate's prefill and decode) shares them. Decisions land in ctx.records['quantize']:
+per layer, the scheme and bytes before/after.
 """
 
 from __future__ import annotations
@@ -15,17 +18,23 @@ import contextlib
 import fnmatch
 import importlib
 import itertools
+import time
+import warnings
+import weakref
 from collections.abc import Iterable
 
 import torch
 import torch.fx as fx
+from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakTensorKeyDictionary
 
+from ..compiler.capture import model_mode
 from ..compiler.context import CompileContext
-from ..compiler.errors import StrategyError
+from ..compiler.errors import StrategyError, did_you_mean
 from ..compiler.pass_manager import graph_pass
 from ..compiler.quantize_config import Quantize
 from ..kernels import quantized_linear as ql
-from ..runtime.calls import bind_call, capture_defaults
+from ..runtime.calls import capture_defaults
 from .annotate import getattr_path
 
 aten = torch.ops.aten
@@ -107,29 +116,159 @@ def is_skipped(path: str, weight_target: str, globs: Iterable[str]) -> str | Non
 
 
 # ---------------------------------------------------------------------- calibration
+# Statistics of each layer's input come from running the user's model eagerly on the
+# calibration batches, keyed by weight tensor: every graph of the model (its forward, the
+# prefill and decode graphs of generate) then quantizes each weight from the same numbers,
+# and the calibration runs once per model, not once per graph.
 
-_observed: dict[str, torch.Tensor] = {}
+_TRANSPOSES_EAGER = {
+    torch.Tensor.t,
+    torch.t,
+    torch.Tensor.transpose,
+    torch.transpose,
+    torch.Tensor.permute,
+    torch.permute,
+    torch.Tensor.T.__get__,
+    torch.Tensor.mT.__get__,
+}
+_MATMULS_EAGER = {
+    torch.Tensor.mm,
+    torch.mm,
+    torch.Tensor.matmul,
+    torch.matmul,
+    torch.Tensor.__matmul__,
+}
+_ADDMMS_EAGER = {torch.Tensor.addmm, torch.addmm}
 
 
-def _observe_absmax(key: str, x: torch.Tensor) -> None:
-    """Graph hook: fold max |x| over every dim but the last into `_observed[key]`."""
-    absmax = x.detach().abs().float().reshape(-1, x.shape[-1]).amax(dim=0)
-    seen = _observed.get(key)
-    _observed[key] = absmax if seen is None else torch.maximum(seen, absmax)
+class _LayerInputs(TorchFunctionMode):
+    """Calls `observe(weight, x)` for every linear product of x with a watched 2-D weight:
+    F.linear(x, W), addmm(b, x, W or W.t()), mm/matmul/@ (x, W or W.t())."""
+
+    def __init__(self, weights: dict[int, torch.Tensor], observe) -> None:
+        super().__init__()
+        self.weights = weights
+        self.views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.observe = observe
+
+    def _watched(self, value) -> torch.Tensor | None:
+        if not isinstance(value, torch.Tensor):
+            return None
+        if id(value) in self.weights and self.weights[id(value)] is value:
+            return value
+        view = self.views.get(id(value))
+        return view[1] if view is not None and view[0] is value else None
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.nn.functional.linear:
+            x, w = args[0], args[1] if len(args) > 1 else kwargs.get("weight")
+        elif func in _ADDMMS_EAGER:
+            x, w = args[1], args[2]
+        elif func in _MATMULS_EAGER:
+            x, w = args[0], args[1]
+        else:
+            if (
+                func in _TRANSPOSES_EAGER
+                and args
+                and (weight := self._watched(args[0])) is not None
+            ):
+                self.views[id(out)] = (out, weight)  # kept alive for the run: ids stay unique
+            return out
+        weight = self._watched(w)
+        if weight is not None and isinstance(x, torch.Tensor):
+            self.observe(weight, x.detach())
+        return out
 
 
-def _observe_hessian(key: str, x: torch.Tensor) -> None:
-    """Graph hook: add X^T X of the layer input (rows = tokens) into `_observed[key]`."""
-    rows = x.detach().double().reshape(-1, x.shape[-1])
-    gram = rows.t() @ rows
-    seen = _observed.get(key)
-    _observed[key] = gram if seen is None else seen + gram
+def _absmax_observer(stats):
+    def observe(weight, x):
+        absmax = x.abs().float().reshape(-1, x.shape[-1]).amax(dim=0)
+        seen = stats.get(weight)
+        stats[weight] = absmax if seen is None else torch.maximum(seen, absmax)
+
+    return observe
 
 
-def calibration_batches(config: Quantize, ctx: CompileContext) -> list[tuple[tuple, dict]]:
-    """The calibration inputs as (args, kwargs) pairs; the example inputs by default."""
+def _hessian_observer(stats):
+    """X^T X of each weight's input rows (fp32 products summed in fp64); sibling layers
+    reading the same input (q/k/v, gate/up) share one product."""
+    last: list = [None, None]
+
+    def observe(weight, x):
+        if last[0] is not x:
+            rows = x.float().reshape(-1, x.shape[-1])
+            last[0], last[1] = x, (rows.t() @ rows).double()
+        seen = stats.get(weight)
+        stats[weight] = last[1] if seen is None else seen + last[1]
+
+    return observe
+
+
+_statistics: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""model -> {(calibration source id, statistic, weight versions): {weight: statistic}}."""
+
+
+def served_model(ctx: CompileContext) -> tuple[torch.nn.Module, str]:
+    """The user's model a graph computes and its module-path prefix in the graph: the
+    model itself, or the model a wrapper (generate's KVCacheStep) names `wrapped_model`."""
+    inner = getattr(ctx.model, "wrapped_model", None)
+    if isinstance(inner, torch.nn.Module):
+        return inner, ctx.model.wrapped_prefix
+    return ctx.model, ""
+
+
+def layer_statistics(
+    config: Quantize, ctx: CompileContext, statistic: str
+) -> WeakTensorKeyDictionary:
+    """Per weight tensor, the per-channel |x| maximum ('absmax') or X^T X ('hessian') of the
+    layer inputs over the calibration batches (computed once per model and source)."""
+    model, _ = served_model(ctx)
+    versions = tuple(p._version for p in model.parameters())
+    key = (id(config.calibration), statistic, versions)
+    cached = _statistics.setdefault(model, {})
+    if key not in cached:
+        started = time.perf_counter()
+        stats = WeakTensorKeyDictionary()
+        weights = {id(p): p for p in [*model.parameters(), *model.buffers()] if p.dim() == 2}
+        observe = (_absmax_observer if statistic == "absmax" else _hessian_observer)(stats)
+        batches = calibration_batches(config, ctx, model)
+        with torch.no_grad(), _LayerInputs(weights, observe), model_mode(model, training=False):
+            for i, (args, kwargs) in enumerate(batches):
+                try:
+                    model(*args, **kwargs)
+                except Exception as exc:
+                    raise StrategyError(
+                        f"Quantize.calibration: batch {i} does not run through "
+                        f"{type(model).__name__} ({type(exc).__name__}: {exc}). Give calls of "
+                        "the model: a tensor, an args tuple, or an (args, kwargs) pair."
+                    ) from exc
+        cached.clear()  # statistics of older weights or sources are stale
+        cached[key] = stats
+        ctx.record(
+            "quantize_calibration", batches=len(batches), seconds=time.perf_counter() - started
+        )
+    return cached[key]
+
+
+def calibration_batches(config: Quantize, ctx: CompileContext, model: torch.nn.Module):
+    """The calibration inputs as (args, kwargs) calls of `model`; without a source (only
+    SmoothQuant allows none) the example inputs, with a warning."""
     source = config.calibration
     if source is None:
+        if model is not ctx.model:
+            raise StrategyError(
+                f"Quantize.calibration: SmoothQuant (activations='int8') calibrates on calls of "
+                f"{type(model).__name__}, and this graph ({type(ctx.model).__name__}) has no "
+                "such example inputs; pass calibration=[batches]."
+            )
+        warnings.warn(
+            "strato: Quantize.calibration is None, so SmoothQuant (activations='int8') measures "
+            "activation ranges on strato.compile's example inputs; pass calibration=[batches] "
+            "of representative inputs.",
+            stacklevel=2,
+        )
         return [(tuple(ctx.example_args), dict(ctx.example_kwargs))]
     if isinstance(source, str):
         module_name, _, attr = source.partition(":")
@@ -149,56 +288,21 @@ def calibration_batches(config: Quantize, ctx: CompileContext) -> list[tuple[tup
         ):
             batches.append((batch[0], batch[1]))
         elif isinstance(batch, tuple):
-            batches.append((batch, dict(ctx.example_kwargs)))
+            batches.append((batch, {}))
         elif isinstance(batch, torch.Tensor):
-            batches.append(((batch,), dict(ctx.example_kwargs)))
+            batches.append(((batch,), {}))
+        elif isinstance(batch, dict):
+            batches.append(((), batch))
         else:
             raise StrategyError(
                 f"Quantize.calibration: batch {i} is a {type(batch).__name__}; give a tensor, "
-                "an args tuple, or an (args, kwargs) pair."
+                "an args tuple, a kwargs dict, or an (args, kwargs) pair."
             )
     if not batches:
         raise StrategyError("Quantize.calibration: no batches; give at least one.")
-    # The graph takes calls in the canonical form it was captured from (runtime/calls.py):
-    # bind each batch as a call of the model would be, defaults such as use_cache filled.
-    defaults = capture_defaults(ctx.model)
-    bound = [bind_call(ctx.model, args, kwargs, defaults) for args, kwargs in batches]
-    return [(call.args, call.kwargs) for call in bound]
-
-
-def calibrate(
-    gm: fx.GraphModule,
-    layers: dict[str, fx.Node],
-    batches: list[tuple[tuple, dict]],
-    statistic: str,
-) -> dict[str, torch.Tensor]:
-    """Run `gm` on the batches with observers on each layer's input; returns, per layer,
-    the per-channel |x| maximum ('absmax') or the Gram matrix X^T X ('hessian')."""
-    observer = _observe_absmax if statistic == "absmax" else _observe_hessian
-    hooks = []
-    for key, node in layers.items():
-        x = match_linear(node)[0]  # type: ignore[index]
-        with gm.graph.inserting_before(node):
-            hooks.append(gm.graph.call_function(observer, (key, x)))
-    gm.recompile()
-    _observed.clear()
-    try:
-        with torch.no_grad():
-            for i, (args, kwargs) in enumerate(batches):
-                try:
-                    gm(*args, **kwargs)
-                except Exception as exc:
-                    raise StrategyError(
-                        f"Quantize.calibration: batch {i} does not run through the captured "
-                        f"graph ({type(exc).__name__}: {exc}). Give batches shaped like the "
-                        "example inputs (only the batch dimension may differ)."
-                    ) from exc
-        return dict(_observed)
-    finally:
-        _observed.clear()
-        for hook in hooks:
-            gm.graph.erase_node(hook)
-        gm.recompile()
+    # Calls as the model's graphs see them: defaults such as use_cache=False filled.
+    defaults = capture_defaults(model)
+    return [(args, {**defaults, **kwargs}) for args, kwargs in batches]
 
 
 # ---------------------------------------------------------------------- the pass
@@ -234,12 +338,34 @@ def _quantize_weight(
     if config.weights == "int4":
         return ql.quantize_int4(
             weight,
-            group_size=config.group_size,
+            group_size=config.int4_group_size,
             symmetric=config.symmetric,
             hessian=stat if config.method == "gptq" else None,
             name=name,
         )
     return ql.quantize_int8(weight, symmetric=config.symmetric, name=name)
+
+
+_packed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+"""model -> {(weight ids, versions, config, statistic id): QuantizedWeight}: the graphs of
+one model (forward, prefill, decode) share each packed weight instead of packing it again."""
+
+
+def _packed_once(model, stored, config, stat, name, values) -> ql.QuantizedWeight:
+    """The packed weight of `values` stacked (one layer: as is), packed on first request."""
+    key = (
+        tuple(id(t) for t in stored),
+        tuple(t._version for t in stored),
+        config,
+        id(stat) if stat is not None else None,
+    )
+    cache = _packed.setdefault(model, {})
+    if key not in cache:
+        for stale in [k for k in cache if k[0] == key[0] and k[1] != key[1]]:
+            del cache[stale]  # packed from these weights before they changed
+        stacked = values[0] if len(values) == 1 else torch.cat([v.detach() for v in values])
+        cache[key] = _quantize_weight(stacked, config, f"layer {name!r}", stat)
+    return cache[key]
 
 
 def _op_args(qw: ql.QuantizedWeight, x, attrs_nodes: dict, bias) -> tuple:
@@ -279,35 +405,41 @@ def quantize_linears(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     if ctx.training:
         ctx.record("quantize", skipped_graph="training graphs are not quantized")
         return gm
+    model, prefix = served_model(ctx)
     layers: dict[str, fx.Node] = {}
     skipped: dict[str, str] = {}
+    seen: list[str] = []
+    used_globs: set[str] = set()
     counter = itertools.count()
     for node in gm.graph.nodes:
         match = match_linear(node)
         if match is None:
             continue
         weight = match[1]
-        path = layer_path(node, weight)
+        path = layer_path(node, weight).removeprefix(prefix)
         value = linear_weight(gm, node, weight)
         if not isinstance(value, torch.Tensor) or value.dim() != 2 or not value.is_floating_point():
             skipped[path] = "weight is not a 2-D float tensor"
             continue
-        glob = is_skipped(path, str(weight.target), config.skip)
+        seen.append(path)
+        glob = is_skipped(path, str(weight.target).removeprefix(prefix), config.skip)
         if glob is not None:
             skipped[path] = f"matches skip glob {glob!r}"
+            used_globs.add(glob)
             continue
         key = path if path not in layers else f"{path}#{next(counter)}"
         layers[key] = node
+    _check_layers_found(config, model, seen, used_globs, skipped)
 
-    stats: dict[str, torch.Tensor] = {}
+    stats: WeakTensorKeyDictionary | dict = {}
     if layers and (config.activations == "int8" or config.method == "gptq"):
         statistic = "absmax" if config.activations == "int8" else "hessian"
-        stats = calibrate(gm, layers, calibration_batches(config, ctx), statistic)
+        stats = layer_statistics(config, ctx, statistic)
 
     records: dict[str, dict] = {}
     with single_threaded():
         for group in sibling_groups(layers, config, gm):
-            records.update(_rewrite_group(gm, group, config, stats.get(group[0][0])))
+            records.update(_rewrite_group(gm, group, config, stats, model))
     gm.graph.lint()
     gm.recompile()
     ctx.record(
@@ -321,11 +453,39 @@ def quantize_linears(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     return gm
 
 
+def _check_layers_found(config, model, seen: list[str], used_globs: set[str], skipped) -> None:
+    """A quantize request that changes nothing, or a skip glob matching no layer, is an
+    error naming it (before the graph changes)."""
+    name = type(model).__name__
+    unused = [glob for glob in config.skip if glob not in used_globs]
+    if unused:
+        near = did_you_mean(unused[0], seen)
+        listed = ", ".join(seen[:8]) + (", ..." if len(seen) > 8 else "")
+        raise StrategyError(
+            f"Quantize.skip: {unused[0]!r} matches no linear layer of {name} (globs match "
+            f"module paths or weight names; its layers: {listed or 'none'}).{near}"
+        )
+    if not seen:
+        raise StrategyError(
+            f"Strategy.quantize: {name} has no linear layers on constant 2-D float weights "
+            "(nn.Linear, F.linear, addmm/mm such as GPT-2's Conv1D), so nothing would be "
+            f"quantized{' (' + ', '.join(skipped) + ' are not 2-D float)' if skipped else ''}; "
+            "drop Strategy.quantize for this model."
+        )
+    if len(skipped) == len(seen):
+        warnings.warn(
+            f"strato: every linear layer of {name} matches a Quantize.skip glob "
+            f"({', '.join(config.skip)}); nothing is quantized.",
+            stacklevel=2,
+        )
+
+
 def _rewrite_group(
     gm: fx.GraphModule,
     members: list[tuple[str, fx.Node]],
     config: Quantize,
-    stat: torch.Tensor | None,
+    stats,
+    model: torch.nn.Module,
 ) -> dict[str, dict]:
     """Quantize the weights of layers sharing one input as one [sum N, K] weight (one layer:
     as is), register the packed tensors, swap in one op (sliced per layer); their records.
@@ -337,11 +497,12 @@ def _rewrite_group(
     x = matches[0][0]
     weights = [m[1] for m in matches]
     values = [linear_weight(gm, node, w) for (_, node), w in zip(members, weights)]
+    stored = [getattr_path(gm, w.target) for w in weights]
     first_key, first = members[0]
-    stacked = values[0] if len(values) == 1 else torch.cat([v.detach() for v in values])
-    qw = _quantize_weight(stacked, config, f"layer {first_key!r}", stat)
+    stat = stats.get(stored[0]) if isinstance(stored[0], torch.Tensor) else None
+    qw = _packed_once(model, stored, config, stat, first_key, values)
     safe = str(weights[0].target).replace(".", "_")
-    if first_key != layer_path(first, weights[0]):  # the same weight feeding several layers
+    if "#" in first_key:  # the same weight feeding several layers
         safe += f"_{first_key.rpartition('#')[2]}"
     if len(members) > 1:
         safe += f"__stacked{len(members)}"
@@ -378,7 +539,7 @@ def _rewrite_group(
             clone.meta.update(node.meta)
             out = clone
         node.replace_all_uses_with(out)
-        records[key] = _retire(gm, key, node, match, value, qw, buffers, start, stacked.shape[0])
+        records[key] = _retire(gm, key, node, match, value, qw, buffers, start, qw.out_features)
         start += rows
     if len(members) > 1:
         new.meta["val"] = first.meta["val"].new_empty((*first.meta["val"].shape[:-1], start))
@@ -422,7 +583,7 @@ def single_threaded():
 
 
 def _scheme_name(config: Quantize) -> str:
-    weights = f"int4 g{config.group_size}" if config.weights == "int4" else "int8"
+    weights = f"int4 g{config.int4_group_size}" if config.weights == "int4" else "int8"
     if config.method == "gptq":
         weights += " gptq"
     kind = "sym" if config.symmetric else "asym"

@@ -72,26 +72,69 @@ def _cache_kwarg(model: nn.Module) -> str | None:
 
 def position_limit(config) -> int | None:
     """How many positions the model's position table holds (None: no stated limit)."""
+    return _position_field(config)[0]
+
+
+def _position_field(config) -> tuple[int | None, str | None]:
     for field in ("max_position_embeddings", "n_positions"):
         value = getattr(config, field, None)
         if isinstance(value, int) and value > 0:
-            return value
-    return None
+            return value, f"config.{field}"
+    return None, None
 
 
-def check_length(config, prompt_len: int, max_new_tokens: int) -> None:
-    """A request longer than the model's position table is refused, naming both numbers."""
-    limit = position_limit(config)
-    total = prompt_len + max_new_tokens
-    if limit is not None and total > limit:
-        field = next(
-            f for f in ("max_position_embeddings", "n_positions") if getattr(config, f, None)
-        )
-        raise GenerationError(
-            f"generate: prompt length {prompt_len} + max_new_tokens {max_new_tokens} = {total} "
-            f"tokens exceeds the model's position table (config.{field} = {limit}); shorten the "
-            "prompt or ask for fewer tokens."
-        )
+@attrs.frozen
+class CacheLayout:
+    """What serving a causal LM needs besides its step graphs: the static caches' shapes
+    and dtype and the position limit (an exported artifact stores it in its manifest)."""
+
+    layers: int
+    """Decoder layers (the caches' first dim)."""
+    key_shape: tuple[int, int]
+    """(kv_heads, head_dim) of one layer's keys."""
+    value_shape: tuple[int, int]
+    """(kv_heads, head_dim) of one layer's values."""
+    dtype: str
+    """The caches' dtype: the model's parameters' ('float32', 'bfloat16', ...)."""
+    position_limit: int | None
+    """The most tokens (prompt + new) the model's positions cover; None: no stated limit."""
+    position_field: str | None
+    """Where that limit comes from, e.g. 'config.max_position_embeddings'."""
+
+    def cache_shapes(self, batch: int, max_len: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of the (keys, values) caches [layers, batch, kv_heads, max_len, head_dim]."""
+        (kh, kd), (vh, vd) = self.key_shape, self.value_shape
+        return (self.layers, batch, kh, max_len, kd), (self.layers, batch, vh, max_len, vd)
+
+    def check_length(self, prompt_len: int, max_new_tokens: int) -> None:
+        """A request longer than the model's position table is refused, naming both numbers."""
+        total = prompt_len + max_new_tokens
+        if self.position_limit is not None and total > self.position_limit:
+            raise GenerationError(
+                f"generate: prompt length {prompt_len} + max_new_tokens {max_new_tokens} = "
+                f"{total} tokens exceeds the model's position table ({self.position_field} = "
+                f"{self.position_limit}); shorten the prompt or ask for fewer tokens."
+            )
+
+    def to_json(self) -> dict:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> CacheLayout:
+        try:
+            layout = cls(
+                layers=int(data["layers"]),
+                key_shape=tuple(int(d) for d in data["key_shape"]),
+                value_shape=tuple(int(d) for d in data["value_shape"]),
+                dtype=str(data["dtype"]),
+                position_limit=data["position_limit"],
+                position_field=data["position_field"],
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise GenerationError(f"generation cache layout {data!r} is malformed ({exc})") from exc
+        if not isinstance(getattr(torch, layout.dtype, None), torch.dtype):
+            raise GenerationError(f"generation cache layout: {layout.dtype!r} is not a dtype")
+        return layout
 
 
 def _layer_windows(config, n_layers: int) -> list[int | None]:
@@ -181,10 +224,21 @@ class KVCacheStep(nn.Module):
             )
         return shapes
 
-    def cache_shapes(self, batch: int, max_len: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        k, v = self.layer_shapes[0]
-        n = len(self.layer_shapes)
-        return (n, batch, k[1], max_len, k[3]), (n, batch, v[1], max_len, v[3])
+    wrapped_prefix = "model."
+    """Module paths of the model's layers in this step's graphs start with this (the quantize
+    pass matches `Quantize.skip` globs on the paths without it)."""
+
+    @property
+    def wrapped_model(self) -> nn.Module:
+        """The causal LM this step runs (the quantize pass calibrates on calls of it)."""
+        return self.model
+
+    def layout(self) -> CacheLayout:
+        """The static caches' shapes and dtype and the model's position limit."""
+        (k, v), n = self.layer_shapes[0], len(self.layer_shapes)
+        limit, field = _position_field(self.model.config)
+        dtype = str(next(self.model.parameters()).dtype).removeprefix("torch.")
+        return CacheLayout(n, (k[1], k[3]), (v[1], v[3]), dtype, limit, field)
 
     def forward(self, ids, pos, attention_mask, keys, values):
         from transformers.cache_utils import Cache
@@ -323,36 +377,49 @@ class Generation:
 class Generator:
     """Generation with compiled prefill and decode-step graphs and a static KV cache.
 
-    The two graphs are compiled on first use from that call's sizes and serve every later
-    batch, prompt length and cache length: capture keeps those sizes symbolic, and the
-    compiled model captures again (once, with a note) where a model fixes one. `max_len`
-    fixes the cache length of every call (None: each call's prompt + new tokens, rounded
-    up to CACHE_ALIGN); `batch` and `max_len` are the sizes `graph`, `empty_cache` and
-    `full_mask` use when not told others."""
+    The two graphs are compiled on first use and serve every later batch, prompt length
+    and cache length: they are captured from inputs of at least two rows, tokens and
+    slots, so capture keeps those sizes symbolic from 1 up (the compiled model captures
+    again, once, with a note, where a model fixes one). `max_len` fixes the cache length
+    of every call (None: each call's prompt + new tokens, rounded up to CACHE_ALIGN);
+    `batch` and `max_len` are the sizes `graph`, `empty_cache` and `full_mask` use when
+    not told others. `Generator.serving` runs graphs loaded from an artifact instead."""
 
     def __init__(
         self, model: nn.Module, strategy=None, *, max_len: int | None = 256, batch: int = 1
     ):
-        self.step = KVCacheStep(model)
+        self.step: KVCacheStep | None = KVCacheStep(model)
         self.model = model
         self.strategy = strategy
+        self.layout = self.step.layout()
         self.max_len = max_len
         self.batch = batch
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
         self._graphs: dict[str, nn.Module] = {}
 
+    @classmethod
+    def serving(cls, layout: CacheLayout, graphs: dict, *, max_len: int | None = None):
+        """A Generator over already-built 'prefill' and 'decode' step graphs (a loaded
+        artifact's), with caches as `layout` says, on CPU."""
+        self = cls.__new__(cls)
+        self.step, self.model, self.strategy = None, None, None
+        self.layout, self.max_len, self.batch = layout, max_len, 1
+        self.dtype, self.device = getattr(torch, layout.dtype), torch.device("cpu")
+        self._graphs = dict(graphs)
+        return self
+
     def cache_len(self, total: int) -> int:
         """Cache slots for a request of `total` tokens (prompt + new)."""
         if self.max_len is not None:
             return self.max_len
         length = -(-total // CACHE_ALIGN) * CACHE_ALIGN
-        limit = position_limit(self.model.config)
+        limit = self.layout.position_limit
         return min(length, limit) if limit is not None else length
 
     def empty_cache(self, batch: int | None = None, max_len: int | None = None):
         """Zeroed (keys, values) caches [layers, batch, kv_heads, max_len, head_dim]."""
-        shapes = self.step.cache_shapes(batch or self.batch, max_len or self.cache_len(1))
+        shapes = self.layout.cache_shapes(batch or self.batch, max_len or self.cache_len(1))
         return tuple(torch.zeros(s, dtype=self.dtype, device=self.device) for s in shapes)
 
     def full_mask(self, batch: int | None = None, max_len: int | None = None) -> torch.Tensor:
@@ -362,13 +429,21 @@ class Generator:
 
     def graph(self, q_len: int, batch: int | None = None, max_len: int | None = None):
         """The compiled step for `q_len` new tokens: the decode graph for 1, else the prefill
-        graph (one for every prompt length), built on first use from inputs of these sizes."""
+        graph (one for every prompt length), built on first use."""
         kind = "decode" if q_len == 1 else "prefill"
         if kind not in self._graphs:
+            if self.step is None:
+                raise GenerationError(f"generate: this artifact has no {kind} graph")
             from ..compiler.capture import model_mode
             from ..compiler.compile import compile
 
-            batch, max_len = batch or self.batch, max_len or self.cache_len(q_len)
+            # Example sizes of at least 2 (export fixes a size it sees as 1, to 1): the
+            # graphs then serve every batch, prompt and cache length.
+            batch = max(batch or self.batch, 2)
+            max_len = max(max_len or self.cache_len(q_len), CACHE_ALIGN)
+            if self.layout.position_limit is not None:
+                max_len = min(max_len, self.layout.position_limit)
+            q_len = 1 if kind == "decode" else min(max(q_len, 2), max_len)
             keys, values = self.empty_cache(batch, max_len)
             ids = torch.zeros(batch, q_len, dtype=torch.long, device=self.device)
             pos = torch.zeros((), dtype=torch.long, device=self.device)
@@ -393,10 +468,13 @@ class Generator:
     ) -> Generation:
         """Continue `prompt` [batch, P] (left-padded where `attention_mask` is 0) by up to
         `max_new_tokens` tokens; stops early once every row has produced an `eos_token_id`,
-        after which a row gets `pad_token_id` (default: the first eos id)."""
-        prompt, mask = self._check_request(prompt, max_new_tokens, attention_mask)
+        after which a row gets `pad_token_id` (default: the first eos id). Without a mask,
+        leading `pad_token_id`s are padding (see `prompt_mask`)."""
         _check_sampling(temperature, top_k, top_p)
         eos = _token_ids(eos_token_id, "eos_token_id")
+        prompt, mask = self._check_request(
+            prompt, max_new_tokens, attention_mask, pad_token_id, eos
+        )
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         eos_ids = torch.tensor(eos, dtype=torch.long, device=self.device)
         batch, length = prompt.shape[0], self.cache_len(prompt.shape[1] + max_new_tokens)
@@ -435,7 +513,7 @@ class Generator:
             new_tokens=len(tokens) - 1,
         )
 
-    def _check_request(self, prompt, max_new_tokens, attention_mask):
+    def _check_request(self, prompt, max_new_tokens, attention_mask, pad_token_id, eos):
         if not isinstance(prompt, torch.Tensor) or prompt.dim() != 2 or prompt.dtype != torch.long:
             got = tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
             raise GenerationError(
@@ -445,7 +523,7 @@ class Generator:
             raise GenerationError(
                 f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}"
             )
-        check_length(self.model.config, prompt.shape[1], max_new_tokens)
+        self.layout.check_length(prompt.shape[1], max_new_tokens)
         total = prompt.shape[1] + max_new_tokens
         if self.max_len is not None and total > self.max_len:
             raise GenerationError(
@@ -453,21 +531,55 @@ class Generator:
                 f"{total} exceeds max_len={self.max_len}; build the Generator with a larger max_len."
             )
         prompt = prompt.to(self.device)
-        if attention_mask is None:
-            return prompt, torch.ones_like(prompt)
+        return prompt, prompt_mask(prompt, attention_mask, pad_token_id, eos)
+
+
+def prompt_mask(
+    prompt: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    pad_token_id: int | None,
+    eos: Sequence[int] = (),
+) -> torch.Tensor:
+    """The prompt's slot mask [batch, P] (1 = token, 0 = left padding).
+
+    Given a mask, it must mark left padding. Without one, as transformers' generate: leading
+    `pad_token_id`s are padding when that id is no eos id; rows that end in it are right
+    padding, refused. When the pad id is unknown or an eos id, rows that start with runs of
+    an eos id (the usual pad of such models) of different lengths look padded and are
+    refused too (a mask is then the only way to tell): never silently attended to."""
+    if attention_mask is not None:
         if attention_mask.shape != prompt.shape:
             raise GenerationError(
                 f"generate: attention_mask has shape {tuple(attention_mask.shape)}, input_ids "
                 f"{tuple(prompt.shape)}; they must match."
             )
-        mask = attention_mask.to(device=self.device, dtype=torch.long)
+        mask = attention_mask.to(device=prompt.device, dtype=torch.long)
         if not bool((mask[:, -1] == 1).all()) or bool((mask.diff(dim=1) < 0).any()):
             raise GenerationError(
                 "generate: attention_mask must mark left padding (zeros before each row's "
                 "tokens, ones after, the last column all ones); pad prompts on the left "
                 "(tokenizer.padding_side = 'left')."
             )
-        return prompt, mask
+        return mask
+    if pad_token_id is not None and pad_token_id not in eos:
+        is_pad = prompt == pad_token_id
+        mask = (~is_pad).long().cummax(dim=1).values  # 0 on each row's leading pads
+        if bool(is_pad[:, -1].any()):
+            raise GenerationError(
+                f"generate: a prompt row ends with pad_token_id={pad_token_id} (right padding); "
+                "pad prompts on the left (tokenizer.padding_side = 'left') or pass attention_mask."
+            )
+        return mask
+    for token in eos:
+        leading = (prompt != token).long().cummax(dim=1).values.eq(0).sum(dim=1)
+        if prompt.shape[0] > 1 and bool((leading != leading[0]).any()):
+            raise GenerationError(
+                f"generate: prompt rows start with different numbers of token {token} (an eos "
+                f"id, the usual padding of this model: {leading.tolist()} per row), and no "
+                "attention_mask says whether that is padding; pass attention_mask (the "
+                "tokenizer returns it with padding=True), or a pad_token_id that is no eos id."
+            )
+    return torch.ones_like(prompt)
 
 
 # ---------------------------------------------------------------------- compiled.generate
@@ -475,6 +587,28 @@ class Generator:
 
 def generate(
     compiled,
+    input_ids: torch.Tensor,
+    max_new_tokens: int = 20,
+    **options,
+) -> torch.Tensor:
+    """`compiled.generate`: token ids [batch, prompt + new] continuing `input_ids`; options
+    as `run_generation`, eos/pad ids defaulting to the model's `generation_config`."""
+    model = compiled.model
+    check_causal_lm(model)
+    config = getattr(model, "generation_config", None)
+    defaults = {
+        "eos_token_id": getattr(config, "eos_token_id", None),
+        "pad_token_id": getattr(config, "pad_token_id", None),
+    }
+    return run_generation(
+        compiled, generator_for(compiled), defaults, input_ids, max_new_tokens, **options
+    )
+
+
+def run_generation(
+    owner,
+    runner: Generator,
+    defaults: dict,
     input_ids: torch.Tensor,
     max_new_tokens: int = 20,
     *,
@@ -487,14 +621,15 @@ def generate(
     generator: torch.Generator | None = None,
     seed: int | None = None,
 ) -> torch.Tensor:
-    """`compiled.generate`: token ids [batch, prompt + new] continuing `input_ids`.
+    """Token ids [batch, prompt + new] continuing `input_ids` through `runner`; the
+    Generation lands on `owner.last_generation`.
 
-    eos/pad ids default to the model's `generation_config`, as transformers' `generate`;
-    pass `eos_token_id=[]` to always produce `max_new_tokens`. Sampling (temperature > 0)
-    draws from `generator`, or from a fresh one seeded with `seed`, else torch's default.
+    eos/pad ids default to `defaults` (the model's `generation_config`), as transformers'
+    `generate`; pass `eos_token_id=[]` to always produce `max_new_tokens`. Prompts of
+    different lengths are left-padded, with `attention_mask` (or leading pad ids, see
+    `prompt_mask`). Sampling (temperature > 0) draws from `generator`, or from a fresh one
+    seeded with `seed`, else torch's default.
     """
-    model = compiled.model
-    check_causal_lm(model)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise GenerationError(
             "generate: input_ids must be a [batch, length] tensor of token ids, got "
@@ -504,17 +639,15 @@ def generate(
         raise GenerationError(
             f"generate: max_new_tokens must be an int >= 1, got {max_new_tokens!r}"
         )
-    check_length(model.config, input_ids.shape[1], max_new_tokens)
-    config = getattr(model, "generation_config", None)
+    runner.layout.check_length(input_ids.shape[1], max_new_tokens)
     if eos_token_id is None:
-        eos_token_id = getattr(config, "eos_token_id", None)
+        eos_token_id = defaults.get("eos_token_id")
     if pad_token_id is None:
-        pad_token_id = getattr(config, "pad_token_id", None)
+        pad_token_id = defaults.get("pad_token_id")
     if seed is not None:
         if generator is not None:
             raise GenerationError("generate: pass either generator or seed, not both")
         generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-    runner = _generator_for(compiled)
     result = runner.generate(
         input_ids,
         max_new_tokens,
@@ -526,11 +659,11 @@ def generate(
         pad_token_id=pad_token_id,
         generator=generator,
     )
-    vars(compiled)["last_generation"] = result
+    vars(owner)["last_generation"] = result
     return result.tokens
 
 
-def _generator_for(compiled) -> Generator:
+def generator_for(compiled) -> Generator:
     """The compiled model's Generator (built on its first generate call)."""
     runner = vars(compiled).get("_generator")
     if runner is None:

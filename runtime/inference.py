@@ -42,14 +42,16 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch.utils import _pytree as pytree
 
-from ..compiler.errors import StratoError
+from ..compiler.errors import InputError, StratoError
 
 FORMAT = "strato-inference"
-VERSION = 2
-READABLE_VERSIONS = (1, 2)
-"""Version 2 added the kernels/ members of fused graphs."""
+VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
+"""Version 2 added the kernels/ members of fused graphs; 3 the graphs/ step graphs of
+generate, each graph's map from its tensor names to stored weights, and input size ranges."""
 MEMBERS = ("manifest.json", "graph.json", "weights.safetensors")
 KERNEL_MEMBER = re.compile(r"kernels/[A-Za-z0-9_]+\.py")
+GRAPH_MEMBER = re.compile(r"graphs/(prefill|decode)\.json")
 
 _OPERATORS = {
     f"operator.{name}": getattr(operator, name)
@@ -195,10 +197,74 @@ def _import_strato_ops() -> None:
 
 
 def _value_spec(value: Any) -> dict | None:
+    """dtype, shape (None: a symbolic size) and each symbolic size's [low, high] range
+    (high None: no bound) of a placeholder's fake value."""
     if not isinstance(value, torch.Tensor):
         return None
     shape = [int(d) if isinstance(d, int) else None for d in value.shape]
-    return {"dtype": str(value.dtype).removeprefix("torch."), "shape": shape}
+    ranges = [None if isinstance(d, int) else _size_range(d) for d in value.shape]
+    return {"dtype": str(value.dtype).removeprefix("torch."), "shape": shape, "range": ranges}
+
+
+def _size_range(size) -> list[int | None]:
+    """[low, high] a symbolic size may take, from the shape environment export built."""
+    try:
+        bounds = size.node.shape_env.bound_sympy(size.node.expr)
+    except AttributeError:
+        return [0, None]
+
+    def bound(value):
+        return int(value) if getattr(value, "is_Integer", False) else None
+
+    return [bound(bounds.lower) or 0, bound(bounds.upper)]
+
+
+def cap_input_ranges(inputs: list[dict], caps: dict[str, dict[int, int]]) -> None:
+    """Bound symbolic sizes by what serving allows (caps[input name][dim] = most)."""
+    for spec in inputs:
+        for dim, most in caps.get(spec.get("name"), {}).items():
+            ranges = spec.get("range")
+            if ranges and dim < len(ranges) and ranges[dim] is not None:
+                low, high = ranges[dim]
+                ranges[dim] = [low, most if high is None else min(high, most)]
+
+
+def _relax_size_one(gm: fx.GraphModule, inputs: list[dict], captured: dict) -> None:
+    """Export states a symbolic size's range from 2 (it treats 1 apart); where the graph's
+    own shape guards (export's `_guards_fn`, the checks the compiled model runs) accept
+    size 1 for it (in every input dim of that size at once), the artifact serves 1 too.
+    Probed on meta tensors: nothing computes."""
+    guards = getattr(gm, "_guards_fn", None)
+    guard_node = next(
+        (n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"), None
+    )
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if guards is None or guard_node is None or len(placeholders) != len(inputs):
+        return
+    sizes: dict[str, list[tuple[int, int]]] = {}  # symbol -> (input, dim) it sizes
+    for i, node in enumerate(placeholders):
+        value = captured.get(node.name)
+        for dim, size in enumerate(getattr(value, "shape", ())):
+            if not isinstance(size, int) and inputs[i]["range"][dim][0] == 2:
+                sizes.setdefault(str(size), []).append((i, dim))
+    index = {n: i for i, n in enumerate(placeholders)}
+    for where in sizes.values():
+        shapes = {i: list(placeholders[i].meta["val"].shape) for i, _ in where}
+        for i, dim in where:
+            shapes[i][dim] = 1
+        args = []
+        for a in guard_node.args:
+            value = placeholders[index[a]].meta.get("val") if a in index else a
+            if isinstance(value, torch.Tensor):
+                shape = shapes.get(index[a], tuple(value.shape))
+                value = torch.empty(shape, dtype=value.dtype, device="meta")
+            args.append(value)
+        try:
+            guards(*args)
+        except Exception:  # the guards refuse 1 (or cannot run on meta tensors)
+            continue
+        for i, dim in where:
+            inputs[i]["range"][dim][0] = 1
 
 
 # ---------------------------------------------------------------------- export
@@ -206,12 +272,16 @@ def _value_spec(value: Any) -> dict | None:
 
 def graph_to_json(gm: fx.GraphModule) -> tuple[dict, dict[str, torch.Tensor]]:
     """The JSON form of `gm` and the tensors its get_attr nodes read."""
+    from ..compiler.capture import INPUT_VALUES
+
+    captured = gm.meta.get(INPUT_VALUES, {})
     nodes, tensors, inputs = [], {}, []
     for node in gm.graph.nodes:
         entry: dict[str, Any] = {"op": node.op, "name": node.name}
         if node.op == "placeholder":
             entry["target"] = str(node.target)
-            inputs.append({"name": node.name, **(_value_spec(node.meta.get("val")) or {})})
+            value = captured.get(node.name, node.meta.get("val"))
+            inputs.append({"name": node.name, **(_value_spec(value) or {})})
         elif node.op == "get_attr":
             value = gm
             for part in str(node.target).split("."):
@@ -236,6 +306,7 @@ def graph_to_json(gm: fx.GraphModule) -> tuple[dict, dict[str, torch.Tensor]]:
                 "only ATen/strato op calls, tensors and inputs can be exported."
             )
         nodes.append(entry)
+    _relax_size_one(gm, inputs, captured)
     codegen = gm.graph._codegen
     info = getattr(codegen, "pytree_info", None)
     graph = {
@@ -248,32 +319,70 @@ def graph_to_json(gm: fx.GraphModule) -> tuple[dict, dict[str, torch.Tensor]]:
     return graph, tensors
 
 
-def export(engine, path: str | os.PathLike) -> Path:
+def export(engine, path: str | os.PathLike, *, generation: bool | None = None) -> Path:
     """Write `engine`'s inference (eval-mode) graph and weights to one artifact file.
 
-    The file is written next to `path` and renamed into place, so a failed export never
-    leaves a half-written artifact behind.
+    For a Hugging Face causal LM (or with `generation=True`) the artifact also holds the
+    prefill and decode step graphs of `compiled.generate` (built now if not yet), so
+    `strato.load(path).generate(...)` decodes with a KV cache; weights the graphs share are
+    stored once. The file is written next to `path` and renamed into place, so a failed
+    export never leaves a half-written artifact behind.
     """
     from .compiled_model import CompiledModel
+    from .generate import GenerationError, check_causal_lm, generator_for, position_limit
 
     if not isinstance(engine, CompiledModel):
         raise TypeError(f"strato.export takes a compiled model, got {type(engine).__name__}")
-    compiled = engine._graph_for(False)
-    if compiled.ctx.records.get("lower_quantized_linears", {}).get("lowered"):
-        raise ArtifactError(
-            "strato.export: this eval graph was lowered to this machine's CPU kernels and layouts "
-            "(Strategy(inference_backend='inductor'), pass lower_quantized_linears); those "
-            "layouts are not portable. Export a model compiled with inference_backend='fx'."
-        )
-    graph, tensors = graph_to_json(compiled.gm)
-    kernels = _fused_kernels(compiled.gm)
-    if kernels:
-        graph["kernels"] = {name: region for name, (region, _) in kernels.items()}
-    graph_bytes = json.dumps(graph, separators=(",", ":")).encode()
+    graphs = {"graph.json": _batch_symbolic(engine, engine._graph_for(False))}
+    extra: dict[str, Any] = {}
+    if generation is None or generation:
+        try:
+            check_causal_lm(engine.model)
+        except GenerationError as exc:
+            if generation:
+                raise ArtifactError(f"strato.export(generation=True): {exc}") from exc
+        else:
+            runner = generator_for(engine)
+            for kind, q_len in (("prefill", 2), ("decode", 1)):
+                graphs[f"graphs/{kind}.json"] = runner.graph(q_len)._graph_for(False)
+            config = getattr(engine.model, "generation_config", None)
+            extra["generation"] = {
+                "layout": runner.layout.to_json(),
+                "eos_token_id": getattr(config, "eos_token_id", None),
+                "pad_token_id": getattr(config, "pad_token_id", None),
+            }
+    for member, compiled in graphs.items():
+        if compiled.ctx.records.get("lower_quantized_linears", {}).get("lowered"):
+            raise ArtifactError(
+                f"strato.export: the {member} graph was lowered to this machine's CPU kernels and "
+                "layouts (Strategy(inference_backend='inductor'), pass lower_quantized_linears); "
+                "those layouts are not portable. Export a model compiled with "
+                "inference_backend='fx' and load it with strato.load(path, "
+                "inference_backend='inductor')."
+            )
+    weights = _SharedWeights()
+    members: dict[str, bytes] = {}
+    kernels: dict[str, tuple[dict, str]] = {}
+    limit = position_limit(getattr(engine.model, "config", None))
+    for member, compiled in graphs.items():
+        graph, tensors = graph_to_json(compiled.gm)
+        if limit is not None:  # token and cache-slot sizes stop at the model's positions
+            if member == "graph.json":
+                tokens = [s for s in graph["inputs"] if s.get("dtype") in ("int64", "int32")]
+                caps = {s["name"]: {1: limit} for s in tokens if len(s.get("shape", [])) >= 2}
+            else:
+                caps = {"ids": {1: limit}, "attention_mask": {1: limit}}
+                caps.update({"keys": {3: limit}, "values": {3: limit}})
+            cap_input_ranges(graph["inputs"], caps)
+        graph["weights"] = {target: weights.add(target, t) for target, t in tensors.items()}
+        graph_kernels = _fused_kernels(compiled.gm)
+        if graph_kernels:
+            graph["kernels"] = {name: region for name, (region, _) in graph_kernels.items()}
+            kernels.update(graph_kernels)
+        members[member] = json.dumps(graph, separators=(",", ":")).encode()
     sources = {f"kernels/{name}.py": source.encode() for name, (_, source) in kernels.items()}
-    # safetensors wants distinct, contiguous storages: tied tensors are written once each.
-    weights_bytes = save_safetensors({k: v.contiguous().clone() for k, v in tensors.items()})
-    quant = compiled.ctx.records.get("quantize", {})
+    weights_bytes = save_safetensors(weights.tensors)
+    quant = graphs["graph.json"].ctx.records.get("quantize", {})
     manifest = {
         "format": FORMAT,
         "version": VERSION,
@@ -281,18 +390,20 @@ def export(engine, path: str | os.PathLike) -> Path:
         "strato_version": _strato_version(),
         "model": type(engine.model).__name__,
         "files": {
-            "graph.json": hashlib.sha256(graph_bytes).hexdigest(),
+            **{member: hashlib.sha256(data).hexdigest() for member, data in members.items()},
             "weights.safetensors": hashlib.sha256(weights_bytes).hexdigest(),
             **{member: hashlib.sha256(data).hexdigest() for member, data in sources.items()},
         },
         "quantize": {k: quant[k] for k in ("scheme", "bytes_before", "bytes_after") if k in quant},
+        **extra,
     }
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
             zf.writestr("manifest.json", json.dumps(manifest, indent=1))
-            zf.writestr("graph.json", graph_bytes)
+            for member, data in members.items():
+                zf.writestr(member, data)
             zf.writestr("weights.safetensors", weights_bytes)
             for member, data in sources.items():
                 zf.writestr(member, data)
@@ -300,6 +411,65 @@ def export(engine, path: str | os.PathLike) -> Path:
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _batch_symbolic(engine, compiled):
+    """The eval graph, or, when export fixed its batch to the example's 1 (it treats size 1
+    apart), the same graph captured again from the example repeated to 2 rows, so the
+    artifact serves every batch size (the compiled model itself captures again on demand)."""
+    from ..compiler.capture import INPUT_VALUES
+    from .calls import bind_call, capture_defaults
+
+    captured = compiled.gm.meta.get(INPUT_VALUES, {})
+    fixed_one = [
+        v
+        for v in captured.values()
+        if isinstance(v, torch.Tensor)
+        and v.dim()
+        and isinstance(v.shape[0], int)
+        and v.shape[0] == 1
+    ]
+    if not fixed_one or engine._sharding_pass():
+        return compiled
+
+    def doubled(value):
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == 1:
+            return value.expand(2, *value.shape[1:]).clone()
+        return value
+
+    ctx = compiled.ctx
+    args = pytree.tree_map(doubled, tuple(ctx.example_args))
+    kwargs = pytree.tree_map(doubled, dict(ctx.example_kwargs))
+    call = bind_call(engine.model, args, kwargs, capture_defaults(engine.model))
+    return engine._build_graph(False, call)
+
+
+class _SharedWeights:
+    """The tensors of every exported graph, each distinct one stored once (by content: the
+    graphs of one model share their float and packed weights), under its first name."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._by_content: dict[tuple, str] = {}
+        self._by_storage: dict[tuple, str] = {}
+
+    def add(self, target: str, tensor: torch.Tensor) -> str:
+        tensor = tensor.detach()
+        where = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape), tensor.stride())
+        if where in self._by_storage:
+            return self._by_storage[where]
+        # safetensors wants distinct, contiguous storages: tied tensors are written once each.
+        copy = tensor.cpu().contiguous().clone()
+        raw = copy.reshape(-1).view(torch.uint8).numpy()
+        content = (str(copy.dtype), tuple(copy.shape), hashlib.sha256(raw).hexdigest())
+        if content not in self._by_content:
+            name = target
+            while name in self.tensors:  # another graph's different tensor of the same name
+                name += "_"
+            self._by_content[content] = name
+            self.tensors[name] = copy
+        self._by_storage[where] = self._by_content[content]
+        return self._by_content[content]
 
 
 def _fused_kernels(gm: fx.GraphModule) -> dict[str, tuple[dict, str]]:
@@ -331,12 +501,25 @@ def _strato_version() -> str:
 
 def read_artifact(
     path: str | os.PathLike,
-) -> tuple[dict, dict, dict[str, torch.Tensor], dict[str, str]]:
-    """(manifest, graph, tensors, kernel sources by member name) of a verified artifact;
-    raises ArtifactError otherwise."""
+) -> tuple[dict, dict[str, dict], dict[str, torch.Tensor], dict[str, str]]:
+    """(manifest, graphs by member name, tensors, kernel sources by member name) of a
+    verified artifact; raises ArtifactError otherwise."""
     path = Path(path)
+    if not path.exists():
+        raise ArtifactError(
+            f"strato.load: {path} does not exist (no such file); give the path strato.export wrote."
+        )
+    if path.is_dir():
+        raise ArtifactError(
+            f"strato.load: {path} is a folder; give the artifact file strato.export wrote "
+            "(e.g. model.strato), not a checkpoint or save_pretrained folder."
+        )
     if not zipfile.is_zipfile(path):
-        raise ArtifactError(f"{path}: not a Strato inference artifact (not a zip archive).")
+        raise ArtifactError(
+            f"{path}: not a Strato inference artifact (strato.export writes a zip archive "
+            "with a manifest; this file is not one). Checkpoints load with "
+            "engine.load_checkpoint, Hugging Face weights with from_pretrained."
+        )
     try:
         return _read_verified(path)
     except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as exc:
@@ -345,7 +528,9 @@ def read_artifact(
         ) from exc
 
 
-def _read_verified(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor], dict[str, str]]:
+def _read_verified(
+    path: Path,
+) -> tuple[dict, dict[str, dict], dict[str, torch.Tensor], dict[str, str]]:
     with zipfile.ZipFile(path) as zf:
         names = zf.namelist()
         pickles = [n for n in names if n.endswith((".pkl", ".pickle")) or "data/" in n]
@@ -355,12 +540,15 @@ def _read_verified(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor], dic
                 "writes). Strato artifacts hold only JSON and safetensors; export with strato.export."
             )
         kernel_members = sorted(n for n in names if KERNEL_MEMBER.fullmatch(n))
-        if sorted(names) != sorted([*MEMBERS, *kernel_members]):
+        graph_members = sorted(n for n in names if GRAPH_MEMBER.fullmatch(n))
+        optional = [*kernel_members, *graph_members]
+        if sorted(names) != sorted([*MEMBERS, *optional]):
             raise ArtifactError(
                 f"{path}: not a Strato inference artifact: members {sorted(names)}, "
-                f"expected exactly {list(MEMBERS)} (and kernels/<op>.py sources)."
+                f"expected exactly {list(MEMBERS)} (and kernels/<op>.py sources, "
+                "graphs/<name>.json step graphs)."
             )
-        data = {name: zf.read(name) for name in [*MEMBERS, *kernel_members]}
+        data = {name: zf.read(name) for name in [*MEMBERS, *optional]}
     try:
         manifest = json.loads(data["manifest.json"])
     except ValueError as exc:
@@ -373,13 +561,17 @@ def _read_verified(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor], dic
             f"versions {', '.join(map(str, READABLE_VERSIONS))}."
         )
     files = manifest.get("files", {})
-    listed = sorted(n for n in files if KERNEL_MEMBER.fullmatch(str(n)))
-    if listed != kernel_members:
-        raise ArtifactError(
-            f"{path}: kernel sources {kernel_members} do not match the manifest's {listed}; "
-            "the archive was modified. Re-export the model."
-        )
-    for name in [*MEMBERS[1:], *kernel_members]:
+    for kind, pattern, present in (
+        ("kernel sources", KERNEL_MEMBER, kernel_members),
+        ("step graphs", GRAPH_MEMBER, graph_members),
+    ):
+        listed = sorted(n for n in files if pattern.fullmatch(str(n)))
+        if listed != present:
+            raise ArtifactError(
+                f"{path}: {kind} {present} do not match the manifest's {listed}; "
+                "the archive was modified. Re-export the model."
+            )
+    for name in [*MEMBERS[1:], *optional]:
         expected = files.get(name)
         actual = hashlib.sha256(data[name]).hexdigest()
         if actual != expected:
@@ -388,23 +580,26 @@ def _read_verified(path: Path) -> tuple[dict, dict, dict[str, torch.Tensor], dic
                 f"says {str(expected)[:16]}.... Re-export the model."
             )
     try:
-        graph = json.loads(data["graph.json"])
+        graphs = {name: json.loads(data[name]) for name in ["graph.json", *graph_members]}
         tensors = load_safetensors(data["weights.safetensors"])
         sources = {name: data[name].decode() for name in kernel_members}
     except Exception as exc:
         raise ArtifactError(f"{path}: cannot parse the graph, weights or kernels ({exc}).") from exc
-    return manifest, graph, tensors, sources
+    return manifest, graphs, tensors, sources
 
 
-def register_kernels(path, graph: dict, sources: dict[str, str]) -> None:
-    """Register the fused ops an artifact's graph calls from its regions and sources."""
+def register_kernels(path, graphs: dict[str, dict], sources: dict[str, str]) -> None:
+    """Register the fused ops the artifact's graphs call from their regions and sources."""
     from ..codegen.region import RegionFormatError, region_from_json
     from ..kernels.fused import KernelMismatchError, register_exported
 
-    regions = graph.get("kernels") or {}
-    if not isinstance(regions, dict) or sorted(f"kernels/{n}.py" for n in regions) != sorted(
-        sources
-    ):
+    regions: dict = {}
+    for graph in graphs.values():
+        found = graph.get("kernels") or {}
+        if not isinstance(found, dict):
+            raise ArtifactError(f"{path}: graph.json's kernels are malformed. Re-export the model.")
+        regions.update(found)
+    if sorted(f"kernels/{n}.py" for n in regions) != sorted(sources):
         raise ArtifactError(
             f"{path}: graph.json's kernels {sorted(regions)} do not match the kernel sources "
             f"{sorted(sources)} in the archive. Re-export the model."
@@ -440,19 +635,24 @@ def _load_spec(text: str | None):
 
 
 def graph_from_json(graph: dict, tensors: dict[str, torch.Tensor]) -> fx.GraphModule:
-    """Rebuild the GraphModule `graph_to_json` described, on `tensors`."""
+    """Rebuild the GraphModule `graph_to_json` described, on `tensors` (stored weights,
+    which graph["weights"] maps its tensor names to; without that map, by the same name)."""
+    stored = graph.get("weights")
+    names = stored if isinstance(stored, dict) else None
     g = fx.Graph()
     nodes: dict[str, fx.Node] = {}
+    used: dict[str, torch.Tensor] = {}
     for entry in graph["nodes"]:
         op, name = entry["op"], entry["name"]
         if op == "placeholder":
             node = g.placeholder(entry["target"])
         elif op == "get_attr":
-            if entry["target"] not in tensors:
-                raise ArtifactError(
-                    f"graph.json: get_attr {entry['target']!r} has no tensor in weights"
-                )
-            node = g.get_attr(entry["target"])
+            target = entry["target"]
+            key = names.get(target) if names is not None else target
+            if key not in tensors:
+                raise ArtifactError(f"graph.json: get_attr {target!r} has no tensor in weights")
+            used[target] = tensors[key]
+            node = g.get_attr(target)
         elif op == "call_function":
             target = _resolve_target(entry["target"])
             args = tuple(_decode(entry["args"], nodes))
@@ -465,7 +665,7 @@ def graph_from_json(graph: dict, tensors: dict[str, torch.Tensor]) -> fx.GraphMo
         node.name = name
         nodes[name] = node
     root = torch.nn.Module()
-    for target, tensor in tensors.items():
+    for target, tensor in (used if names is not None else tensors).items():
         owner = root
         *parents, attr = target.split(".")
         for part in parents:
@@ -485,7 +685,8 @@ def graph_from_json(graph: dict, tensors: dict[str, torch.Tensor]) -> fx.GraphMo
 
 
 class LoadedModel(torch.nn.Module):
-    """A model loaded from an artifact: call it like the compiled model it was exported from."""
+    """A model loaded from an artifact: call it like the compiled model it was exported from;
+    `generate` decodes with a KV cache when the artifact holds step graphs (causal LMs)."""
 
     def __init__(
         self,
@@ -494,6 +695,7 @@ class LoadedModel(torch.nn.Module):
         inputs: list[dict],
         run: Callable | None = None,
         lowering: dict | None = None,
+        steps: dict[str, LoadedModel] | None = None,
     ) -> None:
         super().__init__()
         self.gm = gm
@@ -503,12 +705,33 @@ class LoadedModel(torch.nn.Module):
         """What lower_quantized_linears did when loaded with inference_backend='inductor'."""
         self._run = gm if run is None else run
         self._signature = inspect.signature(gm.forward)
+        self.steps = dict(steps or {})
+        """The prefill and decode step graphs of `generate`, each a LoadedModel."""
+        self._generator = None
         self.eval()
 
     def forward(self, *args, **kwargs):
         self._check_inputs(args, kwargs)
         with torch.no_grad():
             return self._run(*args, **kwargs)
+
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **options):
+        """Token ids [batch, prompt + new] continuing `input_ids`, as the exported model's
+        `compiled.generate` (same options; eos/pad ids default to its generation_config)."""
+        from .generate import CacheLayout, Generator, run_generation
+
+        generation = self.manifest.get("generation")
+        if not generation or sorted(self.steps) != ["decode", "prefill"]:
+            raise ArtifactError(
+                f"loaded model: this artifact of {self.manifest.get('model')} holds no generation "
+                "step graphs; export a Hugging Face causal LM (strato.export(compiled, path)) "
+                "to generate from the file."
+            )
+        if self._generator is None:
+            layout = CacheLayout.from_json(generation["layout"])
+            self._generator = Generator.serving(layout, self.steps)
+        defaults = {k: generation.get(k) for k in ("eos_token_id", "pad_token_id")}
+        return run_generation(self, self._generator, defaults, input_ids, max_new_tokens, **options)
 
     def _check_inputs(self, args, kwargs) -> None:
         try:
@@ -521,23 +744,51 @@ class LoadedModel(torch.nn.Module):
         if len(leaves) != len(self.inputs):
             return  # the graph's own pytree flattening reports the mismatch
         for spec, value in zip(self.inputs, leaves):
-            if "shape" not in spec or not isinstance(value, torch.Tensor):
-                continue
-            shape = spec["shape"]
-            ok = len(shape) == value.dim() and all(
-                d is None or d == s for d, s in zip(shape, value.shape)
-            )
-            if not ok or str(value.dtype).removeprefix("torch.") != spec["dtype"]:
-                want = ", ".join("*" if d is None else str(d) for d in shape)
-                raise ValueError(
-                    f"loaded model: input {spec['name']!r} must be {spec['dtype']}[{want}] "
-                    f"(* = any size), got {str(value.dtype).removeprefix('torch.')}{list(value.shape)}. "
-                    "Export again from a model compiled with inputs of the shape you need."
-                )
+            if "shape" in spec and isinstance(value, torch.Tensor):
+                _check_input(spec, value)
 
     @property
     def quantization(self) -> dict:
         return dict(self.manifest.get("quantize", {}))
+
+
+def _dim_text(size: int | None, bounds: list | None) -> str:
+    if size is not None:
+        return str(size)
+    if bounds is None:
+        return "*"
+    low, high = bounds
+    return f"{low}..{high}" if high is not None else f"{low}+"
+
+
+def _check_input(spec: dict, value: torch.Tensor) -> None:
+    """An InputError when `value` is not of the dtype and within the sizes the graph serves."""
+    shape = spec["shape"]
+    ranges = spec.get("range") or [None] * len(shape)
+    dtype = str(value.dtype).removeprefix("torch.")
+    bad = None
+    if len(shape) != value.dim():
+        bad = f"it has {value.dim()} dims, the graph takes {len(shape)}"
+    elif dtype != spec["dtype"]:
+        bad = f"its dtype is {dtype}"
+    else:
+        for d, (size, bounds, got) in enumerate(zip(shape, ranges, value.shape)):
+            if size is not None and got != size:
+                bad = f"dim {d} is {got}; this graph fixed it to {size}"
+            elif size is None and bounds is not None:
+                low, high = bounds
+                if got < low or (high is not None and got > high):
+                    bad = f"dim {d} is {got}, outside the {_dim_text(None, bounds)} it serves"
+            if bad:
+                break
+    if bad is None:
+        return
+    want = ", ".join(_dim_text(s, r) for s, r in zip(shape, ranges))
+    raise InputError(
+        f"loaded model: input {spec['name']!r} must be {spec['dtype']}[{want}] (a..b: any "
+        f"size from a to b), got {dtype}{list(value.shape)}: {bad}. Sizes outside the range "
+        "need a model compiled (and exported) for them."
+    )
 
 
 def _for_inductor(gm: fx.GraphModule, inputs: list[dict]) -> tuple[fx.GraphModule, Callable, dict]:
@@ -583,21 +834,33 @@ def load(path: str | os.PathLike, inference_backend: str = "fx") -> LoadedModel:
             f"strato.load: inference_backend must be one of {', '.join(INFERENCE_BACKENDS)}, "
             f"got {inference_backend!r}."
         )
-    manifest, graph, tensors, sources = read_artifact(path)
-    register_kernels(path, graph, sources)
-    try:
-        gm = graph_from_json(graph, tensors)
-    except ArtifactError as exc:
-        raise ArtifactError(f"{path}: {exc}") from exc
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ArtifactError(
-            f"{path}: graph.json is malformed ({type(exc).__name__}: {exc})."
-        ) from exc
-    inputs = graph.get("inputs", [])
-    if inference_backend == "inductor":
-        gm, run, lowering = _for_inductor(gm, inputs)
-        return LoadedModel(gm, manifest, inputs, run=run, lowering=lowering)
-    return LoadedModel(gm, manifest, inputs)
+    manifest, graphs, tensors, sources = read_artifact(path)
+    register_kernels(path, graphs, sources)
+    loaded = {}
+    for member, graph in graphs.items():
+        try:
+            gm = graph_from_json(graph, tensors)
+        except ArtifactError as exc:
+            raise ArtifactError(f"{path}: {member}: {exc}") from exc
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(
+                f"{path}: {member} is malformed ({type(exc).__name__}: {exc})."
+            ) from exc
+        inputs = graph.get("inputs", [])
+        if inference_backend == "inductor":
+            gm, run, lowering = _for_inductor(gm, inputs)
+            loaded[member] = (gm, inputs, run, lowering)
+        else:
+            loaded[member] = (gm, inputs, None, None)
+    steps = {
+        member.removeprefix("graphs/").removesuffix(".json"): LoadedModel(
+            gm, manifest, inputs, run=run, lowering=lowering
+        )
+        for member, (gm, inputs, run, lowering) in loaded.items()
+        if member != "graph.json"
+    }
+    gm, inputs, run, lowering = loaded["graph.json"]
+    return LoadedModel(gm, manifest, inputs, run=run, lowering=lowering, steps=steps)
 
 
 def artifact_bytes(path: str | os.PathLike) -> int:

@@ -84,8 +84,11 @@ def test_artifact_is_small_and_documents_itself(exported):
     assert "strato::quant_linear_int4" in targets and "aten::linear" not in targets
     served = strato.load(path)
     assert served.quantization["bytes_after"] < served.quantization["bytes_before"] / 4
-    with pytest.raises(ValueError, match="input 'idx' must be int64"):
-        served(ids[:, :5])
+    # One artifact serves other batch sizes and lengths, up to the model's length bound.
+    assert served(ids[:2, :5]).shape == (2, 5, TINY_GPT.vocab_size)
+    too_long = torch.randint(0, TINY_GPT.vocab_size, (1, TINY_GPT.seq_len + 1))
+    with pytest.raises(strato.InputError, match=r"input 'idx' must be int64\[.*\]: dim 1 is 17"):
+        served(too_long)
 
 
 def _rewrite(src: Path, dst: Path, change) -> None:
