@@ -3,15 +3,12 @@
 
 from __future__ import annotations
 
-import datetime
-import os
-import traceback
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from examples.gpt import GPT, GPTConfig
+from tests import multirank
 from tests.training_utils import batch
 
 # Odd sizes everywhere (d_model 33, vocab 97): no parameter divides evenly over 2 or 4
@@ -146,17 +143,7 @@ SCENARIOS = {"train": scenario_train, "mismatch": scenario_mismatch}
 
 
 def run(rank: int, world: int, port: int, spec: dict, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    scenario = SCENARIOS[spec["kind"]]
+    multirank.run_rank(
+        rank, world, port, out_dir, lambda: scenario(rank, world, spec, Path(out_dir))
     )
-    out = Path(out_dir)
-    try:
-        result = SCENARIOS[spec["kind"]](rank, world, spec, out)
-        torch.save(result, out / f"rank{rank}.pt")
-    except BaseException:
-        (out / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
