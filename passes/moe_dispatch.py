@@ -66,6 +66,18 @@ def _region(graph: fx.Graph, layer: str) -> list[fx.Node]:
     ]
 
 
+def _inputs_closure(roots: list[fx.Node], inside: set[fx.Node]) -> set[fx.Node]:
+    """`roots` and every node of `inside` they are computed from."""
+    seen: set[fx.Node] = set()
+    stack = list(roots)
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack += [a for a in node.all_input_nodes if a in inside]
+    return seen
+
+
 def _rewrite_layer(
     gm: fx.GraphModule, path: str, layer: MoE, group, dtype: torch.dtype | None
 ) -> dict:
@@ -94,12 +106,16 @@ def _rewrite_layer(
                 reads.setdefault(role, arg)
             elif isinstance(arg.meta.get("val"), torch.Tensor) and arg not in inputs:
                 inputs.append(arg)
-    outputs = [n for n in nodes if any(u not in inside for u in n.users)]
+    used_outside = [n for n in nodes if any(u not in inside for u in n.users)]
+    outputs = [n for n in used_outside if isinstance(n.meta.get("val"), torch.Tensor)]
+    # Sizes computed here that capture shares with later code (the next layer's capacity
+    # is the same symbolic expression) stay, with what they are computed from.
+    kept = _inputs_closure([n for n in used_outside if n not in outputs], inside)
     if len(inputs) != 1 or len(outputs) != 1 or len(reads) != 3:
         raise PassError(
             f"moe_dispatch: strato.nn.MoE {path!r} was captured with {len(inputs)} tensor "
             f"inputs and {len(outputs)} outputs used outside it (expected 1 and 1: "
-            "forward(x) -> y), reading parameters {sorted(reads)}; call the layer on one tensor."
+            f"forward(x) -> y), reading parameters {sorted(reads)}; call the layer on one tensor."
         )
     (x,), (out,) = inputs, outputs
     name = "moe_dispatch_" + path.replace(".", "_")
@@ -118,8 +134,9 @@ def _rewrite_layer(
     }
     out.replace_all_uses_with(call)
     for node in reversed(nodes):
-        graph.erase_node(node)
-    return {"replaced_nodes": len(nodes), "module": name}
+        if node not in kept:
+            graph.erase_node(node)
+    return {"replaced_nodes": len(nodes) - len(kept), "module": name}
 
 
 @graph_pass(

@@ -77,7 +77,7 @@ def eager_reference(steps: int, layer: dict | None = None):
             loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses, {n: p.detach().clone() for n, p in model.state_dict().items()}
 
 
