@@ -1,4 +1,4 @@
-"""What the benchmarks share: the ~100M-parameter Llama-style model and writing results."""
+"""What the benchmarks share: Llama-style models built from configs, and writing results."""
 
 from __future__ import annotations
 
@@ -6,20 +6,37 @@ import json
 from pathlib import Path
 
 
-def llama_100m():
-    """A Llama-style causal LM of 134M parameters, built from a config (random weights)."""
+def llama(
+    hidden_size: int,
+    intermediate_size: int,
+    layers: int,
+    heads: int,
+    kv_heads: int,
+    vocab_size: int,
+):
+    """A Llama-style causal LM of these sizes (512 positions), random weights, eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        hidden_size=768,
-        intermediate_size=2048,
-        num_hidden_layers=12,
-        num_attention_heads=12,
-        num_key_value_heads=12,
-        vocab_size=32000,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab_size,
         max_position_embeddings=512,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def llama_100m():
+    """A Llama-style causal LM of 134M parameters (12 layers, d=768), random weights."""
+    return llama(768, 2048, layers=12, heads=12, kv_heads=12, vocab_size=32000)
+
+
+def llama_30m():
+    """A Llama-style causal LM of about 30M parameters (6 layers, d=512), random weights."""
+    return llama(512, 1376, layers=6, heads=8, kv_heads=4, vocab_size=16000)
 
 
 def write_json(result: dict, path: str | Path) -> Path:

@@ -27,28 +27,13 @@ import statistics
 import time
 
 import torch
-from common import (
+from common import (  # bench/common.py: scripts here run with bench/ on sys.path
+    llama_30m,
     llama_100m,
     write_json,
-)  # bench/common.py: scripts here run with bench/ on sys.path
+)
 
 import strato
-
-
-def small_llama():
-    """A Llama-style causal LM of about 30M parameters (6 layers, d=512), random weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=512,
-        intermediate_size=1376,
-        num_hidden_layers=6,
-        num_attention_heads=8,
-        num_key_value_heads=4,
-        vocab_size=16000,
-        max_position_embeddings=512,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def cpu_features() -> dict:
@@ -90,7 +75,7 @@ def variants(inductor: bool) -> dict[str, strato.Strategy]:
 
 def run(args) -> dict:
     torch.manual_seed(0)
-    model = llama_100m() if args.model == "llama100m" else small_llama()
+    model = llama_100m() if args.model == "llama100m" else llama_30m()
     prompt = torch.randint(0, model.config.vocab_size, (args.batch, args.prompt))
     new = args.new_tokens
     n_params = sum(p.numel() for p in model.parameters())
