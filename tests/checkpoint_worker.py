@@ -6,16 +6,14 @@ the ranks, so losses can be compared across world sizes and ZeRO stages."""
 
 from __future__ import annotations
 
-import datetime
-import os
 import time
-import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from examples.gpt import GPT
+from tests import multirank
 from tests.training_utils import batch
 from tests.zero_worker import CFG
 
@@ -139,18 +137,13 @@ SCENARIOS = {
 
 
 def run(rank: int, world: int, port: int, spec: dict, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **spec.get("env", {}))
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
+    scenario = SCENARIOS[spec["kind"]]
+    multirank.run_rank(
+        rank,
+        world,
+        port,
+        out_dir,
+        lambda: scenario(rank, spec, Path(out_dir)),
+        env=spec.get("env"),
+        exit_now=spec.get("exit_now", False),  # the group is broken on purpose
     )
-    out = Path(out_dir)
-    try:
-        result = SCENARIOS[spec["kind"]](rank, spec, out)
-        torch.save(result, out / f"rank{rank}.pt")
-    except BaseException:
-        (out / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    if spec.get("exit_now"):  # the group is broken on purpose: do not wait for peers
-        os._exit(0)
-    dist.destroy_process_group()
