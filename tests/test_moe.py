@@ -271,3 +271,47 @@ def test_compiled_training_matches_eager_and_reports_stats():
         == 3 * 8 * 2
     )  # one micro-batch: 3 sequences x 8 tokens x top-2
     assert stats["blocks.0.mlp"]["aux_loss"] > 0
+
+
+def test_hugging_face_llama_with_moe_layers_and_labels():
+    """strato.nn.MoE as the MLP of a tiny Llama, trained with `labels` (the model's own
+    loss) and the aux losses: compiled = eager under SGD, another batch size than the example."""
+    from tests.conftest import tiny_llama
+
+    def build():
+        torch.manual_seed(0)
+        model = tiny_llama()
+        for block in model.model.layers:
+            block.mlp = strato.nn.MoE(32, 24, 4, 2, capacity_factor=1.0, z_loss_weight=1e-3)
+        return model
+
+    eager, model = build(), build()
+    ids = torch.randint(0, 100, (3, 7), generator=torch.Generator().manual_seed(0))
+    strategy = strato.Strategy(optimizer=strato.SGD(lr=0.1, momentum=0.0))
+    engine = strato.compile(
+        model, strategy, example_kwargs={"input_ids": ids[:2], "labels": ids[:2]}
+    )
+    optimizer = torch.optim.SGD(eager.parameters(), lr=0.1)
+    for _ in range(2):
+        loss = engine.train_step(input_ids=ids, labels=ids)
+        want = eager(input_ids=ids, labels=ids).loss
+        want.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        assert abs(loss - float(want.detach())) <= TOL
+    for (name, got), want in zip(model.named_parameters(), eager.parameters()):
+        torch.testing.assert_close(got, want, atol=TOL, rtol=0, msg=name)
+    assert engine.stats()["moe"]["model.layers.0.mlp"]["dropped_tokens"] >= 0
+
+
+def test_unrecognised_hugging_face_moe_block_is_named():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=50,
+                           num_local_experts=4)  # fmt: skip
+    model = MixtralForCausalLM(config)
+    ids = torch.randint(0, 50, (2, 5))
+    strategy = strato.Strategy(optimizer=strato.SGD(lr=0.1), moe=strato.ExpertParallel(size=2))
+    with pytest.raises(strato.StratoError, match=r"model.layers.0.mlp \(MixtralSparseMoeBlock\)"):
+        strato.compile(model, strategy, example_kwargs={"input_ids": ids, "labels": ids})
