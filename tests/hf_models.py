@@ -18,76 +18,88 @@ def _token_batch(step: int, size: int, length: int) -> torch.Tensor:
     return torch.where(noise, torch.randint(0, VOCAB, ids.shape, generator=g), ids)
 
 
-def hf_model(name: str, seed: int = 0) -> torch.nn.Module:
-    """A two-layer model of the named family, dropout off (so fp32 and low-precision runs
-    see the same network, and runs are comparable step by step)."""
+FAMILIES = {
+    "gpt2": (
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        {"n_layer": 2, "n_head": 2, "n_embd": 32, "vocab_size": VOCAB, "n_positions": 64},
+        ("resid_pdrop", "embd_pdrop", "attn_pdrop"),
+    ),
+    "llama": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        {
+            "num_hidden_layers": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "vocab_size": VOCAB,
+            "max_position_embeddings": 64,
+        },
+        ("attention_dropout",),
+    ),
+    "bert": (
+        "BertConfig",
+        "BertForMaskedLM",
+        {
+            "num_hidden_layers": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "vocab_size": VOCAB,
+            "max_position_embeddings": 64,
+        },
+        ("hidden_dropout_prob", "attention_probs_dropout_prob"),
+    ),
+    "t5": (
+        "T5Config",
+        "T5ForConditionalGeneration",
+        {
+            "num_layers": 2,
+            "num_decoder_layers": 2,
+            "d_model": 32,
+            "d_ff": 64,
+            "d_kv": 8,
+            "num_heads": 4,
+            "vocab_size": VOCAB,
+            "decoder_start_token_id": 0,
+            "pad_token_id": 0,
+        },
+        ("dropout_rate",),
+    ),
+    "vit": (
+        "ViTConfig",
+        "ViTForImageClassification",
+        {
+            "image_size": 16,
+            "patch_size": 4,
+            "num_channels": 3,
+            "num_hidden_layers": 2,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "num_labels": 5,
+        },
+        ("hidden_dropout_prob", "attention_probs_dropout_prob"),
+    ),
+}
+"""Family -> (transformers config class, model class, its two-layer sizes, the config
+fields that set its dropout)."""
+
+
+def hf_model(name: str, seed: int = 0, dropout: float = 0.0, **config) -> torch.nn.Module:
+    """A two-layer model of the named family. Dropout is off by default (so fp32 and
+    low-precision runs see the same network, and runs are comparable step by step);
+    `config` overrides the family's sizes or any other config field."""
     import transformers as tf
 
+    if name not in FAMILIES:
+        raise ValueError(f"unknown model family {name!r}; families: {', '.join(FAMILIES)}")
+    config_class, model_class, sizes, dropout_fields = FAMILIES[name]
     torch.manual_seed(seed)
-    if name == "gpt2":
-        config = tf.GPT2Config(
-            n_layer=2,
-            n_head=2,
-            n_embd=32,
-            vocab_size=VOCAB,
-            n_positions=64,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
-        return tf.GPT2LMHeadModel(config)
-    if name == "llama":
-        config = tf.LlamaConfig(
-            num_hidden_layers=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            vocab_size=VOCAB,
-            max_position_embeddings=64,
-        )
-        return tf.LlamaForCausalLM(config)
-    if name == "bert":
-        config = tf.BertConfig(
-            num_hidden_layers=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=4,
-            vocab_size=VOCAB,
-            max_position_embeddings=64,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
-        return tf.BertForMaskedLM(config)
-    if name == "t5":
-        config = tf.T5Config(
-            num_layers=2,
-            num_decoder_layers=2,
-            d_model=32,
-            d_ff=64,
-            d_kv=8,
-            num_heads=4,
-            vocab_size=VOCAB,
-            dropout_rate=0.0,
-            decoder_start_token_id=0,
-            pad_token_id=0,
-        )
-        return tf.T5ForConditionalGeneration(config)
-    if name == "vit":
-        config = tf.ViTConfig(
-            image_size=16,
-            patch_size=4,
-            num_channels=3,
-            num_hidden_layers=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_attention_heads=4,
-            num_labels=5,
-            hidden_dropout_prob=0.0,
-            attention_probs_dropout_prob=0.0,
-        )
-        return tf.ViTForImageClassification(config)
-    raise ValueError(f"unknown model family {name!r}")
+    fields = {**sizes, **{field: dropout for field in dropout_fields}, **config}
+    return getattr(tf, model_class)(getattr(tf, config_class)(**fields))
 
 
 def hf_batch(name: str, step: int, size: int = 4, length: int = 12) -> dict[str, torch.Tensor]:

@@ -4,15 +4,11 @@ out_dir/rank<r>.pt (or its traceback to rank<r>.err)."""
 
 from __future__ import annotations
 
-import datetime
-import os
-import traceback
 import warnings
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
+from tests import multirank
 from tests.hf_models import example_kwargs, hf_batch, hf_model, train_losses
 
 
@@ -50,16 +46,6 @@ def train_variants(rank: int, world: int, spec: dict) -> list[dict]:
 
 
 def run(rank: int, world: int, port: int, spec: dict, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120)
+    multirank.run_rank(
+        rank, world, port, out_dir, lambda: train_variants(rank, world, spec), timeout_s=120
     )
-    out = Path(out_dir)
-    try:
-        torch.save(train_variants(rank, world, spec), out / f"rank{rank}.pt")
-    except BaseException:
-        (out / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
