@@ -396,10 +396,9 @@ def _stages_using(node: fx.Node, stage_of: dict[fx.Node, Any]) -> set[int]:
 
 
 def _register_layout(ctx: CompileContext, record: dict[str, Any]) -> None:
-    """Every rank keeps every parameter, but only the stages that read one keep it up to
-    date, so none counts as holding it whole (`holds_full=False` on every rank, as the
-    whole-tensor gathers need the same layout kinds everywhere: they take it from its
-    writer); the ranks of the first stage using it write it (with ZeRO its shard ranks, which the
+    """Every rank keeps every parameter whole (only the stages that read one keep it
+    current: `engine.full_state_dict()` and eval forwards first broadcast each from its
+    stage, runtime/pipeline/executor.py); the ranks of the first stage using it write it (with ZeRO its shard ranks, which the
     zero pass registers; else that stage's first data-parallel rank)."""
     mesh = ctx.mesh
     ranks = record["ranks"]
@@ -419,7 +418,7 @@ def _register_layout(ctx: CompileContext, record: dict[str, Any]) -> None:
             name,
             tensor,
             {"kind": "box", "starts": [0] * tensor.ndim, "stops": list(tensor.shape)},
-            holds_full=local,
+            holds_full=True,
             writes=writes,
         )
 

@@ -119,8 +119,7 @@ class TrainingEngine(CompiledModel):
             self._tokens += first.numel()
         if not self.training:  # the eval graph has no waits for in-flight parameter gathers
             self.manager.synchronize()
-            if self.pipeline is not None:  # the whole model runs: other stages' weights too
-                self.pipeline.synchronize_parameters()
+            self._refresh_other_stages()  # the whole model runs: other stages' weights too
         return super().forward(*args, **kwargs)
 
     def synchronize(self) -> None:
@@ -357,12 +356,21 @@ class TrainingEngine(CompiledModel):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Whole tensors under the model's own state-dict names (CPU), for any strategy;
         call on every rank."""
+        self._refresh_other_stages()
         return engine_state.full_state_dict(self)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write what transformers' `save_pretrained` writes (config.json, model.safetensors
         with tied weights once) from the whole tensors; call on every rank."""
+        self._refresh_other_stages()
         return engine_state.save_pretrained(self, directory)
+
+    def _refresh_other_stages(self) -> None:
+        """Pipelined: every rank keeps the whole model, but only its stages' parameters are
+        current; whole-model reads first take the others from their stages."""
+        if self.pipeline is not None:
+            self.manager.synchronize()
+            self.pipeline.synchronize_parameters()
 
     def layout(self):
         """(layout per model tensor, alias -> first name) on this rank, from the records."""

@@ -53,6 +53,17 @@ def _owned_piece(tensor: torch.Tensor, layout: TensorLayout, is_full: bool) -> t
     return tensor.detach().reshape(-1)[:k].view(layout.local_shape())
 
 
+def _holds_first_element(layout: TensorLayout) -> bool:
+    """Whether this rank writes the piece that starts at the tensor's first element."""
+    if not layout.steps:
+        return collectives.rank() == 0
+    starts = all(
+        step["lo"] == 0 if step["kind"] == "flat" else not any(step["starts"])
+        for step in layout.steps
+    )
+    return layout.writes and starts
+
+
 def collect_state(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -82,12 +93,14 @@ def collect_state(
                     state.tensors[full_key] = _owned_piece(value, layout, is_full)
                     state.layouts[full_key] = layout
                     state.follows[full_key] = name
-                else:  # per-parameter scalars (AdamW's step): the same on every rank
+                else:  # per-parameter scalars (AdamW's step): the same on every rank that
+                    # updates the parameter; the one holding its first element writes it
+                    # (rank 0 unless a pipeline stage or a shard elsewhere owns it).
                     state.tensors[full_key] = value.detach()
                     state.layouts[full_key] = TensorLayout(
                         tuple(value.shape),
                         str(value.dtype).removeprefix("torch."),
-                        writes=collectives.rank() == 0,
+                        writes=_holds_first_element(layout),
                     )
     state.metadata.update(
         optimizer=type(optimizer).__name__,

@@ -48,7 +48,45 @@ def train(run: dict, rank: int, world: int) -> dict:
     }
 
 
+def checkpoint_round_trip(spec: dict, rank: int, world: int) -> dict:
+    """Train pipelined (P = world, AdamW), save; load into data parallel over the same ranks;
+    train a step there, save; load back into a fresh pipelined engine."""
+    import strato
+
+    size = 8
+
+    def engine(pipeline):
+        strategy = strato.Strategy(optimizer=strato.AdamW(lr=1e-2), pipeline=pipeline)
+        return strato.compile(skip_lm(seed=rank), strategy, example_inputs=tokens(0, size))
+
+    piped = engine(strato.Pipeline(stages=world, microbatches=4))
+    for step in range(3):
+        piped.train_step(*tokens(step, size))
+    piped.save_checkpoint(spec["dir"] + "/piped", async_save=False)
+    piped_full = piped.full_state_dict()
+    plain = engine(None)
+    plain.load_checkpoint(spec["dir"] + "/piped")
+    plain_full = plain.full_state_dict()
+    plain_loss = plain.train_step(*tokens(3, size))
+    plain.save_checkpoint(spec["dir"] + "/plain", async_save=False)
+    plain_after = plain.full_state_dict()
+    back = engine(strato.Pipeline(stages=world, microbatches=4))
+    step = back.load_checkpoint(spec["dir"] + "/plain")
+    return {
+        "piped": piped_full,
+        "plain": plain_full,
+        "plain_after": plain_after,
+        "back": back.full_state_dict(),
+        "step": step,
+        "plain_loss": plain_loss,
+        "back_loss": back.train_step(*tokens(4, size)),
+        "plain_next_loss": plain.train_step(*tokens(4, size)),
+    }
+
+
 def work(rank: int, world: int, spec: dict) -> dict:
+    if "dir" in spec:
+        return checkpoint_round_trip(spec, rank, world)
     return {run["name"]: train(run, rank, world) for run in spec["runs"]}
 
 

@@ -215,3 +215,31 @@ def test_eval_after_pipelined_steps_runs_the_whole_model():
     with torch.no_grad():
         loss = engine(*tokens(1, 8))
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_hugging_face_models_with_labels_match_eager(family):
+    from tests.hf_models import example_kwargs, hf_batch, hf_model
+
+    steps, size, length = 2, 4, 10  # not the example's batch or length
+    reference = hf_model(family)
+    optimizer = torch.optim.SGD(reference.parameters(), lr=LR)
+    want = []
+    for step in range(steps):
+        loss = reference(**hf_batch(family, step, size, length)).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        want.append(loss.item())
+    engine = strato.compile(
+        hf_model(family), _strategy(m=2), example_kwargs=example_kwargs(family)
+    )
+    record = engine.context.records["pipeline_cut"]
+    assert [s["modules"][0] for s in record["stages"]][1].endswith(".1")  # cut before layer 1
+    got = [engine.train_step(**hf_batch(family, step, size, length)) for step in range(steps)]
+    assert got == pytest.approx(want, abs=TOL)
+    for name, p in engine.model.named_parameters():
+        torch.testing.assert_close(
+            p.detach(), dict(reference.named_parameters())[name].detach(), atol=TOL, rtol=0,
+            msg=name,
+        )

@@ -82,6 +82,19 @@ def test_two_stages_by_two_data_parallel_with_zero(tmp_path):
         check_parity(results, run["name"], 8)
 
 
+def test_checkpoint_loads_into_a_run_without_pipeline_and_back(tmp_path):
+    results = launch({"dir": str(tmp_path / "ckpt")}, 2, tmp_path / "out")
+    for r in results:
+        for name, want in results[0]["piped"].items():
+            torch.testing.assert_close(r["plain"][name], want, atol=0, rtol=0, msg=name)
+            torch.testing.assert_close(
+                r["back"][name], results[0]["plain_after"][name], atol=0, rtol=0, msg=name
+            )
+        assert r["step"] == 4
+        # Same weights and AdamW states: the next step agrees with the plain run.
+        assert r["back_loss"] == pytest.approx(r["plain_next_loss"], abs=1e-6)
+
+
 def test_bf16_trains(tmp_path):
     runs = [_run("bf16", 2, "1f1b", precision="bf16")]
     results = launch({"runs": runs}, 2, tmp_path)
