@@ -182,15 +182,29 @@ def quantize_int4(
 
 def _int4_qparams_mse(groups: torch.Tensor, symmetric: bool, steps: int = 20):
     """Like `_int4_qparams`, but each group's range is shrunk (1.0 down to 0.5 of min/max)
-    to whichever clip minimises its squared rounding error: outliers cost less."""
-    best_scales, best_zeros = _int4_qparams(groups, symmetric)
-    best_err = None
+    to whichever clip minimises its squared rounding error: outliers cost less. The group
+    ranges are read once; each candidate's error is computed in place in one buffer."""
+    if symmetric:
+        extent = groups.abs().amax(dim=-1)
+    else:
+        lo = groups.amin(dim=-1).clamp(max=0.0)
+        hi = groups.amax(dim=-1).clamp(min=0.0)
+    best_scales = best_zeros = best_err = None
+    work = torch.empty_like(groups)
     for ratio in torch.linspace(1.0, 0.5, steps, dtype=groups.dtype):
-        scales, zeros = _int4_qparams(groups * ratio, symmetric)
-        deq = (_int4_codes(groups, scales, zeros) - zeros[..., None]) * scales[..., None]
-        err = (deq - groups).pow(2).sum(dim=-1)
+        if symmetric:  # (as _int4_qparams on groups * ratio)
+            scales = (extent * ratio / 7.0).clamp(min=1e-12)
+            zeros = torch.full_like(scales, 8.0)
+        else:
+            scales = ((hi * ratio - lo * ratio) / 15.0).clamp(min=1e-12)
+            zeros = torch.round(-(lo * ratio) / scales).clamp(0, 15)
+        # work = ((round(g / s + z).clamp(0, 15) - z) * s - g)^2
+        torch.div(groups, scales[..., None], out=work)
+        work.add_(zeros[..., None]).round_().clamp_(0, 15).sub_(zeros[..., None])
+        work.mul_(scales[..., None]).sub_(groups).square_()
+        err = work.sum(dim=-1)
         if best_err is None:
-            best_err = err
+            best_scales, best_zeros, best_err = scales, zeros, err
             continue
         better = err < best_err
         best_err = torch.where(better, err, best_err)
