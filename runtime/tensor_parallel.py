@@ -117,6 +117,77 @@ class _Gather(torch.autograd.Function):
         return _own_slice(grad, ctx.dim, ctx.key), None, None
 
 
+def _reduce_scatter(x: torch.Tensor, dim: int, key: str) -> torch.Tensor:
+    group = group_of(key)
+    if group.size == 1:
+        return x.clone()
+    if x.shape[dim] % group.size:
+        from ..compiler.errors import InputError
+
+        raise InputError(
+            f"sequence parallelism: activations of {x.shape[dim]} rows along dim {dim} do not "
+            f"split over {group.size} tensor-parallel ranks; make the batch a multiple of "
+            f"{group.size}, or use TensorParallel(sequence_parallel=False)."
+        )
+    if is_fake(x):
+        return x.chunk(group.size, dim=dim)[0].clone()
+    moved = x.movedim(dim, 0).contiguous()
+    out = moved.new_empty((moved.shape[0] // group.size, *moved.shape[1:]))
+    collectives.reduce_scatter_tensor(out, moved, group=group)
+    return out.movedim(0, dim).contiguous()
+
+
+class _ReduceScatter(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, key):
+        ctx.dim, ctx.key = dim, key
+        return _reduce_scatter(x, dim, key)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, ctx.dim, ctx.key), None, None
+
+
+class _AllGather(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, key):
+        ctx.dim, ctx.key = dim, key
+        return _all_gather(x, dim, key)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter(grad, ctx.dim, ctx.key), None, None
+
+
+def tp_reduce_scatter(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    """Sequence parallelism, after a row-parallel linear: sum the partial results and keep
+    this rank's rows along `dim` (reduce-scatter); backward all-gathers the gradient."""
+    return _ReduceScatter.apply(x, dim, group)
+
+
+def tp_all_gather(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    """Sequence parallelism, before a column-parallel linear: all-gather the rows along
+    `dim`; backward reduce-scatters the gradient (each rank's rows of the summed gradient)."""
+    return _AllGather.apply(x, dim, group)
+
+
+class _Split(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, dim, key):
+        ctx.dim, ctx.key = dim, key
+        return _own_slice(x, dim, key)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather(grad, ctx.dim, ctx.key), None, None
+
+
+def tp_split(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    """This rank's rows along `dim` of a whole value (entering sequence parallelism);
+    backward all-gathers the gradient."""
+    return _Split.apply(x, dim, group)
+
+
 def tp_copy(x: torch.Tensor, group: str) -> torch.Tensor:
     """Identity in forward; all-reduce of the gradient in backward (column-parallel input)."""
     return _Copy.apply(x, group)
@@ -133,14 +204,23 @@ def tp_gather(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
 
 
 def vocab_parallel_embedding(
-    weight: torch.Tensor, ids: torch.Tensor, start: int, padding_idx: int, group: str
+    weight: torch.Tensor,
+    ids: torch.Tensor,
+    start: int,
+    padding_idx: int,
+    group: str,
+    scatter_dim: int = -1,
 ) -> torch.Tensor:
     """Embedding over a block of rows [start, start + rows): ids outside it give zeros, and
-    the all-reduce over the tensor group sums in the row of the rank that holds each id."""
+    the all-reduce over the tensor group sums in the row of the rank that holds each id
+    (with sequence parallelism, `scatter_dim` >= 0: a reduce-scatter along that dim)."""
     local = ids - start
     outside = (local < 0) | (local >= weight.shape[0])
     out = torch.ops.aten.embedding.default(weight, local.masked_fill(outside, 0), padding_idx)
-    return tp_reduce(out.masked_fill(outside.unsqueeze(-1), 0.0), group)
+    out = out.masked_fill(outside.unsqueeze(-1), 0.0)
+    if scatter_dim >= 0:
+        return tp_reduce_scatter(out, scatter_dim, group)
+    return tp_reduce(out, group)
 
 
 def vocab_parallel_cross_entropy(

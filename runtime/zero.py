@@ -148,7 +148,9 @@ class ZeroManager:
         self.store = offload_store(record["offload"], collectives.rank())
         weakref.finalize(self, self.store.close)
         if collectives.world_size() > 1:
-            broadcast_model(model)  # every rank starts from rank 0's weights
+            # Every rank starts from its data-parallel group's first rank's weights (within the
+            # group: ranks along other dimensions, e.g. tensor, hold other pieces).
+            broadcast_model(model, mesh.group(record["replicate_dim"], record["shard_dim"]))
         self.buckets = [_group(b, named, self.shards) for b in record["buckets"]]
         units = [_group(u, named, self.shards) for u in record["units"]]
         self.unused = {n for n, info in record["params"].items() if not info["aliases"]}

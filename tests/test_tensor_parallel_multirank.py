@@ -49,19 +49,40 @@ def sizes(name: str) -> dict[str, int]:
     }
 
 
-def megatron_bytes(name: str, tp: int, act: int = 4) -> dict[str, int]:
+def megatron_bytes(name: str, tp: int, record: dict, act: int = 4) -> dict[str, int]:
+    """Payload bytes per step under the tensor dimension (all_reduce / broadcast: the
+    tensor; all_gather: the local input; reduce_scatter: the whole input)."""
     s = sizes(name)
     tokens = tp_worker.BATCH * s["seq"]
     activations = tokens * s["hidden"] * act
-    out = {"all_reduce": (4 * s["layers"] + 2) * activations + 3 * tokens * 4}
+    crossings = 4 * s["layers"] + 2  # blocks in and out, the embedding, the LM head's input
+    loss = 3 * tokens * 4  # vocab-parallel cross-entropy: max, sum of exps, target logit
+    out = {"all_reduce": crossings * activations + loss}
+    if record["sequence_parallel"]:
+        # Each all-reduce becomes a reduce-scatter plus an all-gather (same ring bytes);
+        # whole values on token shards (norm weights, row biases, position embeddings)
+        # sum their gradients; those without one (masks) send nothing.
+        params = dict(tp_worker.build_model(name).named_parameters())
+        summed = 0
+        for whole in record["gradients_summed"]:
+            if whole["value"] in params:
+                assert whole["numel"] == params[whole["value"]].numel()
+            summed += whole["numel"] * 4 if whole["requires_grad"] else 0
+        out = {
+            "all_reduce": loss + summed,
+            "reduce_scatter": crossings * activations,
+            "all_gather": crossings * activations // tp,
+        }
     if name != "gpt":  # Hugging Face models return the logits too: gathered once
-        out["all_gather"] = tokens * s["vocab"] // tp * act
+        out["all_gather"] = out.get("all_gather", 0) + tokens * s["vocab"] // tp * act
     return out
 
 
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "sp"])
 @pytest.mark.parametrize("name", ["gpt", "llama", "gpt2"])
-def test_tp2_matches_eager_and_megatron_bytes(name, tmp_path):
-    results = launch({"kind": "train", "model": name, "steps": STEPS}, 2, tmp_path)
+def test_tp2_matches_eager_and_megatron_bytes(name, sequence_parallel, tmp_path):
+    spec = {"kind": "train", "model": name, "steps": STEPS, "sequence_parallel": sequence_parallel}
+    results = launch(spec, 2, tmp_path)
     want_losses, want = tp_worker.eager_train(name, STEPS)
     for rank, r in enumerate(results):
         torch.testing.assert_close(r["losses"], want_losses, atol=TOL, rtol=0, msg=f"rank {rank}")
@@ -71,8 +92,8 @@ def test_tp2_matches_eager_and_megatron_bytes(name, tmp_path):
         assert len(record["row"]) == 2 * sizes(name)["layers"], record
         assert record["vocab"] and record["vocab_cross_entropy"] == 1, record
         for step_bytes in r["comm"]:
-            assert step_bytes.get("tensor") == megatron_bytes(name, 2), (step_bytes, record)
-    # Each rank holds half of every split parameter, and the halves differ.
+            assert step_bytes.get("tensor") == megatron_bytes(name, 2, record), (step_bytes, record)
+    # Each rank holds half of every split parameter.
     layout = results[0]["layout"]["tensors"]
     split = [n for n, e in layout.items() if "tensor_parallel" in e["by"]]
     assert len(split) >= 4 * sizes(name)["layers"]
@@ -129,3 +150,25 @@ def test_checkpoint_tp2_to_tp1_and_back(name, tmp_path):
         for key, value in engine.full_state_dict().items():
             torch.testing.assert_close(r["loaded"][key], value, atol=0, rtol=0, msg=key)
         assert abs(r["loss"] - want_losses[steps + 1]) <= TOL
+
+
+@pytest.mark.parametrize("zero", [0, 3])
+def test_tp2_x_dp2_on_four_ranks(zero, tmp_path):
+    """2-D: tensor groups [0, 1] and [2, 3], data-parallel (ZeRO) groups [0, 2] and [1, 3];
+    ZeRO shards the tensor-parallel blocks (`[box, flat]` layouts)."""
+    steps = 4
+    spec = {"kind": "train", "model": "gpt", "steps": steps, "zero": zero}
+    results = launch(spec, 4, tmp_path, timeout=400)
+    want_losses, want = tp_worker.eager_train("gpt", steps, batch_size=2 * tp_worker.BATCH)
+    for i in range(steps):
+        mean = sum(r["losses"][i] for r in results) / 4
+        assert abs(mean - want_losses[i]) <= TOL, (i, mean, want_losses[i])
+    for r in results:
+        for key, value in want.items():
+            torch.testing.assert_close(r["full"][key], value, atol=TOL, rtol=0, msg=key)
+        data_parallel_dim = "shard" if zero else "replicate,shard"
+        assert {"tensor", data_parallel_dim} <= set(r["comm"][-1]), r["comm"][-1]
+    if zero:
+        layout = results[0]["layout"]["tensors"]
+        kinds = [e["steps"][-1]["kind"] for e in layout.values() if "tensor_parallel" in e["by"]]
+        assert kinds and set(kinds) == {"flat"}, layout

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import traceback
 from pathlib import Path
@@ -40,14 +41,16 @@ def loss_of(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.loss
 
 
-def eager_train(name: str, steps: int, precision: str = "fp32") -> tuple[list[float], dict]:
-    """The oracle: one process, plain PyTorch SGD on the whole batch."""
+def eager_train(
+    name: str, steps: int, precision: str = "fp32", batch_size: int = BATCH
+) -> tuple[list[float], dict]:
+    """The oracle: one process, plain PyTorch SGD on the whole (global) batch."""
     model = build_model(name)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     losses = []
     for step in range(steps):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-            loss = loss_of(model(**global_batch(name, step)))
+            loss = loss_of(model(**global_batch(name, step, batch_size)))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -97,7 +100,7 @@ def scenario_train(rank: int, spec: dict, out: Path) -> dict:
     result = {
         "losses": losses,
         "comm": comm,
-        "record": engine.context.records["tensor_parallel"],
+        "record": json.loads(json.dumps(engine.context.records["tensor_parallel"], default=str)),
         "layout": engine.context.records["layout"],
         "full": engine.full_state_dict(),
         "mesh": str(engine.mesh),
