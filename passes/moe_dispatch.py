@@ -22,13 +22,17 @@ evaluating alone would wait in). Decisions go to ctx.records['moe_dispatch'].
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
+import attrs
 import torch
 import torch.fx as fx
 
 from ..compiler.context import CompileContext
 from ..compiler.errors import PassError, StrategyError
 from ..compiler.pass_manager import graph_pass
-from ..runtime.moe import ExpertParallelMoE, MoE
+from ..runtime.moe import ExpertParallelMoE, MoE, hf_block_settings, layer_settings
 from .annotate import getattr_path
 
 EXPERT = "expert"
@@ -37,20 +41,49 @@ EXPERT = "expert"
 _LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def moe_layers(model: torch.nn.Module) -> dict[str, MoE]:
-    """Module path -> layer, for every strato.nn.MoE of the model."""
-    return {path: m for path, m in model.named_modules() if isinstance(m, MoE)}
+@attrs.frozen
+class MoELayer:
+    """A layer the pass dispatches: a strato.nn.MoE or a recognised Hugging Face block."""
+
+    kind: str
+    """'strato.nn.MoE' or the Hugging Face class name."""
+    settings: dict[str, Any]
+    """Routing settings for ExpertParallelMoE (runtime/moe.py)."""
+    params: dict[str, torch.Tensor]
+    """'gate' [E, d], 'w_in', 'w_out': the parameters the layer reads."""
+    transposed: tuple[str, ...] = ()
+    """Roles stored as [E, out, in] (Hugging Face), handed over transposed."""
 
 
-def unrecognised_moe_blocks(model: torch.nn.Module) -> list[str]:
-    """Modules that look like mixture-of-experts blocks but are no strato.nn.MoE (their
-    class names say 'MoE' or 'Experts'), as 'path (ClassName)'."""
-    found = []
+def moe_layers(model: torch.nn.Module) -> dict[str, MoELayer]:
+    """Module path -> layer, for every strato.nn.MoE and every Hugging Face sparse MoE block
+    built the Mixtral way (runtime/moe.py `hf_block_settings`)."""
+    found: dict[str, MoELayer] = {}
     for path, m in model.named_modules():
-        name = type(m).__name__
-        if not isinstance(m, MoE) and any(w in name.lower() for w in ("moe", "experts")):
-            found.append(f"{path} ({name})")
+        if any(_inside(path, outer) for outer in found):
+            continue
+        if isinstance(m, MoE):
+            params = {"gate": m.gate, "w_in": m.w_in, "w_out": m.w_out}
+            found[path] = MoELayer("strato.nn.MoE", layer_settings(m), params)
+        elif (settings := hf_block_settings(m, path)) is not None:
+            params = {"gate": m.gate.weight, "w_in": m.experts.gate_up_proj,
+                      "w_out": m.experts.down_proj}  # fmt: skip
+            found[path] = MoELayer(type(m).__name__, settings, params, ("w_in", "w_out"))
     return found
+
+
+_MOE_CLASS = re.compile(r"(moe|experts?)(block|layer)?$")
+
+
+def unrecognised_moe_blocks(model: torch.nn.Module, layers: dict[str, MoELayer]) -> list[str]:
+    """Modules outside `layers` whose class names end like mixture-of-experts blocks
+    ('...SparseMoeBlock', '...Experts'), as 'path (ClassName)'."""
+    return [
+        f"{path} ({type(m).__name__})"
+        for path, m in model.named_modules()
+        if _MOE_CLASS.search(type(m).__name__.lower())
+        and not any(_inside(path, layer) for layer in layers)
+    ]
 
 
 def _inside(module_path: str | None, layer: str) -> bool:
@@ -79,17 +112,17 @@ def _inputs_closure(roots: list[fx.Node], inside: set[fx.Node]) -> set[fx.Node]:
 
 
 def _rewrite_layer(
-    gm: fx.GraphModule, path: str, layer: MoE, group, dtype: torch.dtype | None
+    gm: fx.GraphModule, path: str, layer: MoELayer, group, dtype: torch.dtype | None
 ) -> dict:
     graph = gm.graph
     nodes = _region(graph, path)
     if not nodes:
         raise PassError(
-            f"moe_dispatch: strato.nn.MoE {path!r} has no ops in the training graph (is it "
+            f"moe_dispatch: {layer.kind} {path!r} has no ops in the training graph (is it "
             "called in forward?); remove it, or compile without Strategy.moe."
         )
     inside = set(nodes)
-    params = {id(layer.gate): "gate", id(layer.w_in): "w_in", id(layer.w_out): "w_out"}
+    params = {id(p): role for role, p in layer.params.items()}
     reads: dict[str, fx.Node] = {}
     inputs: list[fx.Node] = []
     for node in nodes:
@@ -100,8 +133,8 @@ def _rewrite_layer(
                 role = params.get(id(getattr_path(gm, arg.target)))
                 if role is None:
                     raise PassError(
-                        f"moe_dispatch: strato.nn.MoE {path!r} reads {arg.target!r}, which is "
-                        "none of its parameters (gate, w_in, w_out)."
+                        f"moe_dispatch: {layer.kind} {path!r} reads {arg.target!r}, which is "
+                        "none of its routing or expert weights."
                     )
                 reads.setdefault(role, arg)
             elif isinstance(arg.meta.get("val"), torch.Tensor) and arg not in inputs:
@@ -113,15 +146,21 @@ def _rewrite_layer(
     kept = _inputs_closure([n for n in used_outside if n not in outputs], inside)
     if len(inputs) != 1 or len(outputs) != 1 or len(reads) != 3:
         raise PassError(
-            f"moe_dispatch: strato.nn.MoE {path!r} was captured with {len(inputs)} tensor "
+            f"moe_dispatch: {layer.kind} {path!r} was captured with {len(inputs)} tensor "
             f"inputs and {len(outputs)} outputs used outside it (expected 1 and 1: "
             f"forward(x) -> y), reading parameters {sorted(reads)}; call the layer on one tensor."
         )
     (x,), (out,) = inputs, outputs
     name = "moe_dispatch_" + path.replace(".", "_")
-    gm.add_submodule(name, ExpertParallelMoE(layer, group, dtype))
+    gm.add_submodule(name, ExpertParallelMoE(layer.settings, group, dtype))
     with graph.inserting_before(out):
-        call = graph.call_module(name, (x, reads["gate"], reads["w_in"], reads["w_out"]))
+        weights = [
+            graph.call_function(torch.transpose, (reads[role], 1, 2))
+            if role in layer.transposed
+            else reads[role]
+            for role in ("gate", "w_in", "w_out")
+        ]
+        call = graph.call_module(name, (x, *weights))
     call.meta.update(
         {k: out.meta[k] for k in ("val", "nn_module_stack", "stack_trace") if k in out.meta}
     )
@@ -130,7 +169,10 @@ def _rewrite_layer(
         "layer": path,
         "collective": "all_to_all",
         "mesh_dim": EXPERT,
-        "experts": [gm.get_submodule(name).first_expert, layer.num_experts // group.size],
+        "experts": [
+            gm.get_submodule(name).first_expert,
+            layer.settings["num_experts"] // group.size,
+        ],
     }
     out.replace_all_uses_with(call)
     for node in reversed(nodes):
@@ -151,33 +193,39 @@ def _rewrite_layer(
 def moe_dispatch(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     """Expert parallelism over `Strategy.moe.size` ranks for every strato.nn.MoE layer."""
     layers = moe_layers(ctx.model)
-    if not layers:
-        others = unrecognised_moe_blocks(ctx.model)
-        found = (
-            f" It has {', '.join(others[:3])}, which Strato does not dispatch." if others else ""
+    others = unrecognised_moe_blocks(ctx.model, layers)
+    if others:
+        raise StrategyError(
+            f"Strategy.moe: {type(ctx.model).__name__} has {', '.join(others[:3])}, a mixture-"
+            "of-experts block moe_dispatch does not recognise (it dispatches strato.nn.MoE and "
+            "Mixtral-style Hugging Face blocks: a top-k router and stacked SwiGLU experts, no "
+            "shared expert); build it with strato.nn.MoE, or drop Strategy.moe."
         )
+    if not layers:
         raise StrategyError(
             f"Strategy.moe: {type(ctx.model).__name__} has no strato.nn.MoE layer to split "
-            f"over experts.{found} Build the experts with strato.nn.MoE, or drop Strategy.moe."
+            "over experts; build the experts with strato.nn.MoE, or drop Strategy.moe."
         )
     distributed = ctx.mesh.world_size > 1
     size = ctx.strategy.moe.size if distributed else 1  # one process holds every expert
     for path, layer in layers.items():
-        if layer.num_experts % ctx.strategy.moe.size:
+        experts = layer.settings["num_experts"]
+        if experts % ctx.strategy.moe.size:
             raise StrategyError(
                 f"Strategy.moe: ExpertParallel(size={ctx.strategy.moe.size}) does not divide "
-                f"the {layer.num_experts} experts of {path!r} (strato.nn.MoE); choose a size "
+                f"the {experts} experts of {path!r} ({layer.kind}); choose a size "
                 "that divides num_experts."
             )
     record = {
         "expert_size": size,
         "layers": {
             path: {
-                "num_experts": layer.num_experts,
-                "experts_per_rank": layer.num_experts // size,
-                "top_k": layer.top_k,
-                "d_model": layer.d_model,
-                "dropless": not layer.drop_tokens,
+                "kind": layer.kind,
+                "num_experts": layer.settings["num_experts"],
+                "experts_per_rank": layer.settings["num_experts"] // size,
+                "top_k": layer.settings["top_k"],
+                "d_model": layer.settings["d_model"],
+                "dropless": not layer.settings["drop_tokens"],
             }
             for path, layer in layers.items()
         },

@@ -174,9 +174,12 @@ def expert_capacity(tokens: Any, num_experts: int, top_k: int, factor: float, mi
     )
 
 
-def route(logits: torch.Tensor, top_k: int, capacity: Any | None) -> Routing:
+def route(
+    logits: torch.Tensor, top_k: int, capacity: Any | None, normalize: bool | None = None
+) -> Routing:
     """Softmax top-k routing of `logits` [T, E] (see the module docstring); `capacity`
-    None is dropless."""
+    None is dropless. `normalize`: renormalise the kept weights (default: when top_k > 1,
+    as DeepSpeed; Hugging Face Mixtral always does)."""
     logits = logits.float()
     num_experts = logits.shape[-1]
     gates = logits.softmax(dim=-1)
@@ -188,7 +191,7 @@ def route(logits: torch.Tensor, top_k: int, capacity: Any | None) -> Routing:
     slots = ((flat.cumsum(dim=0) - 1) * flat).sum(dim=-1).view(top_k, -1).t()  # [T, k]
     kept = slots < capacity if capacity is not None else torch.ones_like(slots, dtype=torch.bool)
     weights = probs * kept
-    if top_k > 1:
+    if (top_k > 1) if normalize is None else normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True).clamp(
             min=torch.finfo(gates.dtype).eps
         )
@@ -488,7 +491,13 @@ class MoE(nn.Module):
 
 def model_stats(model: nn.Module) -> dict[str, dict[str, Any] | None]:
     """Module path -> `MoE.stats()` for every MoE layer of `model` (engine.stats()["moe"])."""
-    return {path: m.stats() for path, m in model.named_modules() if isinstance(m, MoE)}
+    out = {}
+    for path, m in model.named_modules():
+        if isinstance(m, MoE):
+            out[path] = m.stats()
+        elif HF_STATS + path in _stats:  # a Hugging Face block run by ExpertParallelMoE
+            out[path] = layer_stats(HF_STATS + path, int(_stats[HF_STATS + path].numel()) - 3)
+    return out
 
 
 # ---------------------------------------------------------------------- expert parallel
@@ -508,6 +517,40 @@ def _grouped_by_local_expert(received: torch.Tensor) -> torch.Tensor:
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
 
 
+def layer_settings(layer: MoE) -> dict[str, Any]:
+    """What ExpertParallelMoE needs of a strato.nn.MoE (its training-mode routing)."""
+    names = ("d_model", "num_experts", "top_k", "capacity_factor", "min_capacity",
+             "drop_tokens", "aux_loss_weight", "z_loss_weight", "activation", "stats_key")  # fmt: skip
+    return {name: getattr(layer, name) for name in names}
+
+
+HF_STATS = "hf:"
+"""Stats key prefix of a Hugging Face MoE block (its module path follows)."""
+
+
+def hf_block_settings(block: nn.Module, path: str) -> dict[str, Any] | None:
+    """Routing settings of a Hugging Face sparse MoE block the way Mixtral builds it (a
+    top-k router `gate.weight` [E, d] and stacked SwiGLU `experts.gate_up_proj` [E, 2f, d]
+    / `experts.down_proj` [E, d, f]; top-k weights renormalised, dropless, no shared
+    expert), or None when `block` is not one."""
+    gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
+    weight = getattr(gate, "weight", None)
+    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
+    shapes_fit = (
+        isinstance(weight, torch.Tensor) and weight.dim() == 2
+        and isinstance(gate_up, torch.Tensor) and gate_up.dim() == 3
+        and isinstance(down, torch.Tensor) and down.dim() == 3
+        and gate_up.shape[0] == down.shape[0] == weight.shape[0]
+    )  # fmt: skip
+    if not shapes_fit or hasattr(block, "shared_expert") or not hasattr(gate, "top_k"):
+        return None
+    if getattr(block, "jitter_noise", 0) or getattr(experts, "has_bias", False):
+        return None
+    return {"d_model": weight.shape[1], "num_experts": weight.shape[0], "top_k": int(gate.top_k),
+            "drop_tokens": False, "normalize": True, "aux_loss_weight": 0.0, "z_loss_weight": 0.0,
+            "activation": "swiglu", "stats_key": HF_STATS + path}  # fmt: skip
+
+
 class ExpertParallelMoE(nn.Module):
     """One MoE layer of a training graph under expert parallelism (the `moe_dispatch`
     pass puts it where the layer's captured ops were): route as the layer does, send each
@@ -518,18 +561,15 @@ class ExpertParallelMoE(nn.Module):
     weights, so the other experts' gradients are zero here and the data-parallel
     reduction sums each expert's gradient from the ranks that hold it."""
 
-    def __init__(self, layer: MoE, group: Any, compute_dtype: torch.dtype | None) -> None:
+    def __init__(
+        self, settings: dict[str, Any], group: Any, compute_dtype: torch.dtype | None
+    ) -> None:
         super().__init__()
-        self.settings = {
-            name: getattr(layer, name)
-            for name in (
-                "d_model", "num_experts", "top_k", "capacity_factor", "min_capacity",
-                "drop_tokens", "aux_loss_weight", "z_loss_weight", "activation", "stats_key",
-            )
-        }  # fmt: skip
+        self.settings = dict(settings)
+        """The layer's routing settings (`layer_settings`)."""
         self.group = group
         """The expert group (runtime/mesh.py `expert_groups`)."""
-        self.local_experts = layer.num_experts // group.size
+        self.local_experts = settings["num_experts"] // group.size
         self.first_expert = group.rank * self.local_experts
         self.compute_dtype = compute_dtype
         """Expert and gate GEMMs run in this dtype (the strategy's bf16/fp16), routing in fp32."""
@@ -551,7 +591,8 @@ class ExpertParallelMoE(nn.Module):
                 s["capacity_factor"],
                 s["min_capacity"],
             )
-        routing = route(F.linear(tokens.to(dtype), gate.to(dtype)), s["top_k"], capacity)
+        logits = F.linear(tokens.to(dtype), gate.to(dtype))
+        routing = route(logits, s["top_k"], capacity, s.get("normalize"))
         dispatch = sort_by_expert(routing, s["num_experts"])
         if _is_fake(x):  # compile-time shape propagation: the local computation's shapes
             out = combine_local(tokens.to(dtype), dispatch, w_in, w_out, s["activation"])

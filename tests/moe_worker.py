@@ -59,7 +59,7 @@ def scenario_layer(rank: int, world: int, spec: dict, out_dir: Path) -> dict:
                           z_loss_weight=0.01)  # fmt: skip
     mesh = build_mesh(strato.Mesh())
     group, _ = mesh.expert_groups(spec["expert_size"])
-    parallel = moe.ExpertParallelMoE(layer, group, None)
+    parallel = moe.ExpertParallelMoE(moe.layer_settings(layer), group, None)
     torch.manual_seed(1 + rank)
     x = torch.randn(5 + rank, 16, requires_grad=True)  # ranks route different token counts
     before = collectives.comm_bytes()
@@ -106,7 +106,39 @@ def scenario_train(rank: int, world: int, spec: dict, out_dir: Path) -> dict:
     return result
 
 
-SCENARIOS = {"layer": scenario_layer, "train": scenario_train}
+def tiny_mixtral(seed: int = 0):
+    """A one-layer Hugging Face Mixtral from a config, experts as batched GEMMs (capturable)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(seed)
+    config = MixtralConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=24,
+                           num_attention_heads=4, num_key_value_heads=2, vocab_size=50,
+                           num_local_experts=4, use_cache=False)  # fmt: skip
+    model = MixtralForCausalLM(config)
+    model.set_experts_implementation("batched_mm")
+    return model
+
+
+def mixtral_batch(step: int, rank: int, world: int) -> dict:
+    ids = torch.randint(0, 50, (2 * world, 6), generator=torch.Generator().manual_seed(step))
+    ids = ids[2 * rank : 2 * rank + 2]
+    return {"input_ids": ids, "labels": ids}
+
+
+def scenario_mixtral(rank: int, world: int, spec: dict, out_dir: Path) -> dict:
+    """A tiny Mixtral trained with labels under expert parallelism (its sparse MoE blocks
+    recognised and dispatched like strato.nn.MoE)."""
+    import strato
+
+    strategy = strato.Strategy(optimizer=strato.SGD(lr=0.1, momentum=0.0),
+                               zero=spec.get("zero", 0), moe=strato.ExpertParallel(size=2))  # fmt: skip
+    engine = strato.compile(tiny_mixtral(), strategy, example_kwargs=mixtral_batch(0, rank, world))
+    losses = [engine.train_step(**mixtral_batch(step, rank, world)) for step in range(2)]
+    return {"losses": losses, "full": engine.full_state_dict(), "stats": engine.stats(),
+            "record": engine.context.records.get("moe_dispatch")}  # fmt: skip
+
+
+SCENARIOS = {"layer": scenario_layer, "train": scenario_train, "mixtral": scenario_mixtral}
 
 
 def run(rank: int, world: int, port: int, spec: dict, out_dir: str) -> None:

@@ -304,14 +304,43 @@ def test_hugging_face_llama_with_moe_layers_and_labels():
     assert engine.stats()["moe"]["model.layers.0.mlp"]["dropped_tokens"] >= 0
 
 
-def test_unrecognised_hugging_face_moe_block_is_named():
-    from transformers import MixtralConfig, MixtralForCausalLM
+def test_mixtral_block_is_recognised_and_dispatched_exactly():
+    """The expert-parallel module (expert group of one rank) on a Hugging Face Mixtral
+    block's weights = the block's own forward and gradients."""
+    from strato.passes.moe_dispatch import moe_layers
+    from strato.runtime.mesh import MeshGroup
+    from tests.moe_worker import tiny_mixtral
 
-    config = MixtralConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
-                           num_attention_heads=4, num_key_value_heads=2, vocab_size=50,
-                           num_local_experts=4)  # fmt: skip
-    model = MixtralForCausalLM(config)
+    model = tiny_mixtral()
+    layers = moe_layers(model)
+    assert list(layers) == ["model.layers.0.mlp"]
+    block = model.model.layers[0].mlp
+    one_rank = MeshGroup("expert", (0,), 0, torch.device("cpu"))
+    parallel = moe.ExpertParallelMoE(layers["model.layers.0.mlp"].settings, one_rank, None)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    weights = [block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj]
+    got = parallel(x, weights[0], weights[1].transpose(1, 2), weights[2].transpose(1, 2))
+    want = block(x)
+    torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+    for g, w in zip(
+        torch.autograd.grad(got.pow(2).sum(), [x, *weights]),
+        torch.autograd.grad(want.pow(2).sum(), [x, *weights]),
+    ):
+        torch.testing.assert_close(g, w, atol=TOL, rtol=0)
+
+
+def test_unrecognised_hugging_face_moe_block_is_named():
+    """Qwen2-MoE's block has a shared expert, which the dispatch does not model: refused,
+    naming the module (a silent local run would not be the asked expert parallelism)."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    config = Qwen2MoeConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                            moe_intermediate_size=16, shared_expert_intermediate_size=32,
+                            num_attention_heads=4, num_key_value_heads=2, vocab_size=50,
+                            num_experts=4, num_experts_per_tok=2, use_cache=False)  # fmt: skip
+    model = Qwen2MoeForCausalLM(config)
+    model.set_experts_implementation("batched_mm")
     ids = torch.randint(0, 50, (2, 5))
     strategy = strato.Strategy(optimizer=strato.SGD(lr=0.1), moe=strato.ExpertParallel(size=2))
-    with pytest.raises(strato.StratoError, match=r"model.layers.0.mlp \(MixtralSparseMoeBlock\)"):
+    with pytest.raises(strato.StratoError, match=r"model.layers.0.mlp \(Qwen2MoeSparseMoeBlock\)"):
         strato.compile(model, strategy, example_kwargs={"input_ids": ids, "labels": ids})
