@@ -76,7 +76,8 @@ def train(
         print(f"attempt {attempt} ({world} ranks): {where}", flush=True)
     losses = {}
     for step in range(start, steps):
-        if attempt == 0 and rank == kill_rank and step == kill_at_step:
+        # The first attempt only: torchrun's restart counts can differ between nodes.
+        if attempt == 0 and start == 0 and rank == kill_rank and step == kill_at_step:
             os.kill(os.getpid(), signal.SIGKILL)
         loss = engine(*local_batch(step, rank, world))
         engine.backward(loss)

@@ -13,6 +13,7 @@ import re
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch.distributed as dist
@@ -78,36 +79,82 @@ def test_a_rank_that_never_joins_is_named_by_rank_0():
         join_session(client, 1, 2, timeout_s=0.5)
 
 
-@pytest.mark.slow
-def test_elastic_restart_after_kill_ends_with_the_uninterrupted_loss(tmp_path):
-    """torchrun --max-restarts 1, 2 ranks ZeRO-2 (examples/elastic_train.py): rank 1 is
-    killed with SIGKILL at step 5; torchrun restarts both once, they load the newest
-    complete checkpoint and finish with the losses of a run that never stopped (here one
-    process on the same global batches). The single restart allowed must succeed: without
-    join_session the restarted ranks read the dead attempt's gloo addresses."""
+TRAIN = ["--steps", "8", "--save-every", "2", "--kill-rank", "1", "--kill-at-step", "5"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "STRATO_DIST_TIMEOUT_S": "60"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[int, float]:
+    """The losses of a run that never stopped: one process on the same global batches."""
     from examples import elastic_train
 
-    _, straight = elastic_train.train(str(tmp_path / "straight"), steps=8, save_every=4)
-    out = tmp_path / "killed.json"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "--max-restarts", "1", "--monitor-interval", "0.1", elastic_train.__file__,
-        "--ckpt", str(tmp_path / "ckpt"), "--steps", "8", "--save-every", "2",
-        "--kill-rank", "1", "--kill-at-step", "5", "--out", str(out),
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "STRATO_DIST_TIMEOUT_S": "60"}
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-4000:]
-    assert "attempt 0 (2 ranks): started afresh" in log, log[-4000:]
-    resumed = re.findall(
-        r"attempt (\d+) \(2 ranks\): resumed from the checkpoint of step (\d+)", log
-    )
-    # The restart resumed from the newest checkpoint published before the kill (step 4,
-    # or step 2 when step 4's asynchronous save was still being written).
-    assert len(resumed) == 1 and resumed[0][0] == "1" and resumed[0][1] in ("2", "4"), log[-4000:]
-    killed = json.loads(out.read_text())
-    assert killed["start"] == int(resumed[0][1])
+    _, losses = elastic_train.train(str(tmp_path_factory.mktemp("straight")), 8, save_every=4)
+    return losses
+
+
+def torchrun(*launch: str) -> list[str]:
+    from examples import elastic_train
+
+    return [sys.executable, "-m", "torch.distributed.run", *launch, "--max-restarts", "1",
+            "--monitor-interval", "0.1", elastic_train.__file__, *TRAIN]  # fmt: skip
+
+
+def assert_resumed(log: str, result: Path, uninterrupted: dict[int, float]) -> None:
+    """One restart, from the newest checkpoint published before the kill (step 4, or 2 when
+    step 4's asynchronous save was still being written), then the uninterrupted losses."""
+    assert re.search(r"attempt \d+ \(2 ranks\): started afresh", log), log[-4000:]
+    resumed = re.findall(r"attempt \d+ \(2 ranks\): resumed from the checkpoint of step (\d+)", log)
+    assert len(resumed) == 1 and resumed[0] in ("2", "4"), log[-4000:]
+    killed = json.loads(result.read_text())
+    assert killed["start"] == int(resumed[0])
     assert sorted(int(s) for s in killed["losses"]) == list(range(killed["start"], 8))
     for step, loss in killed["losses"].items():
-        assert abs(loss - straight[int(step)]) <= TOL, (step, loss, straight[int(step)])
+        want = uninterrupted[int(step)]
+        assert abs(loss - want) <= TOL, (step, loss, want)
+
+
+@pytest.mark.slow
+def test_elastic_restart_after_kill_ends_with_the_uninterrupted_loss(tmp_path, uninterrupted):
+    """torchrun --max-restarts 1, 2 ranks ZeRO-2 (examples/elastic_train.py): rank 1 is
+    killed with SIGKILL at step 5; torchrun restarts both once, they load the newest
+    complete checkpoint and finish with the losses of a run that never stopped. The single
+    restart allowed must succeed: without join_session the restarted ranks read the dead
+    attempt's gloo addresses."""
+    out = tmp_path / "killed.json"
+    command = torchrun("--standalone", "--nproc-per-node", "2")
+    command += ["--ckpt", str(tmp_path / "ckpt"), "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=ENV)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-4000:]
+    assert "attempt 1 (2 ranks): resumed" in log, log[-4000:]  # torchrun's first restart
+    assert_resumed(log, out, uninterrupted)
+
+
+@pytest.mark.slow
+def test_elastic_restart_across_two_torchrun_nodes(tmp_path, uninterrupted):
+    """Two torchrun agents (--nnodes 2, one rank each, c10d rendezvous): rank 1 is killed.
+    The agents may restart for different reasons (a failure on one node, a membership change
+    on the other: seen here), and then their restart counts differ; the ranks still meet
+    and resume."""
+    port = multirank.free_port()
+    command = torchrun(
+        "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d",
+        "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"strato-elastic-{port}",
+    )  # fmt: skip
+    command += ["--ckpt", str(tmp_path / "ckpt"), "--out", str(tmp_path / "killed.json")]
+    agents = [
+        subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV
+        )
+        for _ in range(2)
+    ]
+    logs = []
+    try:
+        logs = [agent.communicate(timeout=300)[0] for agent in agents]
+    finally:
+        for agent in agents:
+            if agent.poll() is None:
+                agent.kill()
+    log = "\n".join(logs)
+    assert all(agent.returncode == 0 for agent in agents), log[-4000:]
+    assert_resumed(log, tmp_path / "killed.json", uninterrupted)
