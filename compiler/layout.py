@@ -98,7 +98,9 @@ def apply_steps(tensor: torch.Tensor, steps: tuple[dict[str, Any], ...]) -> torc
         elif step["kind"] == "view":
             tensor = tensor.reshape(step["shape"])
         else:
-            raise ValueError(f"unknown layout step kind {step['kind']!r} (expected box or flat)")
+            raise ValueError(
+                f"unknown layout step kind {step['kind']!r} (expected box, flat or view)"
+            )
     return tensor
 
 
