@@ -438,8 +438,11 @@ class Generator:
             from ..compiler.compile import compile
 
             # Example sizes of at least 2 (export fixes a size it sees as 1, to 1): the
-            # graphs then serve every batch, prompt and cache length.
-            batch = max(batch or self.batch, 2)
+            # graphs then serve every batch, prompt and cache length. Under inductor the
+            # request's batch stays (its graphs are this machine's, never exported): a
+            # fixed row count lets lower_quantized_linears pick the GEMV kernels.
+            inductor = getattr(self.strategy, "inference_backend", "fx") == "inductor"
+            batch = (batch or self.batch) if inductor else max(batch or self.batch, 2)
             max_len = max(max_len or self.cache_len(q_len), CACHE_ALIGN)
             if self.layout.position_limit is not None:
                 max_len = min(max_len, self.layout.position_limit)

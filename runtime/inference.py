@@ -3,13 +3,16 @@
 The artifact (by convention `*.strato`) is an uncompressed zip holding exactly:
 
 - `manifest.json`: format name and version, torch/strato versions, the sha256 of each
-  other member, the quantization record, and the shapes/dtypes the graph accepts.
+  other member, the quantization record, and for causal LMs the generation cache layout
+  and eos/pad defaults.
 - `graph.json`: the FX graph in Strato's own JSON form: one entry per node (op, name,
   target, args, kwargs). Call targets are ATen or `strato::` ops by their qualified
   name (e.g. 'aten::linear.default'), or a short allow-list of Python operators on sizes;
   values are JSON, with dtypes/devices/tuples tagged. Input/output pytree specs use
-  torch's JSON treespec format.
-- `weights.safetensors`: every tensor the graph reads (`get_attr`), by target name.
+  torch's JSON treespec format; `inputs` states each input's dtype, shape and the range
+  of each symbolic size; `weights` maps its tensor names to stored weights.
+- `graphs/prefill.json`, `graphs/decode.json` (causal LMs): generate's step graphs.
+- `weights.safetensors`: every tensor the graphs read (`get_attr`), each distinct one once.
 - `kernels/<op>.py` (graphs compiled with `fuse=True`): the generated kernel source of each
   fused op the graph calls; `graph.json`'s `kernels` holds each op's region (its ATen op
   list, see `codegen.region.region_to_json`).
@@ -322,7 +325,8 @@ def graph_to_json(gm: fx.GraphModule) -> tuple[dict, dict[str, torch.Tensor]]:
 def export(engine, path: str | os.PathLike, *, generation: bool | None = None) -> Path:
     """Write `engine`'s inference (eval-mode) graph and weights to one artifact file.
 
-    For a Hugging Face causal LM (or with `generation=True`) the artifact also holds the
+    For a Hugging Face causal LM (unless compiled with fuse=True, whose kernels fix the
+    prompt length; or with `generation=True`) the artifact also holds the
     prefill and decode step graphs of `compiled.generate` (built now if not yet), so
     `strato.load(path).generate(...)` decodes with a KV cache; weights the graphs share are
     stored once. The file is written next to `path` and renamed into place, so a failed
@@ -335,7 +339,14 @@ def export(engine, path: str | os.PathLike, *, generation: bool | None = None) -
         raise TypeError(f"strato.export takes a compiled model, got {type(engine).__name__}")
     graphs = {"graph.json": _batch_symbolic(engine, engine._graph_for(False))}
     extra: dict[str, Any] = {}
-    if generation is None or generation:
+    fused = engine.strategy is not None and engine.strategy.fuse
+    if fused and generation:
+        raise ArtifactError(
+            "strato.export(generation=True): fused kernels (Strategy.fuse=True) bake the "
+            "prompt length into the step graphs, so no prefill graph would serve other "
+            "prompts; export a model compiled without fuse for generation."
+        )
+    if generation is None and not fused or generation:
         try:
             check_causal_lm(engine.model)
         except GenerationError as exc:
