@@ -68,9 +68,9 @@ def compile(
             )
     example = bind_call(model, example_inputs, example_kwargs, defaults)
     passes = plan_passes(pipeline(strategy), strategy.disable)
-    if strategy.optimizer is not None:
-        # Training under torchrun: join the process group before capture, so passes see
-        # the real rank and world size.
+    if strategy.optimizer is not None or strategy.tensor_parallel is not None:
+        # Training (or tensor-parallel serving) under torchrun: join the process group
+        # before capture, so passes see the real rank and world size.
         from ..runtime.distributed import init_from_env
 
         init_from_env()

@@ -105,6 +105,34 @@ def _match_blocks(gm, linears: dict[fx.Node, str]) -> list[tuple[str, list, fx.N
 # ---------------------------------------------------------------------- the pass
 
 
+HEAD_COUNTS = (
+    ("num_attention_heads", "attention heads"),
+    ("n_head", "attention heads"),
+    ("num_key_value_heads", "KV heads"),
+)
+
+
+def _check_heads(model, parent: str, columns: list, linears: dict, size: int) -> None:
+    """Head counts a Hugging Face config states must divide over the size (a reshape with
+    -1 heads would otherwise split the head dimension instead)."""
+    config = getattr(model, "config", None)
+    if config is None or not any(
+        linears[c].rpartition(".")[2] in ("q_proj", "k_proj", "c_attn", "query", "key")
+        for c in columns
+    ):
+        return
+    for field, what in HEAD_COUNTS:
+        count = getattr(config, field, None)
+        if isinstance(count, int) and count % size:
+            where = next(
+                (linears[c] for c in columns if "k" in linears[c].rpartition(".")[2]), parent
+            )
+            raise StrategyError(
+                f"tensor_parallel: {parent} ({where}): {count} {what} (config.{field}) do not "
+                f"divide over TensorParallel.size={size}; choose a size that divides {count}."
+            )
+
+
 def _near(glob: str, names: list[str]) -> str:
     close = difflib.get_close_matches(glob, names, n=3, cutoff=0.5)
     if close:
@@ -144,6 +172,7 @@ def tensor_parallel(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     skipped: list[dict[str, str]] = []
     blocks = []
     for parent, columns, row in _match_blocks(gm, linears):
+        _check_heads(ctx.model, parent, columns, linears, size)
         trial = {**{c: "column" for c in columns}, row: "row"}
         try:
             SplitPropagation(gm, trial, size, apply=False).run()

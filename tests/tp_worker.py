@@ -120,7 +120,83 @@ def scenario_load(rank: int, spec: dict, out: Path) -> dict:
     return {"step": step, "loaded": loaded, "loss": loss}
 
 
-SCENARIOS = {"train": scenario_train, "load": scenario_load}
+def serve(model: torch.nn.Module, strategy, prompt: torch.Tensor, tokens: int):
+    """Compile `model` for inference and decode greedily (the whole prefix each step):
+    (first logits, generated ids)."""
+    import strato
+
+    compiled = strato.compile(
+        model, strategy, example_kwargs={"input_ids": prompt, "use_cache": False}
+    )
+    ids, first = prompt, None
+    with torch.no_grad():
+        for _ in range(tokens):
+            logits = compiled(input_ids=ids, use_cache=False).logits
+            first = logits if first is None else first
+            ids = torch.cat([ids, logits[:, -1:].argmax(-1)], dim=1)
+    return first, ids
+
+
+def serving_prompt() -> torch.Tensor:
+    return hf_batch("llama", 0, size=2, length=6)["input_ids"]
+
+
+def scenario_serve(rank: int, spec: dict, out: Path) -> dict:
+    """Tensor-parallel serving of the eval graph, optionally int8 (each rank quantizes its
+    own blocks, since the tensor_parallel pass runs before quantize)."""
+    import strato
+
+    quantize = strato.Quantize(weights="int8") if spec.get("int8") else None
+    strategy = strato.Strategy(
+        tensor_parallel=strato.TensorParallel(size=spec.get("size", 2)), quantize=quantize
+    )
+    logits, ids = serve(build_model("llama").eval(), strategy, serving_prompt(), 5)
+    return {"logits": logits, "ids": ids}
+
+
+def scenario_errors(rank: int, spec: dict, out: Path) -> dict:
+    """Compile models whose sizes do not divide over 2 ranks; the error of each."""
+    import transformers as tf
+
+    import strato
+
+    cases = {
+        "heads": GPT(GPTConfig(vocab_size=64, seq_len=8, d_model=36, n_layers=1, n_heads=3)),
+        "vocab": GPT(GPTConfig(vocab_size=63, seq_len=8, d_model=32, n_layers=1, n_heads=2)),
+        "kv_heads": tf.LlamaForCausalLM(
+            tf.LlamaConfig(
+                num_hidden_layers=1,
+                hidden_size=32,
+                intermediate_size=64,
+                num_attention_heads=4,
+                num_key_value_heads=1,
+                vocab_size=64,
+            )
+        ),
+    }
+    errors = {}
+    for case, model in cases.items():
+        strategy = strato.Strategy(
+            optimizer=strato.SGD(lr=LR), tensor_parallel=strato.TensorParallel(size=2)
+        )
+        ids = torch.randint(0, 60, (2, 8))
+        try:
+            if case == "kv_heads":
+                strato.compile(model, strategy, example_kwargs={"input_ids": ids, "labels": ids})
+            else:
+                strato.compile(model, strategy, example_inputs=(ids, ids))
+            errors[case] = None
+        except strato.StratoError as exc:
+            errors[case] = str(exc)
+    return errors
+
+
+SCENARIOS = {
+    "train": scenario_train,
+    "load": scenario_load,
+    "serve": scenario_serve,
+    "errors": scenario_errors,
+}
 
 
 def run(rank: int, world: int, port: int, spec: dict, out_dir: str) -> None:
