@@ -177,7 +177,7 @@ def tail_nodes(gm: fx.GraphModule) -> tuple[set[fx.Node], str]:
     for node in members:
         for arg in node.all_input_nodes:
             zero = arg.meta.get("strato_zero", {})
-            if "param" in zero and zero["unit"] not in inside:
+            if arg.op == "call_function" and "param" in zero and zero.get("unit") not in inside:
                 return set(), (
                     f"it reads {zero['param']}, which ZeRO-3 gathers before it (unit "
                     f"{zero['unit'] or '<root>'!r}): its recompute would read it after the release"
@@ -221,7 +221,7 @@ def outline(gm: fx.GraphModule, run: list[fx.Node], name: str, region: Recompute
     for node in run:
         inputs += [a for a in node.all_input_nodes if a not in members and a not in inputs]
     outputs = [n for n in run if any(u not in members for u in n.users)]
-    region.grad_in_forward = ends_in_loss(run, outputs)
+    region.grad_in_forward = region.grad_in_forward and ends_in_loss(run, outputs)
     body = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for a in inputs:
@@ -254,9 +254,15 @@ def outline(gm: fx.GraphModule, run: list[fx.Node], name: str, region: Recompute
 
 
 def outline_regions(
-    gm: fx.GraphModule, paths: list[str], policies: dict[str, str], offload: bool
+    gm: fx.GraphModule,
+    paths: list[str],
+    policies: dict[str, str],
+    offload: bool,
+    grad_in_forward: bool = True,
 ) -> list[dict]:
-    """Outline each region path; returns one entry per outlined run."""
+    """Outline each region path; returns one entry per outlined run. `grad_in_forward`: a
+    run ending in the loss may run its backward in forward (not under fp16, whose gradients
+    need the loss scale, known only in backward, to stay clear of underflow)."""
     entries = []
     for path in paths:
         runs = region_runs(gm, path)
@@ -267,6 +273,7 @@ def outline_regions(
                 + (f"_{k}" if len(runs) > 1 else "")
             )
             region = RecomputeRegion(path, policies[path], offload)
+            region.grad_in_forward = grad_in_forward
             outline(gm, run, name, region)
             gathers = [n for n in run if str(n.target) == _GATHER]
             entries.append(
@@ -370,7 +377,8 @@ def recompute_activations(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMo
         )
     offload = isinstance(config, Recompute) and config.offload
     policy = config.policy if isinstance(config, Recompute) else "none"
-    entries = outline_regions(gm, paths, dict.fromkeys(paths, policy), offload)
+    fp16 = ctx.strategy.precision == "fp16"
+    entries = outline_regions(gm, paths, dict.fromkeys(paths, policy), offload, not fp16)
     if isinstance(config, Budget):
         plan, reason, totals = plan_budget(gm, ctx, paths, config.limit)
         set_policies(gm, plan)
