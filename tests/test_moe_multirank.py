@@ -25,7 +25,7 @@ WORLD = 2
 TOL = 1e-5
 
 
-def launch(spec: dict, out: Path, timeout: float = 150) -> list[dict]:
+def launch(spec: dict, out: Path, timeout: float = 300) -> list[dict]:
     return multirank.launch(moe_worker.run, spec, WORLD, out, timeout)
 
 
