@@ -36,11 +36,11 @@ format: setup
 
 # The suite (under 10 minutes on 2 cores): everything but the tests marked slow.
 test: lint
-	$(PY) -m pytest -q -rs -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs --durations=20 -m "not slow" $(PYTEST_ARGS)
 
 # The slow tests: multi-rank runs over gloo (real processes) and the longest parity checks.
 test-slow: setup
-	$(PY) -m pytest -q -rs -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs --durations=20 -m slow $(PYTEST_ARGS)
 
 test-all: lint
 	$(PY) -m pytest -q -rs $(PYTEST_ARGS)
