@@ -206,7 +206,8 @@ def _interleaved(rank: int, ranks: int, m: int, v: int) -> list[Action]:
 
 def _zero_bubble(ranks: int, m: int, producers: dict[int, tuple[int, ...]]) -> list[list[Action]]:
     """ZB-H1 by list scheduling at unit costs: each rank runs a ready B first, else the next
-    F while it holds fewer than P - r micro-batches (1F1B's memory), else a deferred W."""
+    F while it holds fewer than P micro-batches (a micro-batch's activations are held
+    until its W; 1F1B's peak, on its first rank, is P too), else a deferred W."""
     consumers = {s: [c for c, ps in producers.items() if s in ps] for s in producers}
     done: dict[tuple[str, int, int], int] = {}  # (kind, stage, mb) -> finish time
     orders: list[list[Action]] = [[] for _ in range(ranks)]
@@ -227,7 +228,7 @@ def _zero_bubble(ranks: int, m: int, producers: dict[int, tuple[int, ...]]) -> l
                 pending_w[r].append(b)
             elif (
                 next_f[r] < m
-                and next_f[r] - next_b[r] < ranks - r
+                and next_f[r] - (next_b[r] - len(pending_w[r])) < ranks
                 and all(done.get(("F", p, next_f[r]), time + 1) <= time for p in producers[r])
             ):
                 action = Action("F", r, next_f[r])
