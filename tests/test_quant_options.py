@@ -39,9 +39,7 @@ def test_skip_glob_matching_nothing_and_models_without_linears_are_refused():
     model = tiny_llama().eval()
     ids = torch.randint(0, 100, (2, 6))
     typo = strato.Strategy(quantize=strato.Quantize(weights="int8", skip=["lm_haed"]))
-    with pytest.raises(
-        strato.StratoError, match=r"Quantize.skip: 'lm_haed' matches no.*'lm_head'"
-    ):
+    with pytest.raises(strato.StratoError, match=r"Quantize.skip: 'lm_haed' matches no.*'lm_head'"):
         strato.compile(model, typo, example_kwargs={"input_ids": ids, "use_cache": False})
     conv = nn.Sequential(nn.Conv1d(4, 4, 3), nn.ReLU()).eval()
     with pytest.raises(strato.StratoError, match="Strategy.quantize: Sequential has no linear"):
