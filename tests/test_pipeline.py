@@ -207,6 +207,7 @@ def test_single_process_pipeline_matches_eager(schedule, stages, v):
     assert losses == pytest.approx(want_losses, abs=TOL)
     for name, p in engine.model.named_parameters():
         torch.testing.assert_close(p.detach(), want_weights[name], atol=TOL, rtol=0, msg=name)
+    assert engine.stats()["tokens_per_s"] > 0
     timeline = engine.timeline()
     kinds = {e.kind for e in timeline.events}
     assert kinds == ({"F", "B", "W"} if schedule == "zero_bubble" else {"F", "B"})

@@ -111,6 +111,8 @@ class PipelineRunner:
         self.parameters_stale = not self.local
         engine._loss_sum = float(losses.sum())
         engine.micro_step = m
+        # stats()["tokens_per_s"] multiplies by the world size: each stage counts 1/P.
+        engine._tokens += sum(_first_tensor_numel(mb) for mb in micro_batches) // self.group.size
         return list(losses.unbind())
 
     def _merged_order(self) -> list[tuple[int, Action]]:
@@ -455,6 +457,14 @@ def _flat_inputs(runner: PipelineRunner, engine: Any, mb: MicroBatch) -> list:
             "call train_step with the same arguments as the example inputs."
         )
     return leaves
+
+
+def _first_tensor_numel(mb: MicroBatch) -> int:
+    first = next(
+        (t for t in pytree.tree_leaves((mb.args, mb.kwargs)) if isinstance(t, torch.Tensor)),
+        None,
+    )
+    return first.numel() if first is not None else 0
 
 
 def _model_output(codegen: Any, flat: Any) -> Any:
