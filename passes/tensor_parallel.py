@@ -187,6 +187,12 @@ def tensor_parallel(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             lin = linear_of(gm, node)
             rows = lin["weight"].shape[lin["out_dim"]]
             if node not in styles and rows in vocab_rows:
+                if rows % size:
+                    raise StrategyError(
+                        f"tensor_parallel: {module}: vocabulary of {rows} rows does not divide "
+                        f"over TensorParallel.size={size}; pad the vocabulary to a multiple of "
+                        f"{size}, or use TensorParallel(vocab_parallel=False)."
+                    )
                 trial = {**styles, node: "column"}
                 try:
                     SplitPropagation(gm, trial, size, apply=False).run()
@@ -336,6 +342,14 @@ def tensor_parallel(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             )
         node.replace_all_uses_with(new)
         graph.erase_node(node)
+    if size > 1:  # whole tensors: one writer per piece, the first rank of the tensor group
+        split = set(shards.done)
+        for name, tensor, _ in state_names(ctx.model):
+            if name not in split and name in names.values():
+                whole = {"kind": "view", "shape": list(tensor.shape)}
+                register_step(
+                    ctx, "tensor_parallel", name, tensor, whole, True, writes and rank == 0
+                )
     _gather_outputs(graph, propagation, key)
     summed = _sum_gradients(graph, propagation, key)
     _refresh(gm, ctx)

@@ -198,5 +198,5 @@ def test_sizes_that_do_not_divide_name_the_module_and_numbers(tmp_path):
     errors = launch({"kind": "errors"}, 2, tmp_path)[0]
     assert "blocks.0.attn" in errors["heads"] and "3 attention heads" in errors["heads"]
     assert "TensorParallel.size=2" in errors["heads"]
-    assert "tok_emb" in errors["vocab"] and "63 rows" in errors["vocab"]
+    assert "lm_head" in errors["vocab"] and "vocabulary of 63 rows" in errors["vocab"]
     assert "k_proj" in errors["kv_heads"] and "1 KV heads" in errors["kv_heads"]
