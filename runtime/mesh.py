@@ -212,9 +212,15 @@ class ProcessMesh:
             row = "  ".join(str(start + j).rjust(width) for j in range(self.sizes[last]))
             lines.append(f"  {self._row_label(outer, index)}  {row}" if outer else f"    {row}")
         lines.append("  groups (collectives over them):")
-        dims = [(d,) for d in self.dims] + [tuple(self.dims)] * (len(self.dims) > 1)
-        for names in dims:
-            key = ",".join(names)
+        # Each dimension that has more than one rank or carries a collective, then every
+        # combination a collective runs over (data parallel: replicate,shard), then the world.
+        used_keys = [dim for dim, _, _ in self.uses if dim not in EXPERT_GROUPS]
+        keys = [d for d in self.dims if self.sizes[d] > 1 or d in used_keys]
+        keys += [k for k in dict.fromkeys(used_keys) if k not in keys]
+        world = ",".join(self.dims)
+        keys += [world] * (world not in keys and len(self.dims) > 1)
+        for key in keys:
+            names = tuple(key.split(","))
             groups = sorted({self.ranks_along(names, r) for r in range(self.world_size)})
             shown = " ".join(str(list(g)) for g in groups)
             used = [f"{op} {what}" for dim, op, what in self.uses if dim == key]

@@ -17,19 +17,24 @@ from tests.training_utils import batch
 CFG = GPTConfig(vocab_size=97, seq_len=8, d_model=33, n_layers=2, n_heads=3)
 
 
+def dp_sizes(replicate: int, shard: int) -> dict[str, int]:
+    """A mesh's sizes when only the data-parallel dimensions are above 1."""
+    return {"pipeline": 1, "replicate": replicate, "shard": shard, "tensor": 1}
+
+
 def test_sizes_resolve_the_rest_and_check_the_world():
-    assert strato.Mesh().sizes(4) == {"replicate": 1, "shard": 4}
-    assert strato.Mesh(replicate=2).sizes(4) == {"replicate": 2, "shard": 2}
-    assert strato.Mesh(replicate=-1, shard=2).sizes(8) == {"replicate": 4, "shard": 2}
-    assert strato.Mesh(replicate=-1).sizes(4) == {"replicate": 4, "shard": 1}
-    assert strato.Mesh(replicate=4, shard=1).sizes(4) == {"replicate": 4, "shard": 1}
+    assert strato.Mesh().sizes(4) == dp_sizes(1, 4)
+    assert strato.Mesh(replicate=2).sizes(4) == dp_sizes(2, 2)
+    assert strato.Mesh(replicate=-1, shard=2).sizes(8) == dp_sizes(4, 2)
+    assert strato.Mesh(replicate=-1).sizes(4) == dp_sizes(4, 1)
+    assert strato.Mesh(replicate=4, shard=1).sizes(4) == dp_sizes(4, 1)
     # No process group: the script runs as one process whatever sizes it asks for.
-    assert strato.Mesh(replicate=2, shard=2).sizes(None) == {"replicate": 1, "shard": 1}
+    assert strato.Mesh(replicate=2, shard=2).sizes(None) == dp_sizes(1, 1)
 
 
 def test_bad_meshes_name_the_sizes_and_the_world():
     with pytest.raises(
-        strato.StrategyError, match=r"replicate=2 x shard=3 = 6 ranks.*world size is 4"
+        strato.StrategyError, match=r"replicate=2 x shard=3 x tensor=1 = 6 ranks.*world size is 4"
     ):
         strato.Mesh(replicate=2, shard=3).sizes(4)
     with pytest.raises(
@@ -101,7 +106,7 @@ def test_single_process_compile_records_mesh_dimensions(stage):
         example_inputs=batch(0, 2, CFG),
     )
     ctx = engine.context
-    assert ctx.mesh.sizes == {"replicate": 1, "shard": 1} and ctx.world_size == 1
+    assert ctx.mesh.sizes == dp_sizes(1, 1) and ctx.world_size == 1
     text = str(engine.mesh)
     assert "over 1 ranks (single process, cpu)" in text
     if stage == 0:
@@ -121,8 +126,9 @@ def test_single_process_compile_records_mesh_dimensions(stage):
     # The schedule names each collective's dimension and ends with the mesh's sizes.
     record = {**record, "shard_size": 2, "replicate_size": 2}
     schedule = step_schedule({"zero": record}, ctx.mesh)
-    assert {c[3] for c in schedule} == {"shard", "replicate", "replicate,shard"}
-    assert schedule[-1] == ("mesh", (1, 1), "", "replicate,shard")
+    world = "pipeline,replicate,shard,tensor"
+    assert {c[3] for c in schedule} == {"shard", "replicate", world}
+    assert schedule[-1] == ("mesh", (1, 1, 1, 1), "", world)
     reduces = [c for c in schedule if c[0] == "reduce_scatter"]
     across = [c for c in schedule if c[0] == "all_reduce"]
     assert len(across) == len(reduces) == len(record["units"]) + len(record["buckets"])
