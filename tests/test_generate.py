@@ -80,7 +80,7 @@ def hf_generate(model, ids, mask, new_tokens, **options):
 
 
 @pytest.mark.parametrize(
-    "family", ["gpt2", "mistral", pytest.param("qwen2", marks=pytest.mark.slow)]
+    "family", ["gpt2", *(pytest.param(n, marks=pytest.mark.slow) for n in ("mistral", "qwen2"))]
 )
 def test_greedy_equals_transformers_generate_with_left_padding(family):
     model = causal_lm(family)
@@ -172,7 +172,7 @@ def test_filters_match_transformers_warpers():
     assert torch.equal(next_tokens(logits, 1.0, top_k=1), logits.argmax(-1, keepdim=True))
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", pytest.param("int4", marks=pytest.mark.slow)])
 def test_quantized_generation_runs_quantized_graphs_near_fp32(scheme):
     model = causal_lm("llama")
     quantize = strato.Quantize(weights=scheme, **({"group_size": 32} if scheme == "int4" else {}))
@@ -193,6 +193,7 @@ def test_quantized_generation_runs_quantized_graphs_near_fp32(scheme):
     assert cosine.min() > (0.999 if scheme == "int8" else 0.98)
 
 
+@pytest.mark.slow  # ~9 s
 def test_bf16_model_generates_as_transformers_does():
     model = causal_lm("llama").to(torch.bfloat16)
     runner = Generator(model, max_len=16, batch=2)

@@ -66,7 +66,7 @@ def assert_rows_equal_single(batched, rows, singles, new):
         assert torch.equal(batched[i, width:], single[0, row.shape[1] :]), f"row {i}"
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", pytest.param("gpt2", marks=pytest.mark.slow)])
 def test_each_row_equals_its_single_prompt_generation(family):
     model = causal_lm(family)
     compiled = compiled_lm(model)

@@ -61,6 +61,7 @@ def test_positional_keyword_and_left_out_arguments_share_the_example_graph():
     assert len(compiled._recaptured[True]) == 0
 
 
+@pytest.mark.slow  # ~17 s: three captures of an HF model
 def test_optional_inputs_capture_again_once_and_match_eager():
     """attention_mask (with padding), labels left out, return_dict=False: each is captured
     once, with a note naming the argument, then served from the cache."""

@@ -53,6 +53,7 @@ def test_kv_cache_generation_matches_eager(llama):
             torch.testing.assert_close(logits, expected_logits[pos - 4], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.slow  # ~12 s; tests/test_export.py's fresh-process artifacts stay in make test
 def test_quantized_decode_graph_generates_and_exports(llama, tmp_path):
     strategy = strato.Strategy(quantize=strato.Quantize(weights="int4", group_size=32))
     generator = Generator(llama, strategy, max_len=16)

@@ -79,6 +79,7 @@ def test_int8_weight_only_keeps_embeddings(minilm):
     assert cosine >= 0.999, cosine
 
 
+@pytest.mark.slow  # ~10 s of GPTQ; the int8 test above stays in make test
 def test_int4_g128_gptq_keeps_embeddings(minilm):
     calibration = minilm[2]
     quantize = strato.Quantize(

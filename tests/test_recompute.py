@@ -65,7 +65,10 @@ def compile_train(model, args, kwargs, recompute, **strategy):
 
 
 @pytest.mark.parametrize("policy", ["full", "selective"])
-@pytest.mark.parametrize("name", ["gpt", pytest.param("llama", marks=pytest.mark.slow), "gpt2"])
+@pytest.mark.parametrize(
+    "name",
+    ["gpt", *(pytest.param(n, marks=pytest.mark.slow) for n in ("llama", "gpt2"))],
+)
 def test_gradients_equal_eager_with_dropout(name, policy):
     model, args, kwargs = MODELS[name]()
     compiled = compile_train(model, args, kwargs, policy)
@@ -274,7 +277,7 @@ def test_zero3_regions_gather_again_and_match_eager(policy, monkeypatch):
         torch.testing.assert_close(full[name], value, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("policy", ["full", "selective"])
+@pytest.mark.parametrize("policy", ["full", pytest.param("selective", marks=pytest.mark.slow)])
 def test_bf16_recompute_equals_bf16_without(policy):
     """Under mixed precision the region holds the casts, so the recomputed forward runs the
     same bf16 ops: gradients equal the same strategy without recomputation."""
@@ -309,7 +312,7 @@ def gpt_with_targets(vocab=VOCAB, d_model=64, seq=24, layers=2, batch=3, dropout
     return GPT(cfg), (x, torch.randint(0, vocab, x.shape)), {}
 
 
-@pytest.mark.parametrize("policy", ["full", "selective"])
+@pytest.mark.parametrize("policy", ["full", pytest.param("selective", marks=pytest.mark.slow)])
 def test_loss_tail_runs_its_backward_in_forward(policy):
     """The tail after the last layer (final norm, LM head, loss) is a region; ending in the
     loss, it computes its gradients in forward and keeps those instead of the logits.
@@ -323,6 +326,7 @@ def test_loss_tail_runs_its_backward_in_forward(policy):
     assert_parity(model, compiled, args, kwargs, atol=1e-6, reduce=lambda loss: 3 * loss)
 
 
+@pytest.mark.slow  # ~35 s: three policies measured at the reference's proportions
 def test_reference_shaped_gpt_meets_the_byte_goals():
     """At the reference GPT's proportions, scaled down 4x (4 layers and heads, vocabulary
     32 x d_model, tokens 2 x d_model, heads x seq 2 x d_model) selective keeps at least 50%
@@ -339,6 +343,7 @@ def test_reference_shaped_gpt_meets_the_byte_goals():
     assert kept["full"] <= 0.2 * kept["none"], kept
 
 
+@pytest.mark.slow  # ~11 s
 def test_tail_with_a_tied_weight_under_zero3_is_left_out_with_the_reason():
     model, args, _ = gpt_with_targets(dropout=0.0)
     strategy = strato.Strategy(optimizer=strato.SGD(lr=0.1), zero=3, recompute="full")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 from conftest import assert_parity, tiny_llama
@@ -103,6 +104,7 @@ def test_grad_mode_regions_are_inlined_so_the_graph_exports(tmp_path):
         assert torch.equal(served(x), simplified(x))
 
 
+@pytest.mark.slow  # ~12 s; the HF Llama eval-graph test above stays in make test
 def test_hugging_face_llama_eval_graph_exports(tmp_path):
     """The same on a real HF Llama (whose rotary embedding may or may not use no_grad)."""
     model = tiny_llama().eval()
