@@ -32,7 +32,8 @@ import torch.fx as fx
 from ..compiler.context import CompileContext
 from ..compiler.errors import PassError, StrategyError
 from ..compiler.pass_manager import graph_pass
-from ..runtime.moe import ExpertParallelMoE, MoE, hf_block_settings, layer_settings
+from ..runtime.expert_parallel import ExpertParallelMoE, hf_block_settings, layer_settings
+from ..runtime.moe import MoE
 from .annotate import getattr_path
 
 EXPERT = "expert"
@@ -48,7 +49,7 @@ class MoELayer:
     kind: str
     """'strato.nn.MoE' or the Hugging Face class name."""
     settings: dict[str, Any]
-    """Routing settings for ExpertParallelMoE (runtime/moe.py)."""
+    """Routing settings for ExpertParallelMoE (runtime/expert_parallel.py)."""
     params: dict[str, torch.Tensor]
     """'gate' [E, d], 'w_in', 'w_out': the parameters the layer reads."""
     transposed: tuple[str, ...] = ()
@@ -57,7 +58,7 @@ class MoELayer:
 
 def moe_layers(model: torch.nn.Module) -> dict[str, MoELayer]:
     """Module path -> layer, for every strato.nn.MoE and every Hugging Face sparse MoE block
-    built the Mixtral way (runtime/moe.py `hf_block_settings`)."""
+    built the Mixtral way (runtime/expert_parallel.py `hf_block_settings`)."""
     found: dict[str, MoELayer] = {}
     for path, m in model.named_modules():
         if any(_inside(path, outer) for outer in found):

@@ -5,12 +5,13 @@ The artifact (by convention `*.strato`) is an uncompressed zip holding exactly:
 - `manifest.json`: format name and version, torch/strato versions, the sha256 of each
   other member, the quantization record, and for causal LMs the generation cache layout
   and eos/pad defaults.
-- `graph.json`: the FX graph in Strato's own JSON form: one entry per node (op, name,
-  target, args, kwargs). Call targets are ATen or `strato::` ops by their qualified
-  name (e.g. 'aten::linear.default'), or a short allow-list of Python operators on sizes;
-  values are JSON, with dtypes/devices/tuples tagged. Input/output pytree specs use
-  torch's JSON treespec format; `inputs` states each input's dtype, shape and the range
-  of each symbolic size; `weights` maps its tensor names to stored weights.
+- `graph.json`: the FX graph in Strato's own JSON form (runtime/graph_json.py): one entry
+  per node (op, name, target, args, kwargs). Call targets are ATen or `strato::` ops by
+  their qualified name (e.g. 'aten::linear.default'), or a short allow-list of Python
+  operators on sizes; values are JSON, with dtypes/devices/tuples tagged. Input/output
+  pytree specs use torch's JSON treespec format; `inputs` states each input's dtype, shape
+  and the range of each symbolic size (runtime/input_ranges.py); `weights` maps its tensor
+  names to stored weights.
 - `graphs/prefill.json`, `graphs/decode.json` (causal LMs): generate's step graphs.
 - `weights.safetensors`: every tensor the graphs read (`get_attr`), each distinct one once.
 - `kernels/<op>.py` (graphs compiled with `fuse=True`): the generated kernel source of each
@@ -31,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-import operator
 import os
 import re
 import zipfile
@@ -45,7 +45,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch.utils import _pytree as pytree
 
-from ..compiler.errors import InputError, StratoError
+from .graph_json import ArtifactError, graph_from_json, graph_to_json
+from .input_ranges import cap_input_ranges, check_input
 
 FORMAT = "strato-inference"
 VERSION = 3
@@ -56,270 +57,8 @@ MEMBERS = ("manifest.json", "graph.json", "weights.safetensors")
 KERNEL_MEMBER = re.compile(r"kernels/[A-Za-z0-9_]+\.py")
 GRAPH_MEMBER = re.compile(r"graphs/(prefill|decode)\.json")
 
-_OPERATORS = {
-    f"operator.{name}": getattr(operator, name)
-    for name in (
-        "getitem",
-        "add",
-        "sub",
-        "mul",
-        "truediv",
-        "floordiv",
-        "mod",
-        "pow",
-        "neg",
-        "eq",
-        "ne",
-        "lt",
-        "le",
-        "gt",
-        "ge",
-        "and_",
-        "or_",
-        "not_",
-    )
-}
-_OPERATORS.update(
-    {
-        f"torch.{name}": getattr(torch, name)
-        for name in ("sym_int", "sym_float", "sym_max", "sym_min", "sym_not")
-    }
-)
-_TARGET_NAMES = {fn: name for name, fn in _OPERATORS.items()}
-_SKIPPED_MODULES = ("_guards_fn",)
-"""call_module nodes torch.export adds to re-check its shape guards; `load` checks
-input shapes itself from the manifest."""
-
-
-class ArtifactError(StratoError):
-    """A file is not a valid Strato inference artifact, or a graph cannot be exported."""
-
-
-# ---------------------------------------------------------------------- encoding
-
-
-def _encode(value: Any, where: str) -> Any:
-    if isinstance(value, fx.Node):
-        return {"node": value.name}
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    if isinstance(value, torch.dtype):
-        return {"dtype": str(value).removeprefix("torch.")}
-    if isinstance(value, torch.device):
-        return {"device": str(value)}
-    if isinstance(value, torch.layout):
-        return {"layout": str(value).removeprefix("torch.")}
-    if isinstance(value, torch.memory_format):
-        return {"memory_format": str(value).removeprefix("torch.")}
-    if isinstance(value, tuple):
-        return {"tuple": [_encode(v, where) for v in value]}
-    if isinstance(value, list):
-        return [_encode(v, where) for v in value]
-    if isinstance(value, slice):
-        return {"slice": [_encode(v, where) for v in (value.start, value.stop, value.step)]}
-    raise ArtifactError(
-        f"cannot export {where}: argument {value!r} of type {type(value).__name__} has no "
-        "JSON form (only tensors by reference, numbers, strings, dtypes, devices and lists)."
-    )
-
-
-def _decode(value: Any, nodes: dict[str, fx.Node]) -> Any:
-    if isinstance(value, list):
-        return [_decode(v, nodes) for v in value]
-    if not isinstance(value, dict):
-        return value
-    if len(value) != 1:
-        raise ArtifactError(f"graph.json: malformed value {value!r}")
-    ((tag, data),) = value.items()
-    if tag == "node":
-        if data not in nodes:
-            raise ArtifactError(f"graph.json: reference to unknown or later node {data!r}")
-        return nodes[data]
-    if tag == "tuple":
-        return tuple(_decode(v, nodes) for v in data)
-    if tag == "slice":
-        return slice(*(_decode(v, nodes) for v in data))
-    if tag in ("dtype", "layout", "memory_format"):
-        attr = getattr(torch, str(data), None)
-        expected = {
-            "dtype": torch.dtype,
-            "layout": torch.layout,
-            "memory_format": torch.memory_format,
-        }[tag]
-        if not isinstance(attr, expected):
-            raise ArtifactError(f"graph.json: {data!r} is not a torch {tag}")
-        return attr
-    if tag == "device":
-        return torch.device(data)
-    raise ArtifactError(f"graph.json: unknown value tag {tag!r}")
-
-
-def _target_name(node: fx.Node) -> str:
-    target = node.target
-    if isinstance(target, torch._ops.OpOverload):
-        return target.name()  # 'aten::linear.default'
-    if target in _TARGET_NAMES:
-        return _TARGET_NAMES[target]
-    raise ArtifactError(
-        f"cannot export node {node.name!r} (module {node.meta.get('strato_module', '?')!r}): its "
-        f"target {target!r} is not an ATen/strato op or an allow-listed operator."
-    )
-
-
-def _resolve_target(name: str) -> Any:
-    if name in _OPERATORS:
-        return _OPERATORS[name]
-    namespace, sep, rest = name.partition("::")
-    if not sep or namespace not in ("aten", "strato"):
-        raise ArtifactError(
-            f"graph.json: op {name!r} is not allowed (only aten::, strato:: and operators)"
-        )
-    if namespace == "strato":
-        _import_strato_ops()
-    op_name, _, overload = rest.partition(".")
-    try:
-        return getattr(getattr(getattr(torch.ops, namespace), op_name), overload or "default")
-    except (AttributeError, RuntimeError) as exc:
-        if namespace == "strato":
-            raise ArtifactError(
-                f"graph.json: op {name!r} is neither one of Strato's own ops nor a fused "
-                "kernel the artifact carries (graph.json 'kernels'); re-export the model."
-            ) from exc
-        raise ArtifactError(f"graph.json: op {name!r} does not exist in this torch build") from exc
-
-
-def _import_strato_ops() -> None:
-    """Register Strato's own ops (modules of this package, not of any model)."""
-    import importlib
-
-    for module in ("quantized_linear", "attention"):
-        try:
-            importlib.import_module(f"{__package__.rpartition('.')[0]}.kernels.{module}")
-        except ImportError:
-            pass
-
-
-def _value_spec(value: Any) -> dict | None:
-    """dtype, shape (None: a symbolic size) and each symbolic size's [low, high] range
-    (high None: no bound) of a placeholder's fake value."""
-    if not isinstance(value, torch.Tensor):
-        return None
-    shape = [int(d) if isinstance(d, int) else None for d in value.shape]
-    ranges = [None if isinstance(d, int) else _size_range(d) for d in value.shape]
-    return {"dtype": str(value.dtype).removeprefix("torch."), "shape": shape, "range": ranges}
-
-
-def _size_range(size) -> list[int | None]:
-    """[low, high] a symbolic size may take, from the shape environment export built."""
-    try:
-        bounds = size.node.shape_env.bound_sympy(size.node.expr)
-    except AttributeError:
-        return [0, None]
-
-    def bound(value):
-        return int(value) if getattr(value, "is_Integer", False) else None
-
-    return [bound(bounds.lower) or 0, bound(bounds.upper)]
-
-
-def cap_input_ranges(inputs: list[dict], caps: dict[str, dict[int, int]]) -> None:
-    """Bound symbolic sizes by what serving allows (caps[input name][dim] = most)."""
-    for spec in inputs:
-        for dim, most in caps.get(spec.get("name"), {}).items():
-            ranges = spec.get("range")
-            if ranges and dim < len(ranges) and ranges[dim] is not None:
-                low, high = ranges[dim]
-                ranges[dim] = [low, most if high is None else min(high, most)]
-
-
-def _relax_size_one(gm: fx.GraphModule, inputs: list[dict], captured: dict) -> None:
-    """Export states a symbolic size's range from 2 (it treats 1 apart); where the graph's
-    own shape guards (export's `_guards_fn`, the checks the compiled model runs) accept
-    size 1 for it (in every input dim of that size at once), the artifact serves 1 too.
-    Probed on meta tensors: nothing computes."""
-    guards = getattr(gm, "_guards_fn", None)
-    guard_node = next(
-        (n for n in gm.graph.nodes if n.op == "call_module" and n.target == "_guards_fn"), None
-    )
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if guards is None or guard_node is None or len(placeholders) != len(inputs):
-        return
-    sizes: dict[str, list[tuple[int, int]]] = {}  # symbol -> (input, dim) it sizes
-    for i, node in enumerate(placeholders):
-        value = captured.get(node.name)
-        for dim, size in enumerate(getattr(value, "shape", ())):
-            if not isinstance(size, int) and inputs[i]["range"][dim][0] == 2:
-                sizes.setdefault(str(size), []).append((i, dim))
-    index = {n: i for i, n in enumerate(placeholders)}
-    for where in sizes.values():
-        shapes = {i: list(placeholders[i].meta["val"].shape) for i, _ in where}
-        for i, dim in where:
-            shapes[i][dim] = 1
-        args = []
-        for a in guard_node.args:
-            value = placeholders[index[a]].meta.get("val") if a in index else a
-            if isinstance(value, torch.Tensor):
-                shape = shapes.get(index[a], tuple(value.shape))
-                value = torch.empty(shape, dtype=value.dtype, device="meta")
-            args.append(value)
-        try:
-            guards(*args)
-        except Exception:  # the guards refuse 1 (or cannot run on meta tensors)
-            continue
-        for i, dim in where:
-            inputs[i]["range"][dim][0] = 1
-
 
 # ---------------------------------------------------------------------- export
-
-
-def graph_to_json(gm: fx.GraphModule) -> tuple[dict, dict[str, torch.Tensor]]:
-    """The JSON form of `gm` and the tensors its get_attr nodes read."""
-    from ..compiler.capture import INPUT_VALUES
-
-    captured = gm.meta.get(INPUT_VALUES, {})
-    nodes, tensors, inputs = [], {}, []
-    for node in gm.graph.nodes:
-        entry: dict[str, Any] = {"op": node.op, "name": node.name}
-        if node.op == "placeholder":
-            entry["target"] = str(node.target)
-            value = captured.get(node.name, node.meta.get("val"))
-            inputs.append({"name": node.name, **(_value_spec(value) or {})})
-        elif node.op == "get_attr":
-            value = gm
-            for part in str(node.target).split("."):
-                value = getattr(value, part)
-            if not isinstance(value, torch.Tensor):
-                raise ArtifactError(
-                    f"cannot export get_attr {node.target!r}: a {type(value).__name__}, not a tensor."
-                )
-            tensors[str(node.target)] = value.detach()
-            entry["target"] = str(node.target)
-        elif node.op == "call_function":
-            entry["target"] = _target_name(node)
-            entry["args"] = _encode(list(node.args), node.name)
-            entry["kwargs"] = {k: _encode(v, node.name) for k, v in node.kwargs.items()}
-        elif node.op == "output":
-            entry["args"] = _encode(list(node.args), node.name)
-        elif node.op == "call_module" and str(node.target) in _SKIPPED_MODULES and not node.users:
-            continue
-        else:
-            raise ArtifactError(
-                f"cannot export node {node.name!r}: {node.op} {node.target!r} is not supported; "
-                "only ATen/strato op calls, tensors and inputs can be exported."
-            )
-        nodes.append(entry)
-    _relax_size_one(gm, inputs, captured)
-    codegen = gm.graph._codegen
-    info = getattr(codegen, "pytree_info", None)
-    graph = {
-        "nodes": nodes,
-        "inputs": inputs,
-        "orig_args": list(info.orig_args) if info is not None else None,
-        "in_spec": pytree.treespec_dumps(info.in_spec) if info and info.in_spec else None,
-        "out_spec": pytree.treespec_dumps(info.out_spec) if info and info.out_spec else None,
-    }
-    return graph, tensors
 
 
 def export(engine, path: str | os.PathLike, *, generation: bool | None = None) -> Path:
@@ -333,7 +72,8 @@ def export(engine, path: str | os.PathLike, *, generation: bool | None = None) -
     export never leaves a half-written artifact behind.
     """
     from .compiled_model import CompiledModel
-    from .generate import GenerationError, check_causal_lm, generator_for, position_limit
+    from .generate import generator_for
+    from .kv_cache import GenerationError, check_causal_lm, position_limit
 
     if not isinstance(engine, CompiledModel):
         raise TypeError(f"strato.export takes a compiled model, got {type(engine).__name__}")
@@ -625,76 +365,6 @@ def register_kernels(path, graphs: dict[str, dict], sources: dict[str, str]) -> 
             ) from exc
 
 
-def _load_spec(text: str | None):
-    """A treespec from JSON; container types this process does not know become dicts."""
-    if text is None:
-        return None
-    try:
-        return pytree.treespec_loads(text)
-    except Exception:
-        protocol, root = json.loads(text)
-
-        def plain(node):
-            if (
-                node["type"] is not None
-                and node["type"] not in pytree.SERIALIZED_TYPE_TO_PYTHON_TYPE
-            ):
-                node = {**node, "type": "builtins.dict"}
-            return {**node, "children_spec": [plain(c) for c in node["children_spec"]]}
-
-        return pytree.treespec_loads(json.dumps([protocol, plain(root)]))
-
-
-def graph_from_json(graph: dict, tensors: dict[str, torch.Tensor]) -> fx.GraphModule:
-    """Rebuild the GraphModule `graph_to_json` described, on `tensors` (stored weights,
-    which graph["weights"] maps its tensor names to; without that map, by the same name)."""
-    stored = graph.get("weights")
-    names = stored if isinstance(stored, dict) else None
-    g = fx.Graph()
-    nodes: dict[str, fx.Node] = {}
-    used: dict[str, torch.Tensor] = {}
-    for entry in graph["nodes"]:
-        op, name = entry["op"], entry["name"]
-        if op == "placeholder":
-            node = g.placeholder(entry["target"])
-        elif op == "get_attr":
-            target = entry["target"]
-            key = names.get(target) if names is not None else target
-            if key not in tensors:
-                raise ArtifactError(f"graph.json: get_attr {target!r} has no tensor in weights")
-            used[target] = tensors[key]
-            node = g.get_attr(target)
-        elif op == "call_function":
-            target = _resolve_target(entry["target"])
-            args = tuple(_decode(entry["args"], nodes))
-            kwargs = {k: _decode(v, nodes) for k, v in entry["kwargs"].items()}
-            node = g.call_function(target, args, kwargs)
-        elif op == "output":
-            node = g.output(*_decode(entry["args"], nodes))
-        else:
-            raise ArtifactError(f"graph.json: node op {op!r} is not allowed")
-        node.name = name
-        nodes[name] = node
-    root = torch.nn.Module()
-    for target, tensor in (used if names is not None else tensors).items():
-        owner = root
-        *parents, attr = target.split(".")
-        for part in parents:
-            if not hasattr(owner, part):
-                owner.add_module(part, torch.nn.Module())
-            owner = getattr(owner, part)
-        owner.register_buffer(attr, tensor)
-    if graph.get("in_spec") is not None:
-        g._codegen = fx.graph._PyTreeCodeGen(
-            fx.graph._PyTreeInfo(
-                graph["orig_args"], _load_spec(graph["in_spec"]), _load_spec(graph["out_spec"])
-            )
-        )
-    gm = fx.GraphModule(root, g)
-    gm.graph.lint()
-    return gm
-
-
 class LoadedModel(torch.nn.Module):
     """A model loaded from an artifact: call it like the compiled model it was exported from;
     `generate` decodes with a KV cache when the artifact holds step graphs (causal LMs)."""
@@ -729,7 +399,8 @@ class LoadedModel(torch.nn.Module):
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 20, **options):
         """Token ids [batch, prompt + new] continuing `input_ids`, as the exported model's
         `compiled.generate` (same options; eos/pad ids default to its generation_config)."""
-        from .generate import CacheLayout, Generator, run_generation
+        from .generate import Generator, run_generation
+        from .kv_cache import CacheLayout
 
         generation = self.manifest.get("generation")
         if not generation or sorted(self.steps) != ["decode", "prefill"]:
@@ -756,50 +427,11 @@ class LoadedModel(torch.nn.Module):
             return  # the graph's own pytree flattening reports the mismatch
         for spec, value in zip(self.inputs, leaves):
             if "shape" in spec and isinstance(value, torch.Tensor):
-                _check_input(spec, value)
+                check_input(spec, value)
 
     @property
     def quantization(self) -> dict:
         return dict(self.manifest.get("quantize", {}))
-
-
-def _dim_text(size: int | None, bounds: list | None) -> str:
-    if size is not None:
-        return str(size)
-    if bounds is None:
-        return "*"
-    low, high = bounds
-    return f"{low}..{high}" if high is not None else f"{low}+"
-
-
-def _check_input(spec: dict, value: torch.Tensor) -> None:
-    """An InputError when `value` is not of the dtype and within the sizes the graph serves."""
-    shape = spec["shape"]
-    ranges = spec.get("range") or [None] * len(shape)
-    dtype = str(value.dtype).removeprefix("torch.")
-    bad = None
-    if len(shape) != value.dim():
-        bad = f"it has {value.dim()} dims, the graph takes {len(shape)}"
-    elif dtype != spec["dtype"]:
-        bad = f"its dtype is {dtype}"
-    else:
-        for d, (size, bounds, got) in enumerate(zip(shape, ranges, value.shape)):
-            if size is not None and got != size:
-                bad = f"dim {d} is {got}; this graph fixed it to {size}"
-            elif size is None and bounds is not None:
-                low, high = bounds
-                if got < low or (high is not None and got > high):
-                    bad = f"dim {d} is {got}, outside the {_dim_text(None, bounds)} it serves"
-            if bad:
-                break
-    if bad is None:
-        return
-    want = ", ".join(_dim_text(s, r) for s, r in zip(shape, ranges))
-    raise InputError(
-        f"loaded model: input {spec['name']!r} must be {spec['dtype']}[{want}] (a..b: any "
-        f"size from a to b), got {dtype}{list(value.shape)}: {bad}. Sizes outside the range "
-        "need a model compiled (and exported) for them."
-    )
 
 
 def _for_inductor(gm: fx.GraphModule, inputs: list[dict]) -> tuple[fx.GraphModule, Callable, dict]:

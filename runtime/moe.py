@@ -1,5 +1,5 @@
 """Mixture-of-experts: the `strato.nn.MoE` layer (gate, top-k routing, capacity, auxiliary
-losses, experts as one grouped GEMM) and its expert-parallel form.
+losses, experts as one grouped GEMM); its expert-parallel form is runtime/expert_parallel.py.
 
 The layer's eager forward is the reference: every expert local, no communication. It is
 written with static shapes (sorting and offsets instead of per-expert boolean indexing),
@@ -489,6 +489,10 @@ class MoE(nn.Module):
         )
 
 
+HF_STATS = "hf:"
+"""Stats key prefix of a Hugging Face MoE block (its module path follows)."""
+
+
 def model_stats(model: nn.Module) -> dict[str, dict[str, Any] | None]:
     """Module path -> `MoE.stats()` for every MoE layer of `model` (engine.stats()["moe"])."""
     out = {}
@@ -498,137 +502,3 @@ def model_stats(model: nn.Module) -> dict[str, dict[str, Any] | None]:
         elif HF_STATS + path in _stats:  # a Hugging Face block run by ExpertParallelMoE
             out[path] = layer_stats(HF_STATS + path, int(_stats[HF_STATS + path].numel()) - 3)
     return out
-
-
-# ---------------------------------------------------------------------- expert parallel
-
-
-def _grouped_by_local_expert(received: torch.Tensor) -> torch.Tensor:
-    """`received` [P, L]: rows from source rank r for local expert j arrive as block (r, j)
-    in row-major order; the row indices that put them in (j, r) order instead."""
-    counts = received.reshape(-1).tolist()
-    sources, local = received.shape
-    starts = list(itertools.accumulate([0, *counts[:-1]]))
-    pieces = [
-        torch.arange(starts[r * local + j], starts[r * local + j] + counts[r * local + j])
-        for j in range(local)
-        for r in range(sources)
-    ]
-    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
-
-
-def layer_settings(layer: MoE) -> dict[str, Any]:
-    """What ExpertParallelMoE needs of a strato.nn.MoE (its training-mode routing)."""
-    names = ("d_model", "num_experts", "top_k", "capacity_factor", "min_capacity",
-             "drop_tokens", "aux_loss_weight", "z_loss_weight", "activation", "stats_key")  # fmt: skip
-    return {name: getattr(layer, name) for name in names}
-
-
-HF_STATS = "hf:"
-"""Stats key prefix of a Hugging Face MoE block (its module path follows)."""
-
-
-def hf_block_settings(block: nn.Module, path: str) -> dict[str, Any] | None:
-    """Routing settings of a Hugging Face sparse MoE block the way Mixtral builds it (a
-    top-k router `gate.weight` [E, d] and stacked SwiGLU `experts.gate_up_proj` [E, 2f, d]
-    / `experts.down_proj` [E, d, f]; top-k weights renormalised, dropless, no shared
-    expert), or None when `block` is not one."""
-    gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
-    weight = getattr(gate, "weight", None)
-    gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
-    shapes_fit = (
-        isinstance(weight, torch.Tensor) and weight.dim() == 2
-        and isinstance(gate_up, torch.Tensor) and gate_up.dim() == 3
-        and isinstance(down, torch.Tensor) and down.dim() == 3
-        and gate_up.shape[0] == down.shape[0] == weight.shape[0]
-    )  # fmt: skip
-    if not shapes_fit or hasattr(block, "shared_expert") or not hasattr(gate, "top_k"):
-        return None
-    if getattr(block, "jitter_noise", 0) or getattr(experts, "has_bias", False):
-        return None
-    return {"d_model": weight.shape[1], "num_experts": weight.shape[0], "top_k": int(gate.top_k),
-            "drop_tokens": False, "normalize": True, "aux_loss_weight": 0.0, "z_loss_weight": 0.0,
-            "activation": "swiglu", "stats_key": HF_STATS + path}  # fmt: skip
-
-
-class ExpertParallelMoE(nn.Module):
-    """One MoE layer of a training graph under expert parallelism (the `moe_dispatch`
-    pass puts it where the layer's captured ops were): route as the layer does, send each
-    kept (token, choice) to the rank of the expert group holding its expert (all-to-all,
-    variable sizes), run this rank's experts as one grouped GEMM, send the results back,
-    combine. Called with the layer's input and its three parameters (graph values, so
-    ZeRO-3 gathers them as usual); this rank reads only its experts' slice of the stacked
-    weights, so the other experts' gradients are zero here and the data-parallel
-    reduction sums each expert's gradient from the ranks that hold it."""
-
-    def __init__(
-        self, settings: dict[str, Any], group: Any, compute_dtype: torch.dtype | None
-    ) -> None:
-        super().__init__()
-        self.settings = dict(settings)
-        """The layer's routing settings (`layer_settings`)."""
-        self.group = group
-        """The expert group (runtime/mesh.py `expert_groups`)."""
-        self.local_experts = settings["num_experts"] // group.size
-        self.first_expert = group.rank * self.local_experts
-        self.compute_dtype = compute_dtype
-        """Expert and gate GEMMs run in this dtype (the strategy's bf16/fp16), routing in fp32."""
-
-    def extra_repr(self) -> str:
-        last = self.first_expert + self.local_experts - 1
-        return f"experts {self.first_expert}..{last} of {self.settings['num_experts']}, group {list(self.group.ranks)}"
-
-    def forward(self, x, gate, w_in, w_out):
-        s = self.settings
-        tokens = x.reshape(-1, s["d_model"])
-        dtype = self.compute_dtype or tokens.dtype
-        capacity = None
-        if s["drop_tokens"]:
-            capacity = expert_capacity(
-                tokens.shape[0],
-                s["num_experts"],
-                s["top_k"],
-                s["capacity_factor"],
-                s["min_capacity"],
-            )
-        logits = F.linear(tokens.to(dtype), gate.to(dtype))
-        routing = route(logits, s["top_k"], capacity, s.get("normalize"))
-        dispatch = sort_by_expert(routing, s["num_experts"])
-        if _is_fake(x):  # compile-time shape propagation: the local computation's shapes
-            out = combine_local(tokens.to(dtype), dispatch, w_in, w_out, s["activation"])
-        else:
-            out = self._exchange(tokens.to(dtype), dispatch, w_in.to(dtype), w_out.to(dtype))
-        loss = s["aux_loss_weight"] * routing.aux_loss + s["z_loss_weight"] * routing.z_loss
-        out = moe_losses(out, loss, routing_stats(routing, dispatch), s["stats_key"])
-        return out.reshape(x.shape).to(x.dtype)
-
-    def _exchange(self, tokens, dispatch: Dispatch, w_in, w_out) -> torch.Tensor:
-        from . import collectives
-
-        group, local = self.group, self.local_experts
-        counts = dispatch.counts
-        kept = int(counts.sum())
-        # Kept assignments per (destination rank, its local expert), then per source rank.
-        received = collectives.all_to_all_single(
-            counts, [local] * group.size, [local] * group.size, group, kind="all_to_all_splits"
-        ).view(group.size, local)
-        send_splits = counts.view(group.size, local).sum(dim=1).tolist()
-        recv_splits = received.sum(dim=1).tolist()
-        sent = dispatch.tokens[:kept]
-        arrived = collectives.AllToAll.apply(tokens[sent], recv_splits, send_splits, group)
-        order = _grouped_by_local_expert(received)
-        experts = slice(self.first_expert, self.first_expert + local)
-        out = expert_mlp(
-            arrived[order], received.sum(dim=0).cumsum(0), w_in[experts], w_out[experts],
-            self.settings["activation"],
-        )  # fmt: skip
-        back = out[torch.argsort(order)]  # rows in arrival order again
-        returned = collectives.AllToAll.apply(back, send_splits, recv_splits, group)
-        returned = returned * dispatch.weights[:kept].unsqueeze(-1).to(returned.dtype)
-        return torch.zeros_like(tokens, dtype=returned.dtype).index_add(0, sent, returned)
-
-
-def _is_fake(tensor: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
-    return is_fake(tensor)

@@ -50,7 +50,7 @@ def scenario_layer(rank: int, world: int, spec: dict, out_dir: Path) -> dict:
     """The expert-parallel layer on this rank's tokens vs the local layer on the same
     tokens: outputs, aux loss, gradients (summed over ranks by the caller), all-to-all bytes."""
     import strato
-    from strato.runtime import collectives, moe
+    from strato.runtime import collectives, expert_parallel
     from strato.runtime.mesh import build_mesh
 
     torch.manual_seed(0)
@@ -59,7 +59,8 @@ def scenario_layer(rank: int, world: int, spec: dict, out_dir: Path) -> dict:
                           z_loss_weight=0.01)  # fmt: skip
     mesh = build_mesh(strato.Mesh())
     group, _ = mesh.expert_groups(spec["expert_size"])
-    parallel = moe.ExpertParallelMoE(moe.layer_settings(layer), group, None)
+    settings = expert_parallel.layer_settings(layer)
+    parallel = expert_parallel.ExpertParallelMoE(settings, group, None)
     torch.manual_seed(1 + rank)
     x = torch.randn(5 + rank, 16, requires_grad=True)  # ranks route different token counts
     before = collectives.comm_bytes()

@@ -273,6 +273,7 @@ def test_compiled_training_matches_eager_and_reports_stats():
     assert stats["blocks.0.mlp"]["aux_loss"] > 0
 
 
+@pytest.mark.slow  # ~8 s; the GPT MoE parity test stays in make test
 def test_hugging_face_llama_with_moe_layers_and_labels():
     """strato.nn.MoE as the MLP of a tiny Llama, trained with `labels` (the model's own
     loss) and the aux losses: compiled = eager under SGD, another batch size than the example."""
@@ -308,6 +309,7 @@ def test_mixtral_block_is_recognised_and_dispatched_exactly():
     """The expert-parallel module (expert group of one rank) on a Hugging Face Mixtral
     block's weights = the block's own forward and gradients."""
     from strato.passes.moe_dispatch import moe_layers
+    from strato.runtime.expert_parallel import ExpertParallelMoE
     from strato.runtime.mesh import MeshGroup
     from tests.moe_worker import tiny_mixtral
 
@@ -316,7 +318,7 @@ def test_mixtral_block_is_recognised_and_dispatched_exactly():
     assert list(layers) == ["model.layers.0.mlp"]
     block = model.model.layers[0].mlp
     one_rank = MeshGroup("expert", (0,), 0, torch.device("cpu"))
-    parallel = moe.ExpertParallelMoE(layers["model.layers.0.mlp"].settings, one_rank, None)
+    parallel = ExpertParallelMoE(layers["model.layers.0.mlp"].settings, one_rank, None)
     x = torch.randn(2, 5, 32, requires_grad=True)
     weights = [block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj]
     got = parallel(x, weights[0], weights[1].transpose(1, 2), weights[2].transpose(1, 2))
