@@ -3,15 +3,12 @@ torch.multiprocessing: spawn, gloo, one thread), and the tiny MoE GPT the MoE te
 
 from __future__ import annotations
 
-import datetime
-import os
-import traceback
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 from examples.gpt import GPT, GPTConfig
+from tests.multirank import run_rank
 
 CFG = GPTConfig(vocab_size=53, seq_len=8, d_model=16, n_layers=2, n_heads=2)
 PER_RANK = 2
@@ -143,17 +140,5 @@ SCENARIOS = {"layer": scenario_layer, "train": scenario_train, "mixtral": scenar
 
 
 def run(rank: int, world: int, port: int, spec: dict, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
-    )
     out = Path(out_dir)
-    try:
-        result = SCENARIOS[spec["kind"]](rank, world, spec, out)
-        torch.save(result, out / f"rank{rank}.pt")
-    except BaseException:
-        (out / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
+    run_rank(rank, world, port, out_dir, lambda: SCENARIOS[spec["kind"]](rank, world, spec, out))

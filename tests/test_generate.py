@@ -95,6 +95,7 @@ def test_greedy_equals_transformers_generate_with_left_padding(family):
     assert torch.equal(got, hf_generate(model, ids, mask, 12, do_sample=False))
 
 
+@pytest.mark.slow  # ~10 s; gpt2's left-padding parity above stays in make test
 def test_llama_greedy_and_eos_equal_transformers_generate(llama):
     model, compiled = llama
     ids, mask = left_padded_batch()

@@ -178,6 +178,7 @@ def test_bad_input_errors_name_the_field():
         compile_train(model, args, kwargs, strato.Recompute(modules=["block.*"]))
 
 
+@pytest.mark.slow  # ~10 s
 def test_recompute_none_and_eval_graphs_outline_nothing():
     model, args, kwargs = gpt()
     compiled = compile_train(model, args, kwargs, "none")
@@ -277,7 +278,8 @@ def test_zero3_regions_gather_again_and_match_eager(policy, monkeypatch):
         torch.testing.assert_close(full[name], value, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("policy", ["full", pytest.param("selective", marks=pytest.mark.slow)])
+@pytest.mark.slow  # ~16 s each; bf16 with recompute also runs on 2 ranks (test_recompute_multirank)
+@pytest.mark.parametrize("policy", ["full", "selective"])
 def test_bf16_recompute_equals_bf16_without(policy):
     """Under mixed precision the region holds the casts, so the recomputed forward runs the
     same bf16 ops: gradients equal the same strategy without recomputation."""

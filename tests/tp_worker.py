@@ -3,10 +3,7 @@
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
-import traceback
 from pathlib import Path
 
 import torch
@@ -14,6 +11,7 @@ import torch.distributed as dist
 
 from examples.gpt import GPT, GPTConfig
 from tests.hf_models import example_kwargs, hf_batch, hf_model
+from tests.multirank import run_rank
 from tests.training_utils import batch
 
 # Heads and MLP width divide by 2 and 4; the vocabulary by 2; the LM head is tied.
@@ -200,17 +198,5 @@ SCENARIOS = {
 
 
 def run(rank: int, world: int, port: int, spec: dict, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group(
-        "gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60)
-    )
     out = Path(out_dir)
-    try:
-        result = SCENARIOS[spec["kind"]](rank, spec, out)
-        torch.save(result, out / f"rank{rank}.pt")
-    except BaseException:
-        (out / f"rank{rank}.err").write_text(traceback.format_exc())
-        raise
-    finally:
-        dist.destroy_process_group()
+    run_rank(rank, world, port, out_dir, lambda: SCENARIOS[spec["kind"]](rank, spec, out))
