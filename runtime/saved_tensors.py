@@ -34,6 +34,8 @@ from torch.utils.checkpoint import (
 )
 from torch.utils.flop_counter import flop_registry
 
+from .region_replay import Replayed, ReplayProgram, replay_program
+
 aten = torch.ops.aten
 
 SAVED_BY_SELECTIVE = {
@@ -99,12 +101,17 @@ class RecomputeRegion(torch.nn.Module):
         self.grad_in_forward = False
         """The region's one output is the scalar loss (the pass checked): under 'full' and
         'selective' its backward runs in forward and only its input gradients are kept."""
+        self._programs: dict[tuple[str, int], tuple[ReplayProgram | None, str]] = {}
+        """(policy, id(body)) -> its replay program (or None) and why not, built on first use."""
 
     def forward(self, *args):
         _current_region.append(self.path)
         try:
             if self.grad_in_forward and self.policy != "none" and torch.is_grad_enabled():
                 return _GradInForward.apply(self.body, self.offload, *args)
+            program = self.program() if torch.is_grad_enabled() else None
+            if program is not None:
+                return Replayed.apply(program, self.model_tensor_inputs, self.offload, *args)
             fixed = {i: args[i] for i in self.model_tensor_inputs}
             moving = [a for i, a in enumerate(args) if i not in fixed]
 
@@ -115,6 +122,24 @@ class RecomputeRegion(torch.nn.Module):
             return run_region(body, tuple(moving), self.policy, self.offload)
         finally:
             _current_region.pop()
+
+    def program(self) -> ReplayProgram | None:
+        """The region's forward/replay graphs under its policy ('full', 'selective'), or None
+        where it runs under torch.utils.checkpoint (`replay_program` says why)."""
+        if self.policy == "none":
+            return None
+        key = (self.policy, id(self.body))
+        if key not in self._programs:
+            self._programs[key] = replay_program(self.body, self.policy)
+        return self._programs[key][0]
+
+    def replay_note(self) -> str:
+        """How the region recomputes: replayed from its graph, or why under checkpoint."""
+        if self.policy == "none":
+            return ""
+        self.program()
+        why = self._programs[(self.policy, id(self.body))][1]
+        return "replayed from its graph" if not why else f"torch.utils.checkpoint ({why})"
 
     def extra_repr(self) -> str:
         grad = ", grad_in_forward" if self.grad_in_forward else ""
