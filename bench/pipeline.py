@@ -6,7 +6,9 @@ The bubble is measured from the executor's timeline (idle time / step span on ea
 averaged over ranks and warm steps) next to the planned one (unit costs) and the 1F1B
 ideal (P-1)/(M+P-1). Stored activations: a saved-tensor hook counts the bytes autograd
 keeps (distinct storages, parameters excluded) and their peak during a step, shown also in
-micro-batches' worth (GPipe's peak / M). DeepSpeed's PipelineModule is run when
+micro-batches' worth (GPipe's peak / M). Model-state bytes per rank (parameters,
+gradients, AdamW states: each rank holds only its stages' parameters) are shown next to
+the single process's, the largest rank's as a fraction of it. DeepSpeed's PipelineModule is run when
 `deepspeed` is installed (it is not here: the row says so).
 
     python bench/pipeline.py [--steps 6] [--microbatches 8] [--out bench/results/pipeline.json]
@@ -131,7 +133,13 @@ def run_variant(variant: dict, steps: int, rank: int, out: str) -> dict:
             if rank == 0 and step == steps - 1 and variant.get("png"):
                 timeline.plot(variant["png"])
                 engine.schedule().plot(variant["png"].replace(".png", "_plan.png"))
-    result = {"times": times, "peak_saved": max(peaks[1:] or peaks), "loss": loss}
+    result = {
+        "times": times,
+        "peak_saved": max(peaks[1:] or peaks),
+        "loss": loss,
+        # Parameters + gradients + AdamW states this rank holds (its stages' only).
+        "model_state_bytes": engine.stats()["model_state_bytes"],
+    }
     if pipeline is not None:
         result["bubble"] = statistics.mean(bubbles[2:] or bubbles)
         result["planned_bubble"] = engine.schedule().bubble()
@@ -182,6 +190,7 @@ def launch(variant: dict, steps: int) -> dict:
         "step_s": step_s,
         "tokens_per_s": BATCH * CFG.seq_len / step_s,
         "peak_saved_per_rank": [r["peak_saved"] for r in ranks],
+        "model_state_bytes_per_rank": [r["model_state_bytes"] for r in ranks],
         "loss": ranks[0]["loss"],
     }
     if "bubble" in ranks[0]:
@@ -233,9 +242,10 @@ def main() -> None:
     )
     header = (
         f"{'run':<16}{'step ms':>9}{'tok/s':>9}{'bubble':>9}{'planned':>9}"
-        f"{'ideal 1F1B':>11}{'peak act (mb)':>15}"
+        f"{'ideal 1F1B':>11}{'peak act (mb)':>15}{'state/rank':>12}"
     )
     print(header)
+    single_state = results.get("single", {}).get("model_state_bytes_per_rank", [0])[0]
     for name, r in results.items():
         if "error" in r or "skipped" in r:
             print(f"{name:<16}  {r.get('skipped') or r['error'].strip().splitlines()[-1]}")
@@ -247,10 +257,16 @@ def main() -> None:
         peak = max(r["peak_saved_per_rank"])
         r["peak_saved_microbatches"] = peak / unit if unit else None
         shown = f"{peak / 2**20:.1f}MiB" + (f" ({peak / unit:.1f})" if unit else "")
+        state = max(r["model_state_bytes_per_rank"])
+        if single_state:
+            r["model_state_vs_single"] = state / single_state
+        state_shown = f"{state / 2**20:.1f}MiB" + (
+            f" ({state / single_state:.2f})" if single_state else ""
+        )
         print(
             f"{name:<16}{r['step_s'] * 1e3:>9.1f}{r['tokens_per_s']:>9.0f}"
             f"{r.get('bubble', 0.0):>9.1%}{r.get('planned_bubble', 0.0):>9.1%}"
-            f"{ideal:>11.1%}{shown:>15}"
+            f"{ideal:>11.1%}{shown:>15}{state_shown:>17}"
         )
     print(f"measured timeline: {png}")
     path = write_json(results, args.out)

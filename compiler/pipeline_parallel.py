@@ -132,17 +132,6 @@ def check_pipeline(instance, attribute, value) -> None:
             "many micro-batches' forwards before their backwards (DeepSpeed refuses it too); "
             "use zero=1 or zero=2 with a pipeline."
         )
-    if instance.precision == "fp16":
-        raise StrategyError(
-            "Strategy.precision='fp16' with Strategy.pipeline: dynamic loss scaling would have "
-            "to agree on overflow across stages, which is not built yet; use 'bf16' (no loss "
-            "scaling) or 'fp32'."
-        )
-    if instance.grad_clip is not None:
-        raise StrategyError(
-            "Strategy.grad_clip with Strategy.pipeline: the global gradient norm spans every "
-            "stage's parameters, which is not reduced across stages yet; leave grad_clip=None."
-        )
     mesh_size = instance.mesh.pipeline
     if mesh_size not in (1, value.stages):
         raise StrategyError(

@@ -19,6 +19,10 @@ runtime splits:
   the stages (modules, params, cost, boundary tensors with shapes), the producers of
   each stage, the tied parameters and `requires_train_step`; the layout says which stage's
   ranks write each parameter (the first stage that uses it).
+- Stage-local parameters: with more than one pipeline rank each rank holds, reduces and
+  updates only the parameters its stages read (`stage_local_params`, which the ZeRO and
+  data-parallel passes plan over); its layout holds none of the others, and the runner
+  frees their storage (`shards_parameters` in the record).
 
 `split_stages(gm, record)` (called by the runtime on the final graph, after ZeRO and the
 other passes added their nodes) builds one GraphModule per stage from those annotations.
@@ -290,9 +294,28 @@ def pipeline_cut(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             },
         ],
     )
+    # Multi-rank: each rank keeps only its stages' parameters (the engine builds the eval
+    # graph before the runner frees the others, since the model cannot be captured after).
+    record["shards_parameters"] = ctx.mesh.sizes.get("pipeline", 1) > 1
     ctx.record("pipeline_cut", **record)
     _register_layout(ctx, record)
     return gm
+
+
+def stage_local_params(ctx: CompileContext) -> set[str] | None:
+    """Names of the parameters this rank's pipeline stages read (tied ones included), which
+    are all it holds, reduces and updates; None without a multi-rank pipeline (every rank
+    holds everything). The ZeRO and data-parallel passes plan over these only."""
+    record = ctx.records.get("pipeline_cut")
+    if record is None or not record.get("shards_parameters"):
+        return None
+    mine = ctx.mesh.coordinates(ctx.mesh.rank).get("pipeline", 0)
+    return {
+        name
+        for info in record["stages"]
+        if info["stage"] % record["ranks"] == mine
+        for name in info["params"]
+    }
 
 
 def _stage_record(
@@ -396,13 +419,14 @@ def _stages_using(node: fx.Node, stage_of: dict[fx.Node, Any]) -> set[int]:
 
 
 def _register_layout(ctx: CompileContext, record: dict[str, Any]) -> None:
-    """Every rank keeps every parameter whole (only the stages that read one keep it
-    current: `engine.full_state_dict()` and eval forwards first broadcast each from its
-    stage, runtime/pipeline/executor.py); the ranks of the first stage using it write it (with ZeRO its shard ranks, which the
-    zero pass registers; else that stage's first data-parallel rank)."""
+    """A multi-rank pipeline's rank holds only its stages' parameters: the others get an
+    empty box (holds none of it, writes nothing). The ranks of the first stage using a
+    parameter write it (with ZeRO its shard ranks, which the zero pass registers; else
+    that stage's first data-parallel rank); the other stages sharing a tied weight hold
+    a copy and write nothing. In one process every parameter is whole and written."""
     mesh = ctx.mesh
     ranks = record["ranks"]
-    local = mesh.sizes.get("pipeline", 1) == 1
+    local = not record["shards_parameters"]
     coords = mesh.coordinates(mesh.rank)
     mine = coords.get("pipeline", 0)
     first_replica = ctx.strategy.zero > 0 or all(
@@ -411,15 +435,16 @@ def _register_layout(ctx: CompileContext, record: dict[str, Any]) -> None:
     params = dict(ctx.model.named_parameters())
     for name, users in record["param_stages"].items():
         tensor = params[name]
-        writes = (local or users[0] % ranks == mine) and first_replica
+        held = local or any(s % ranks == mine for s in users)
+        stops = list(tensor.shape) if held else [0] * tensor.ndim
         register_step(
             ctx,
             "pipeline_cut",
             name,
             tensor,
-            {"kind": "box", "starts": [0] * tensor.ndim, "stops": list(tensor.shape)},
-            holds_full=True,
-            writes=writes,
+            {"kind": "box", "starts": [0] * tensor.ndim, "stops": stops},
+            holds_full=held,
+            writes=held and (local or users[0] % ranks == mine) and first_replica,
         )
 
 
@@ -446,28 +471,27 @@ class StageGraph:
 def split_stages(
     gm: fx.GraphModule, record: dict[str, Any], model: torch.nn.Module
 ) -> list[StageGraph]:
-    """One StageGraph per stage from the final training graph's `strato_stage` annotations
-    (nodes a later pass added take the stage of the next annotated node, never earlier
-    than their inputs')."""
+    """One StageGraph per stage from the final training graph's `strato_stage` annotations.
+    Nodes a later pass added run with their latest input's stage, or, reading no staged
+    value, with the next annotated node; a submodule a later pass outlined (a recompute
+    region) runs in the stage its nodes were cut into."""
     stage_count = record["stage_count"]
     stage_of: dict[fx.Node, Any] = {}
     pending: list[fx.Node] = []
     for node in gm.graph.nodes:
         stage = node.meta.get(STAGE)
+        if stage is None and node.op == "call_module":
+            stage = _module_stage(gm, node)
         if stage is None:
-            if node.op == "call_module":
-                raise StrategyError(
-                    f"pipeline: node {node.name} ({node.target}) was added after the cut (a "
-                    "recompute region?); recompute with a pipeline is not supported yet: use "
-                    "Strategy(recompute='none')."
-                )
             pending.append(node)
             continue
         for p in pending:
             inputs = [
                 stage_of[i] for i in p.all_input_nodes if stage_of.get(i) not in (REPLICATED, None)
             ]
-            stage_of[p] = max([stage if stage != REPLICATED else 0, *inputs])
+            # With its inputs (a region's getitem stays with the region), else where the
+            # next annotated node runs (a ZeRO wait before a parameter's first use).
+            stage_of[p] = max(inputs) if inputs else (stage if stage != REPLICATED else 0)
         pending = []
         stage_of[node] = stage
     for p in pending:
@@ -490,6 +514,25 @@ def split_stages(
         _stage_graph(gm, s, s == stage_count - 1, stage_of, receives[s], sends[s], first_name)
         for s in range(stage_count)
     ]
+
+
+def _module_stage(gm: fx.GraphModule, node: fx.Node) -> Any:
+    """The stage of a submodule a later pass outlined (a recompute region): the one stage
+    its nodes were cut into (replicated when all are), so the region runs whole there."""
+    body = getattr(gm.get_submodule(str(node.target)), "body", None)
+    inner = body.graph.nodes if isinstance(body, fx.GraphModule) else ()
+    stages = {n.meta[STAGE] for n in inner if n.op != "placeholder" and STAGE in n.meta}
+    stages.discard(REPLICATED)
+    if len(stages) > 1:
+        raise StrategyError(
+            f"pipeline: {node.target} (module {node.meta.get('strato_module', '?')!r}) holds "
+            f"nodes of stages {sorted(stages)}: a recompute region cannot cross a stage cut. "
+            "Cut at a module boundary outside it with Pipeline(cuts=[...]), or recompute "
+            "smaller modules (strato.Recompute(modules=[...]))."
+        )
+    if stages:
+        return stages.pop()
+    return REPLICATED if inner else None
 
 
 def _stage_graph(

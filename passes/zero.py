@@ -37,6 +37,7 @@ from ..compiler.pass_manager import graph_pass
 from ..runtime import zero_ops
 from ..runtime.buckets import shard_numel
 from .annotate import getattr_path
+from .pipeline_cut import stage_local_params
 
 _LAYER = re.compile(r"^(.*?\.\d+)(\.|$)")
 SHARD, REPLICATE = "shard", "replicate"
@@ -128,12 +129,15 @@ def plan_zero(gm: fx.GraphModule, ctx: CompileContext, stage: int) -> fx.GraphMo
     n = ctx.mesh.size(SHARD)  # shards: ranks along `shard`; replicas along `replicate`
     replicas = ctx.mesh.size(REPLICATE)
     uses = _parameter_uses(gm, ctx.model)
+    local = stage_local_params(ctx)  # a pipeline rank plans its stages' parameters only
+    if local is not None:
+        uses = {name: nodes for name, nodes in uses.items() if name in local}
     params = {name: nodes[0] for name, nodes in uses.items()}
     tensors = {name: getattr_path(gm, node.target) for name, node in params.items()}
     # Trainable parameters the graph never reads are recorded too (no aliases); the runtime
     # keeps them out of the optimizer, since they never get a gradient (as in eager).
     for name, p in ctx.model.named_parameters():
-        if p.requires_grad and name not in tensors:
+        if p.requires_grad and name not in tensors and (local is None or name in local):
             tensors[name] = p
     forward_order = _first_use_order(gm, uses) + [t for t in tensors if t not in uses]
 
@@ -191,6 +195,7 @@ def plan_zero(gm: fx.GraphModule, ctx: CompileContext, stage: int) -> fx.GraphMo
         forward_order=[u["name"] for u in units],
         # The engine reads this: once the manager shards them, parameters cannot be captured.
         shards_parameters=bool(units),
+        stage_local=local is not None,
         collectives=_collectives(stage, bool(units), bool(buckets), replicas),
     )
     # Checkpoints, full_state_dict and resharding read where each tensor lives from here.
@@ -369,10 +374,13 @@ def data_parallel(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     (replicate x shard), in gradient-ready order (reverse first use), same-dtype runs of
     at most DATA_PARALLEL_BUCKET_BYTES; runtime/data_parallel.py follows them."""
     uses = _parameter_uses(gm, ctx.model)
+    local = stage_local_params(ctx)  # a pipeline rank reduces its stages' parameters only
+    if local is not None:
+        uses = {name: nodes for name, nodes in uses.items() if name in local}
     tensors = {name: getattr_path(gm, nodes[0].target) for name, nodes in uses.items()}
     for name, p in ctx.model.named_parameters():
-        if p.requires_grad and name not in tensors:  # never read: never gets a gradient
-            tensors[name] = p
+        if p.requires_grad and name not in tensors and (local is None or name in local):
+            tensors[name] = p  # never read: never gets a gradient
     order = _first_use_order(gm, uses) + [t for t in tensors if t not in uses]
     buckets: list[list[str]] = []
     size = 0
@@ -391,6 +399,8 @@ def data_parallel(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         mesh_dims=dims,
         size=ctx.mesh.size(*dims),
         bucket_bytes=DATA_PARALLEL_BUCKET_BYTES,
+        params=list(tensors),
+        stage_local=local is not None,
         buckets=[
             {
                 "name": f"bucket{i}",

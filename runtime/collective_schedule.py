@@ -80,14 +80,55 @@ def data_parallel_schedule(record: dict[str, Any]) -> list[Collective]:
     ]
 
 
+def pipeline_schedule(record: dict[str, Any]) -> list[Collective]:
+    """The pipeline's collectives, from the cut's record (the same on every rank): the
+    schedule's shape, each boundary tensor sent forward (its gradient back) per
+    micro-batch, each tied weight's gradient all-reduce, the loss broadcast."""
+    schedule: list[Collective] = [
+        (
+            "pipeline",
+            (record["ranks"], record["stage_count"], record["microbatches"]),
+            record["schedule"],
+            "pipeline",
+        )
+    ]
+    for info in record["stages"]:
+        for received in info["receives"]:
+            route = (received["from"], info["stage"], *(received["shape"] or ()))
+            schedule.append(("send/recv", route, received["dtype"], "pipeline"))
+    for name in sorted(record["tied"]):
+        schedule.append(("all_reduce", tuple(record["tied"][name]), name, "pipeline"))
+    schedule.append(("broadcast", (record["microbatches"],), "float64", "pipeline"))
+    return schedule
+
+
+def _stage_local(record: dict[str, Any]) -> bool:
+    return bool(record.get("stage_local"))
+
+
+def stage_schedule(records: dict[str, Any]) -> list[Collective]:
+    """A pipeline rank's ZeRO / data-parallel collectives, planned over its stages'
+    parameters only: the same on the ranks of one stage, not across stages, so the engine
+    verifies them over the stage's ranks (the rest of the step goes in `step_schedule`)."""
+    schedule: list[Collective] = []
+    if "zero" in records and _stage_local(records["zero"]):
+        schedule += zero_schedule(records["zero"])
+    if "data_parallel" in records and _stage_local(records["data_parallel"]):
+        schedule += data_parallel_schedule(records["data_parallel"])
+    return schedule
+
+
 def step_schedule(records: dict[str, Any], mesh: Any | None = None) -> list[Collective]:
     """The collectives one training step issues, as the compile records describe them,
-    then the mesh's dimension sizes (so the digest covers every group)."""
+    then the mesh's dimension sizes (so the digest covers every group). A pipeline rank's
+    stage-local ZeRO / data-parallel part is in `stage_schedule` instead."""
     schedule: list[Collective] = []
-    if "zero" in records:
+    if "zero" in records and not _stage_local(records["zero"]):
         schedule += zero_schedule(records["zero"])
-    if "data_parallel" in records:
+    if "data_parallel" in records and not _stage_local(records["data_parallel"]):
         schedule += data_parallel_schedule(records["data_parallel"])
+    if "pipeline_cut" in records:
+        schedule += pipeline_schedule(records["pipeline_cut"])
     if mesh is not None:
         schedule.append(("mesh", tuple(mesh.sizes.values()), "", ",".join(mesh.dims)))
     return schedule
@@ -155,7 +196,7 @@ def verify_collective_schedule(schedule: list[Collective], group: Any | None = N
         return
     # Every rank saw the same digests, so every rank takes this branch together.
     schedules: list[Any] = [None] * n
-    dist.all_gather_object(schedules, schedule, group=group)
+    dist.all_gather_object(schedules, schedule, group=collectives._pg(group))
     me = collectives.rank(group)
     lines = []
     for r, other in enumerate(schedules):

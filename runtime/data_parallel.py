@@ -47,8 +47,11 @@ class DataParallelManager:
         self.group = compiled_ctx.mesh.group(*record["mesh_dims"])
         """Every rank of the mesh (replicate x shard): gradients are averaged over it."""
         self.world_size = self.group.size
-        self.params = trainable_parameters(model)
-        self.optimizer = build_optimizer(model, optimizer_config)
+        planned = record.get("params")  # a pipeline rank: only its stages' parameters
+        self.params = {
+            n: p for n, p in trainable_parameters(model).items() if planned is None or n in planned
+        }
+        self.optimizer = build_optimizer(model, optimizer_config, self.params)
         self.optimizer_config = optimizer_config
         if collectives.world_size() > 1:
             # Every rank starts from the first data-parallel rank's weights, as DDP does (within
@@ -142,6 +145,7 @@ class DataParallelManager:
         apply_state(self.model, self.optimizer, state)
 
     def model_state_bytes(self) -> int:
+        # Parameters as held now (a pipeline rank has freed the other stages' ones).
         params = sum(t.numel() * t.element_size() for t in self.model.parameters())
         grads = sum(p.numel() * p.element_size() for p in self.params.values())
         states = sum(

@@ -31,7 +31,12 @@ import torch
 from ..compiler.errors import StratoError
 from ..compiler.strategy import Strategy
 from . import collectives, engine_state, moe
-from .collective_schedule import launch_entries, step_schedule, verify_collective_schedule
+from .collective_schedule import (
+    launch_entries,
+    stage_schedule,
+    step_schedule,
+    verify_collective_schedule,
+)
 from .compiled_model import CompiledGraph, CompiledModel
 from .loss_scaler import DynamicLossScaler
 from .optim import lr_factor
@@ -68,6 +73,11 @@ class TrainingEngine(CompiledModel):
         verify_collective_schedule(
             step_schedule(records, train_ctx.mesh) + launch_entries(model, strategy)
         )
+        within_stage = [d for d in train_ctx.mesh.dims if d != "pipeline"]
+        if stage_schedule(records) and within_stage:  # a pipeline rank's stage-local part
+            verify_collective_schedule(
+                stage_schedule(records), group=train_ctx.mesh.group(*within_stage)
+            )
         if _passes_recording(records, "shards_parameters"):
             # The manager will leave each parameter holding only its shard, after which the
             # model cannot be captured again: build the eval graph now, while they are whole.
@@ -87,6 +97,8 @@ class TrainingEngine(CompiledModel):
         self._in_backward = False
         self._loss_fn: Callable | None = None
         self.manager = make_state_manager(strategy, model, train_ctx, strategy.optimizer, None)
+        if self.pipeline is not None:  # after the manager's start-up broadcast
+            self.pipeline.release_other_stages()
         loss_scaling = records.get("mixed_precision", {}).get("loss_scaling", False)
         self.scaler = DynamicLossScaler(strategy.loss_scaling) if loss_scaling else None
         self.global_step = 0
@@ -356,18 +368,16 @@ class TrainingEngine(CompiledModel):
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Whole tensors under the model's own state-dict names (CPU), for any strategy;
         call on every rank."""
-        self._refresh_other_stages()
         return engine_state.full_state_dict(self)
 
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write what transformers' `save_pretrained` writes (config.json, model.safetensors
         with tied weights once) from the whole tensors; call on every rank."""
-        self._refresh_other_stages()
         return engine_state.save_pretrained(self, directory)
 
     def _refresh_other_stages(self) -> None:
-        """Pipelined: every rank keeps the whole model, but only its stages' parameters are
-        current; whole-model reads first take the others from their stages."""
+        """Pipelined: a rank holds only its stages' parameters; eval forwards (the whole
+        model) first fetch the others from their stages."""
         if self.pipeline is not None:
             self.manager.synchronize()
             self.pipeline.synchronize_parameters()

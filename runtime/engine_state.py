@@ -244,9 +244,12 @@ def _read_for_this_rank(engine: TrainingEngine, path: str | Path):
             f"Strategy(optimizer=strato.{saved_kind}(...)) or start the optimizer afresh."
         )
     optimized = {n for g in optimizer.param_groups for n in g["names"]}
+    # A pipeline rank updates only its stages' parameters: the others' states are theirs.
+    elsewhere = {n for n, lay in layouts.items() if not lay.holds_full and not lay.intervals()}
     foreign = sorted(
         {n.removeprefix("optim/").rpartition("/")[0] for n in saved if n.startswith("optim/")}
         - optimized
+        - elsewhere
     )
     if foreign:
         raise CheckpointError(
@@ -256,6 +259,8 @@ def _read_for_this_rank(engine: TrainingEngine, path: str | Path):
     reader = checkpoint.TensorReader(folder, metadata)
     state = ShardedState({}, {}, metadata={"optimizer_scalars": metadata["optimizer"]["scalars"]})
     for name, entry in saved.items():
+        if name.startswith("optim/") and name[6:].rpartition("/")[0] not in optimized:
+            continue  # another stage's parameter
         follows = entry.get("follows")
         spans, shape = needed_piece(layouts, name, follows, entry)
         state.tensors[name] = reader.read(name, spans).view(shape)

@@ -205,7 +205,8 @@ def gather_full(
             for name, layout in items:
                 view = flat[offset : offset + layout.numel].view(layout.shape)
                 if layout.writes:
-                    layout.to_global_(view, _owned_piece(named[name], layout, False))
+                    piece = _owned_piece(named[name], layout, layout.holds_full)
+                    layout.to_global_(view, piece)
                 offset += layout.numel
             collectives.all_reduce(flat, group=group)
             flat = flat.cpu()
@@ -216,8 +217,9 @@ def gather_full(
         pending.clear()
 
     size = 0
+    whole_everywhere = _whole_on_every_rank(layouts, group)
     for name, layout in layouts.items():
-        if layout.holds_full:
+        if whole_everywhere[name]:
             out[name] = named[name].detach().cpu().clone()
             continue
         pending.append((name, layout))
@@ -230,3 +232,18 @@ def gather_full(
     for name, _, _ in _model_tensors(model):
         result[name] = out[aliases.get(name, name)]
     return result
+
+
+def _whole_on_every_rank(layouts: dict[str, TensorLayout], group: Any | None) -> dict[str, bool]:
+    """Whether each tensor is whole on every rank (then copied, not reduced). Ranks may
+    differ (a pipeline stage holds only its parameters, an expert rank its experts), so
+    they agree first: one all-reduce of a flag per tensor, in the same order everywhere."""
+    names = list(layouts)
+    if collectives.world_size(group) == 1:
+        return {name: layouts[name].holds_full for name in names}
+    partial = torch.tensor(
+        [float(not layouts[name].holds_full) for name in names],
+        device=collectives.device_of(group),
+    )
+    collectives.all_reduce(partial, group=group)
+    return {name: flag == 0 for name, flag in zip(names, partial.tolist())}

@@ -198,7 +198,7 @@ class ZeroManager:
         unit_names = {n for u in (self.units.units if self.units else []) for n in u.names}
         named = dict(self.model.named_parameters())
         for name, p in named.items():
-            if not p.requires_grad or name in self.unused:
+            if not p.requires_grad or name in self.unused or name not in self.record["params"]:
                 continue
             if name in unit_names:
                 view = p.data  # already the shard (maybe offloaded)

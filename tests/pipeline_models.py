@@ -65,15 +65,30 @@ def tokens(step: int, size: int, vocab: int = VOCAB, seq: int = SEQ):
     return x[:, :-1].contiguous(), x[:, 1:].contiguous()
 
 
-def eager_sgd(model: nn.Module, steps: int, size: int, lr: float = LR):
-    """Plain PyTorch SGD on the whole batch: (losses, final weights)."""
+def eager_sgd(
+    model: nn.Module,
+    steps: int,
+    size: int,
+    lr: float = LR,
+    clip: float | None = None,
+    skipped: int = 0,
+    norms: list[float] | None = None,
+):
+    """Plain PyTorch SGD on the whole batch: (losses, final weights). `clip`: gradients
+    clipped to that global norm (torch.nn.utils.clip_grad_norm_, each step's norm appended
+    to `norms`); `skipped`: the first that many steps update nothing (fp16 overflows)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     losses = []
     for step in range(steps):
         x, y = tokens(step, size)
         loss = model(x, y)
         loss.backward()
-        optimizer.step()
+        if clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            if norms is not None:
+                norms.append(float(norm))
+        if step >= skipped:
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
     return losses, {n: p.detach().clone() for n, p in model.named_parameters()}

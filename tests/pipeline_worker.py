@@ -20,6 +20,9 @@ def train(run: dict, rank: int, world: int) -> dict:
         optimizer=strato.SGD(lr=LR, momentum=0.0),
         zero=run.get("zero", 0),
         precision=run.get("precision", "fp32"),
+        grad_clip=run.get("grad_clip"),
+        recompute=run.get("recompute"),
+        loss_scaling=strato.LossScaling(initial_scale=run.get("initial_scale", 2.0**16)),
         pipeline=strato.Pipeline(
             stages=stages,
             microbatches=run["microbatches"],
@@ -36,15 +39,32 @@ def train(run: dict, rank: int, world: int) -> dict:
         return x[sl], y[sl]
 
     engine = strato.compile(skip_lm(layers=run.get("layers", 4)), strategy, example_inputs=local(0))
-    losses = [engine.train_step(*local(step)) for step in range(steps)]
+    losses, grad_norms = [], []
+    for step in range(steps):
+        losses.append(engine.train_step(*local(step)))
+        grad_norms.append(engine.stats()["grad_norm"])
     timeline = engine.timeline()
+    held = sorted(n for n, p in engine.model.named_parameters() if p.numel())
+    updated = sorted(n for g in engine.manager.optimizer.param_groups for n in g["names"])
+    state_bytes = engine.stats()["model_state_bytes"]
     full = engine.full_state_dict()
+    engine.eval()  # the whole model runs: other stages' weights are fetched first
+    with torch.no_grad():
+        eval_loss = float(engine(*local(steps)))
+    engine.train()
     return {
+        "stages": stages,
         "losses": losses,
         "full": {k: v.float() for k, v in full.items()},
         "bubble": timeline.bubble(),
         "stage_params": engine.context.records["pipeline_cut"]["param_stages"],
         "comm_by_dim": engine.stats()["comm_bytes_by_dim"],
+        "held": held,
+        "updated": updated,
+        "model_state_bytes": state_bytes,
+        "eval_loss": eval_loss,
+        "grad_norms": grad_norms,
+        "skipped_steps": engine.stats()["skipped_steps"],
     }
 
 

@@ -75,9 +75,21 @@ class PipelineRunner:
                 "virtual stage), which NCCL cannot match; use another schedule or cut."
             )
         self.params = dict(engine.model.named_parameters())
+        self.shapes = {name: p.shape for name, p in self.params.items()}
+        self.others = (
+            set()
+            if self.local
+            else {
+                name
+                for name, stages in record["param_stages"].items()
+                if not any(s % self.ranks == self.rank for s in stages)
+            }
+        )
+        """Parameters no stage on this rank reads: their storage is freed between steps."""
         self.last_timeline = Timeline(self.ranks)
         self.parameters_stale = False
-        """True after an update on a multi-rank pipeline: other stages' parameters here are old."""
+        """True while other stages' parameters here are freed (or old): whole-model reads
+        first fetch them (`synchronize_parameters`)."""
 
     def __call__(self, engine: Any = None, micro_batches: list[MicroBatch] | None = None):
         if engine is None:
@@ -92,6 +104,7 @@ class PipelineRunner:
                 f"pipeline: got {m} micro-batches for Pipeline(microbatches="
                 f"{self.plan.microbatches})."
             )
+        self.release_other_stages()
         engine.manager.synchronize()  # ZeRO-1/2 gathers left in flight land before any stage
         engine.manager.prepare_micro_step(is_boundary=False)  # accumulate locally
         step = _Step(self, engine, micro_batches)
@@ -108,7 +121,6 @@ class PipelineRunner:
         engine.manager.prepare_micro_step(is_boundary=True)  # the update reduces everything
         losses = self._step_losses(step.losses, m)
         self.last_timeline = step.timeline
-        self.parameters_stale = not self.local
         engine._loss_sum = float(losses.sum())
         engine.micro_step = m
         # stats()["tokens_per_s"] multiplies by the world size: each stage counts 1/P.
@@ -143,7 +155,8 @@ class PipelineRunner:
             return
         for name in sorted(self.record["tied"]):
             p = self.params[name]
-            grad = p.grad if p.grad is not None else torch.zeros_like(p)
+            # A rank whose stages do not read it joins with zeros (its copy is freed).
+            grad = p.grad if p.grad is not None else torch.zeros(self.shapes[name], dtype=p.dtype)
             buffer = grad.to(self.group.device)
             collectives.all_reduce(buffer, group=self.group)
             if any(s % self.ranks == self.rank for s in self.record["tied"][name]):
@@ -175,12 +188,27 @@ class PipelineRunner:
         collectives.all_gather_into_tensor(out, rows.to(self.group.device), group=self.group)
         return Timeline.from_rows(self.ranks, out.reshape(-1, 6).tolist())
 
+    def release_other_stages(self) -> None:
+        """Free the parameters no stage on this rank reads (after the state manager's
+        start-up broadcast, and again after an eval forward fetched them): this rank then
+        holds only its stages' weights, as its layout says."""
+        if self.parameters_stale or not self.others:
+            return
+        for name in self.others:
+            p = self.params[name]
+            p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        self.parameters_stale = True
+
     def synchronize_parameters(self) -> None:
-        """Bring every stage's parameters up to date on every rank (eval forwards run the
-        whole model): each is broadcast from the first stage that reads it."""
+        """Bring every stage's parameters back on every rank (eval forwards run the whole
+        model): each is broadcast from the first stage that reads it, into a fresh buffer
+        where this rank had freed it. The next train_step frees them again."""
         if not self.parameters_stale:
             return
         with torch.no_grad():
+            for name in self.others:
+                p = self.params[name]
+                p.data = torch.empty(self.shapes[name], dtype=p.dtype, device=p.device)
             for name, stages in sorted(self.record["param_stages"].items()):
                 p = self.params[name]
                 buffer = p.detach().to(self.group.device)
@@ -267,7 +295,9 @@ class _Step:
     ) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
         if s == self.stage_count - 1:
             loss = self.loss_tensors[m]
-            return [loss / self.m], None
+            scaler = self.engine.scaler  # fp16: every stage's gradients carry the loss scale
+            scale = scaler.scale if scaler is not None else 1.0
+            return [loss * (scale / self.m)], None
         stage = self.runner.stages[s]
         self._collect_local_grads(s, m)
         grads = self.output_grads.get((s, m), {})
