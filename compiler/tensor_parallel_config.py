@@ -92,12 +92,6 @@ def check_tensor_parallel(instance, attribute, value) -> None:
         raise StrategyError(
             f"Strategy.tensor_parallel: expected strato.TensorParallel(size=...) or None, got {value!r}."
         )
-    if instance.grad_clip is not None and value.size > 1:
-        raise StrategyError(
-            "Strategy.grad_clip: clipping by the global norm does not sum the norms of "
-            "tensor-parallel shards over the tensor group yet; use grad_clip=None with "
-            "tensor_parallel."
-        )
     mesh = instance.mesh
     if mesh.tensor not in (1, value.size):
         raise StrategyError(

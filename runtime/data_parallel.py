@@ -22,6 +22,8 @@ from ..compiler.context import CompileContext
 from ..compiler.training_config import OptimizerConfig
 from . import collectives
 from .buckets import GradientReducer, broadcast_model
+from .expert_parallel import broadcast_experts
+from .grad_norm import clip_grad_norm_, found_nonfinite, grad_counting
 from .optim import build_optimizer, trainable_parameters
 from .train_state import ShardedState, apply_state, collect_state
 
@@ -55,10 +57,22 @@ class DataParallelManager:
         self.optimizer_config = optimizer_config
         if collectives.world_size() > 1:
             # Every rank starts from the first data-parallel rank's weights, as DDP does (within
-            # the group only: ranks along other dimensions hold other pieces of the model).
-            broadcast_model(model, self.group)
+            # the group only: ranks along other dimensions hold other pieces of the model;
+            # expert shards from the first rank holding the same experts).
+            experts = broadcast_experts(model, compiled_ctx.records, compiled_ctx.mesh)
+            broadcast_model(model, self.group, skip=experts)
         self.buckets = [[self.params[n] for n in bucket["params"]] for bucket in record["buckets"]]
+        self.bucket_groups = [
+            compiled_ctx.mesh.group(bucket["group"])
+            if bucket.get("group") == "expert_replicate"
+            else self.group
+            for bucket in record["buckets"]
+        ]
+        """Where each bucket is all-reduced: every data-parallel rank, or for expert weights
+        the ranks holding the same experts (the sum is still averaged over every rank)."""
         self.reducer = GradientReducer(self.buckets, self._launch) if self.world_size > 1 else None
+        self.counting = grad_counting(compiled_ctx.records, model, compiled_ctx.mesh)
+        """Which gradients this rank counts in the global norm (runtime/grad_norm.py)."""
 
     # ------------------------------------------------------------------ gradients
     def prepare_micro_step(self, is_boundary: bool) -> None:
@@ -76,8 +90,9 @@ class DataParallelManager:
             dtype=bucket[0].dtype,
             device=bucket[0].device,
         )
-        flat = torch.cat([*parts, flags]).to(self.group.device)  # (no copy when already there)
-        work = collectives.all_reduce(flat, group=self.group, async_op=True)
+        group = self.bucket_groups[index]
+        flat = torch.cat([*parts, flags]).to(group.device)  # (no copy when already there)
+        work = collectives.all_reduce(flat, group=group, async_op=True)
         return index, flat, work
 
     def finish_backward(self) -> None:
@@ -105,25 +120,17 @@ class DataParallelManager:
                     else:
                         p.grad.copy_(reduced)
 
-    def _grads(self) -> list[torch.Tensor]:
-        return [p.grad for p in self.params.values() if p.grad is not None]
+    def _grads(self) -> dict[str, torch.Tensor | None]:
+        return {name: p.grad for name, p in self.params.items()}
 
     def unscale_(self, inv_scale: float) -> bool:
-        grads = self._grads()
-        if not grads:
-            return False
-        torch._foreach_mul_(grads, inv_scale)
-        # After the all-reduce every rank holds the same gradients: same answer everywhere.
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all()
-        return not bool(finite)
+        grads = [g for g in self._grads().values() if g is not None]
+        if grads:
+            torch._foreach_mul_(grads, inv_scale)
+        return found_nonfinite(self._grads(), self.counting)
 
     def clip_grad_norm_(self, max_norm: float | None) -> float:
-        params = [p for p in self.params.values() if p.grad is not None]
-        if not params:
-            return 0.0
-        if max_norm is None:
-            return float(torch.nn.utils.get_total_norm([p.grad for p in params]))
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        return clip_grad_norm_(self._grads(), self.counting, max_norm)
 
     # ------------------------------------------------------------------ update
     def step(self, lr_factor: float) -> None:

@@ -29,18 +29,19 @@ the optimizer holds one tensor per parameter (this rank's shard), so its state i
 
 from __future__ import annotations
 
-import math
 import weakref
 from typing import Any
 
 import attrs
 import torch
-import torch.distributed as dist
 
 from ..compiler.context import CompileContext
 from ..compiler.strategy import Strategy
 from . import collectives
 from .buckets import GradientReducer, broadcast_model, owned_range, shard_numel
+from .expert_parallel import broadcast_experts
+from .grad_norm import clip_grad_norm_, found_nonfinite, grad_counting
+from .mesh import MeshGroup
 from .offload import offload_store
 from .optim import param_groups
 from .train_state import ShardedState, apply_state, collect_state
@@ -60,11 +61,28 @@ class Group:
     offsets: list[int]
     shard_numels: list[int]
     shard_numel: int
+    shard_group: MeshGroup
+    """The ranks the group's parameters are sharded over: its gathers and reduce-scatters
+    run here (`shard`; `expert_replicate` for expert weights)."""
+    replicate_group: MeshGroup | None
+    """The ranks holding the same shards (reduced shards are all-reduced here), or None."""
     grad_shard: torch.Tensor | None = None
     """Reduced gradient shards (stage 2/3): [S], this rank's part of every parameter."""
 
+    @property
+    def shards(self) -> int:
+        return self.shard_group.size
 
-def _group(spec: dict, params: dict[str, torch.nn.Parameter], n: int) -> Group:
+    def owned(self, numel: int) -> tuple[int, int]:
+        """[lo, hi) of a parameter's flat elements this rank owns (may be empty)."""
+        return owned_range(numel, self.shards, self.shard_group.rank)
+
+
+def _group(
+    spec: dict,
+    params: dict[str, torch.nn.Parameter],
+    groups: tuple[MeshGroup, MeshGroup | None],
+) -> Group:
     names = spec["params"]
     ps = [params[name] for name in names]
     numels = [p.numel() for p in ps]
@@ -75,8 +93,10 @@ def _group(spec: dict, params: dict[str, torch.nn.Parameter], n: int) -> Group:
         numels=numels,
         shapes=[tuple(p.shape) for p in ps],
         offsets=[spec["offsets"][name] for name in names],
-        shard_numels=[shard_numel(k, n) for k in numels],
+        shard_numels=[shard_numel(k, groups[0].size) for k in numels],
         shard_numel=spec["shard_numel"],
+        shard_group=groups[0],
+        replicate_group=groups[1],
     )
 
 
@@ -149,10 +169,21 @@ class ZeroManager:
         weakref.finalize(self, self.store.close)
         if collectives.world_size() > 1:
             # Every rank starts from its data-parallel group's first rank's weights (within the
-            # group: ranks along other dimensions, e.g. tensor, hold other pieces).
-            broadcast_model(model, mesh.group(record["replicate_dim"], record["shard_dim"]))
-        self.buckets = [_group(b, named, self.shards) for b in record["buckets"]]
-        units = [_group(u, named, self.shards) for u in record["units"]]
+            # group: ranks along other dimensions, e.g. tensor, hold other pieces; expert
+            # shards from the first rank holding the same experts).
+            experts = broadcast_experts(model, compiled_ctx.records, mesh)
+            group = mesh.group(record["replicate_dim"], record["shard_dim"])
+            broadcast_model(model, group, skip=experts)
+
+        def groups(spec: dict) -> tuple[MeshGroup, MeshGroup | None]:
+            if spec.get("group") == "expert_replicate":  # expert weights (moe_dispatch)
+                return mesh.group("expert_replicate"), None
+            return self.shard_group, self.replicate_group
+
+        self.buckets = [_group(b, named, groups(b)) for b in record["buckets"]]
+        units = [_group(u, named, groups(u)) for u in record["units"]]
+        self.group_of = {name: g for g in [*self.buckets, *units] for name in g.names}
+        """Parameter name -> the bucket or unit it is communicated in."""
         self.unused = {n for n, info in record["params"].items() if not info["aliases"]}
         # Group settings (weight decay by shape/kind...) come from the whole parameters.
         self._groups = param_groups(model, optimizer_config)
@@ -173,18 +204,16 @@ class ZeroManager:
                 for p in bucket.params:
                     setattr(p, BUCKET_ATTR, self)
         self.reducer = GradientReducer([b.params for b in self.buckets], self._launch_bucket)
+        self.counting = grad_counting(compiled_ctx.records, model, mesh)
+        """Which gradient shards this rank counts in the global norm (runtime/grad_norm.py)."""
 
     # ------------------------------------------------------------------ setup
-    def _owned(self, numel: int) -> tuple[int, int]:
-        """[lo, hi) of a parameter's flat elements this rank owns (may be empty)."""
-        return owned_range(numel, self.shards, self.shard_rank)
-
     def _shard_parameters(self, units: list[Group]) -> None:
         """Stage 3: each unit parameter keeps only this rank's (padded) shard."""
         with torch.no_grad():
             for unit in units:
                 for p, numel, s in zip(unit.params, unit.numels, unit.shard_numels):
-                    lo, hi = self._owned(numel)
+                    lo, hi = unit.owned(numel)
                     shard = torch.zeros(s, dtype=p.dtype, device=p.device)
                     shard[: hi - lo] = p.detach().reshape(-1)[lo:hi]
                     if self.store.kind is not None:  # parameter shards offloaded too
@@ -203,7 +232,7 @@ class ZeroManager:
             if name in unit_names:
                 view = p.data  # already the shard (maybe offloaded)
             else:
-                lo, hi = self._owned(p.numel())
+                lo, hi = self.group_of[name].owned(p.numel())
                 view = p.data.view(-1)[lo:hi]
             # The update runs where the states live: the shard itself when it already
             # lives there (no offload, CPU tensors under 'cpu', stage-3 offloaded shards).
@@ -230,7 +259,7 @@ class ZeroManager:
     # ------------------------------------------------------------------ collectives
     def _send_buffer(self, group: Group, tensors: list[torch.Tensor | None]) -> torch.Tensor:
         """Rank-major [N, S] buffer: row r holds shard r of every tensor (zero-padded)."""
-        n = self.shards
+        n = group.shards
         # Every column is written below (shards are back to back), so no zero-fill first.
         buf = torch.empty(n, group.shard_numel, device=self.comm_device)
         for t, numel, offset, s in zip(tensors, group.numels, group.offsets, group.shard_numels):
@@ -254,7 +283,7 @@ class ZeroManager:
         send = self._send_buffer(group, grads)
         out = torch.empty(group.shard_numel, device=self.comm_device)
         work = collectives.reduce_scatter_tensor(
-            out, send.view(-1), group=self.shard_group, async_op=True
+            out, send.view(-1), group=group.shard_group, async_op=True
         )
         return group, out, work
 
@@ -266,9 +295,9 @@ class ZeroManager:
         across = []
         for group, out, work in launched:
             work.wait()
-            across.append(
-                (group, out, collectives.all_reduce(out, group=self.replicate_group, async_op=True))
-            )
+            if group.replicate_group is not None:
+                work = collectives.all_reduce(out, group=group.replicate_group, async_op=True)
+            across.append((group, out, work))
         for _, _, work in across:
             work.wait()
         return [(group, out) for group, out, _ in across]
@@ -304,7 +333,7 @@ class ZeroManager:
         with torch.no_grad():
             reduced = reduced.to(self.device).div_(self.data_parallel_size)
             for p, offset in zip(bucket.params, bucket.offsets):
-                lo, hi = self._owned(p.numel())
+                lo, hi = bucket.owned(p.numel())
                 if p.grad is None:
                     p.grad = torch.zeros_like(p)
                 p.grad.view(-1)[lo:hi].copy_(reduced[offset : offset + hi - lo])
@@ -325,7 +354,7 @@ class ZeroManager:
                 grad = buf[offset : offset + length].view_as(master)
             else:  # stage 1: the owned slice of the full gradient
                 p = self._param(name)
-                lo, hi = self._owned(p.numel())
+                lo, hi = self.group_of[name].owned(p.numel())
                 grad = p.grad.view(-1)[lo:hi] if p.grad is not None else torch.zeros_like(master)
             if grad.device != master.device:
                 grad = grad.to(master.device)
@@ -334,33 +363,17 @@ class ZeroManager:
     def _param(self, name: str) -> torch.nn.Parameter:
         return self.model.get_parameter(name)
 
-    def _grads(self) -> list[torch.Tensor]:
-        return [m.grad for m in self.masters.values() if m.grad is not None]
+    def _grads(self) -> dict[str, torch.Tensor | None]:
+        return {name: m.grad for name, m in self.masters.items()}
 
     def unscale_(self, inv_scale: float) -> bool:
-        grads = self._grads()
+        grads = [g for g in self._grads().values() if g is not None]
         if grads:
             torch._foreach_mul_(grads, inv_scale)
-        bad = any(not bool(torch.isfinite(g).all()) for g in grads)
-        # Replicas hold the same shards: the shard group sees every element once.
-        flag = torch.tensor([float(bad)], device=self.comm_device)
-        collectives.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.shard_group)
-        return bool(flag.item() > 0)
+        return found_nonfinite(self._grads(), self.counting)
 
     def clip_grad_norm_(self, max_norm: float | None) -> float:
-        grads = self._grads()
-        # Per-tensor norms in one fused pass, their squares summed in float64.
-        norms = torch._foreach_norm(grads) if grads else []
-        total = torch.zeros(1, dtype=torch.float64, device=self.comm_device)
-        for norm in norms:
-            total += norm.double().to(self.comm_device) ** 2
-        collectives.all_reduce(total, group=self.shard_group)
-        norm = math.sqrt(float(total.item()))
-        if max_norm is not None and grads:
-            coef = min(1.0, max_norm / (norm + 1e-6))
-            if coef < 1.0:
-                torch._foreach_mul_(grads, coef)
-        return norm
+        return clip_grad_norm_(self._grads(), self.counting, max_norm)
 
     # ------------------------------------------------------------------ update
     def step(self, lr_factor: float) -> None:
@@ -447,17 +460,19 @@ class ZeroManager:
         send = torch.empty(bucket.shard_numel, device=self.comm_device)
         with torch.no_grad():
             for p, offset, s in zip(bucket.params, bucket.offsets, bucket.shard_numels):
-                lo, hi = self._owned(p.numel())
+                lo, hi = bucket.owned(p.numel())
                 send[offset : offset + hi - lo].copy_(p.detach().reshape(-1)[lo:hi])
                 send[offset + hi - lo : offset + s].zero_()  # padding of the last shard
-        out = torch.empty(self.shards * bucket.shard_numel, device=self.comm_device)
-        work = collectives.all_gather_into_tensor(out, send, group=self.shard_group, async_op=True)
+        out = torch.empty(bucket.shards * bucket.shard_numel, device=self.comm_device)
+        work = collectives.all_gather_into_tensor(
+            out, send, group=bucket.shard_group, async_op=True
+        )
         return bucket, out, work
 
     def _scatter_gathered(self, bucket: Group, out: torch.Tensor) -> None:
         """Write a bucket's gathered shards [N, S] into the full parameters."""
-        rows = out.view(self.shards, bucket.shard_numel)
-        n = self.shards
+        rows = out.view(bucket.shards, bucket.shard_numel)
+        n = bucket.shards
         with torch.no_grad():
             for p, numel, offset, s in zip(
                 bucket.params, bucket.numels, bucket.offsets, bucket.shard_numels

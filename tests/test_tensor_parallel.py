@@ -81,6 +81,21 @@ def test_size_one_rewrites_and_trains_like_eager(name):
         torch.testing.assert_close(got[key], value, atol=1e-5, rtol=0, msg=key)
 
 
-def test_grad_clip_is_refused_until_norms_span_the_tensor_group():
-    with pytest.raises(strato.StrategyError, match="grad_clip.*tensor-parallel"):
-        strato.Strategy(grad_clip=1.0, tensor_parallel=strato.TensorParallel(size=2))
+def test_grad_clip_with_tensor_parallel_is_accepted():
+    """Clipping counts every shard once over the world (runtime/grad_norm.py; the
+    multi-rank tests compare it with eager clip_grad_norm_)."""
+    strategy = strato.Strategy(grad_clip=1.0, tensor_parallel=strato.TensorParallel(size=2))
+    assert strategy.grad_clip == 1.0 and strategy.mesh.tensor == 2
+
+
+def test_global_norm_counts_only_the_pieces_this_rank_writes_and_scales_all():
+    """A replica another rank writes is left out of the sum but still scaled."""
+    from strato.runtime.grad_norm import GradCounting, clip_grad_norm_
+
+    grads = {"a": torch.full((4,), 3.0), "b": torch.full((4,), 4.0), "c": None}
+    counting = GradCounting(frozenset({"a", "c"}), group=None)
+    assert clip_grad_norm_(grads, counting, None) == pytest.approx(6.0)
+    assert torch.equal(grads["a"], torch.full((4,), 3.0))  # no max_norm: nothing scaled
+    assert clip_grad_norm_(grads, counting, 3.0) == pytest.approx(6.0)
+    torch.testing.assert_close(grads["a"], torch.full((4,), 1.5), rtol=1e-6, atol=0)
+    torch.testing.assert_close(grads["b"], torch.full((4,), 2.0), rtol=1e-6, atol=0)

@@ -24,6 +24,8 @@ pytestmark = pytest.mark.slow
 
 STEPS = 10
 TOL = 1e-5
+CLIP = 0.5
+"""Below every eager step's gradient norm in the clipping tests (0.8 to 1.9)."""
 
 
 def launch(spec: dict, world: int, out: Path, timeout: float = 240) -> list[dict]:
@@ -152,20 +154,48 @@ def test_checkpoint_tp2_to_tp1_and_back(name, tmp_path):
         assert abs(r["loss"] - want_losses[steps + 1]) <= TOL
 
 
-@pytest.mark.parametrize("zero", [0, 3])
+def check_clipped_like_eager(results: list[dict], name: str, steps: int, batch: int) -> None:
+    """Every rank's global gradient norm, and its weights after clipping, equal eager
+    torch.nn.utils.clip_grad_norm_'s (SGD: weights compared everywhere)."""
+    _, want, want_norms = tp_worker.eager_train_clipped(name, steps, CLIP, batch_size=batch)
+    assert min(want_norms) > CLIP, want_norms  # clipping was active on every step
+    for rank, r in enumerate(results):
+        torch.testing.assert_close(
+            r["grad_norms"], want_norms, atol=0, rtol=1e-5, msg=f"rank {rank}"
+        )
+        for key, value in want.items():
+            torch.testing.assert_close(r["full"][key], value, atol=TOL, rtol=0, msg=key)
+
+
+def test_tp2_grad_clip_counts_each_element_once(tmp_path):
+    """HF Llama (GQA) with sequence parallelism: split blocks counted by their holder, whole
+    tensors (norm weights, their summed token-shard gradients) once per tensor group."""
+    steps = 4
+    spec = {
+        "kind": "train",
+        "model": "llama",
+        "steps": steps,
+        "sequence_parallel": True,
+        "grad_clip": CLIP,
+    }
+    check_clipped_like_eager(launch(spec, 2, tmp_path), "llama", steps, tp_worker.BATCH)
+
+
+@pytest.mark.parametrize("zero", [0, 2, 3])
 def test_tp2_x_dp2_on_four_ranks(zero, tmp_path):
     """2-D: tensor groups [0, 1] and [2, 3], data-parallel (ZeRO) groups [0, 2] and [1, 3];
-    ZeRO shards the tensor-parallel blocks (`[box, flat]` layouts)."""
+    ZeRO shards the tensor-parallel blocks (`[box, flat]` layouts). Clipped by the global
+    norm: each [box, flat] piece is counted by its one holder."""
     steps = 4
-    spec = {"kind": "train", "model": "gpt", "steps": steps, "zero": zero}
+    spec = {"kind": "train", "model": "gpt", "steps": steps, "zero": zero, "grad_clip": CLIP}
     results = launch(spec, 4, tmp_path, timeout=400)
-    want_losses, want = tp_worker.eager_train("gpt", steps, batch_size=2 * tp_worker.BATCH)
+    batch = 2 * tp_worker.BATCH
+    want_losses, _, _ = tp_worker.eager_train_clipped("gpt", steps, CLIP, batch_size=batch)
     for i in range(steps):
         mean = sum(r["losses"][i] for r in results) / 4
         assert abs(mean - want_losses[i]) <= TOL, (i, mean, want_losses[i])
+    check_clipped_like_eager(results, "gpt", steps, batch)
     for r in results:
-        for key, value in want.items():
-            torch.testing.assert_close(r["full"][key], value, atol=TOL, rtol=0, msg=key)
         data_parallel_dim = "shard" if zero else "replicate,shard"
         assert {"tensor", data_parallel_dim} <= set(r["comm"][-1]), r["comm"][-1]
     if zero:

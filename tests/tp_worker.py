@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -43,17 +44,32 @@ def eager_train(
     name: str, steps: int, precision: str = "fp32", batch_size: int = BATCH
 ) -> tuple[list[float], dict]:
     """The oracle: one process, plain PyTorch SGD on the whole (global) batch."""
+    losses, weights, _ = eager_train_clipped(name, steps, None, precision, batch_size)
+    return losses, weights
+
+
+def eager_train_clipped(
+    name: str,
+    steps: int,
+    clip: float | None,
+    precision: str = "fp32",
+    batch_size: int = BATCH,
+) -> tuple[list[float], dict, list[float]]:
+    """`eager_train` with torch.nn.utils.clip_grad_norm_(clip) before each update: losses,
+    final weights and the norm of each step (clip None: the norm, unclipped)."""
     model = build_model(name)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    losses = []
+    losses, norms = [], []
     for step in range(steps):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
             loss = loss_of(model(**global_batch(name, step, batch_size)))
         loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip or math.inf)
+        norms.append(float(norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
-    return losses, {n: t.detach().clone() for n, t in model.state_dict().items()}
+    return losses, {n: t.detach().clone() for n, t in model.state_dict().items()}, norms
 
 
 def make_engine(spec: dict, rank: int, world: int):
@@ -69,6 +85,7 @@ def make_engine(spec: dict, rank: int, world: int):
         tensor_parallel=tp,
         precision=spec.get("precision", "fp32"),
         zero=spec.get("zero", 0),
+        grad_clip=spec.get("grad_clip"),
         mesh=strato.Mesh(**spec.get("mesh", {})),
     )
     example = local_batch(spec, 0, rank, world)
@@ -90,13 +107,15 @@ def scenario_train(rank: int, spec: dict, out: Path) -> dict:
     from strato.runtime import collectives
 
     engine = make_engine(spec, rank, dist.get_world_size())
-    losses, comm = [], []
+    losses, norms, comm = [], [], []
     for step in range(spec["steps"]):
         before = collectives.comm_bytes_by_dim()
         losses.append(engine.train_step(**local_batch(spec, step, rank, dist.get_world_size())))
         comm.append(collectives.growth_by_dim(before, collectives.comm_bytes_by_dim()))
+        norms.append(engine.stats()["grad_norm"])
     result = {
         "losses": losses,
+        "grad_norms": norms,
         "comm": comm,
         "record": json.loads(json.dumps(engine.context.records["tensor_parallel"], default=str)),
         "layout": engine.context.records["layout"],
@@ -189,11 +208,41 @@ def scenario_errors(rank: int, spec: dict, out: Path) -> dict:
     return errors
 
 
+def scenario_generate(rank: int, spec: dict, out: Path) -> dict:
+    """`compiled.generate` of a tensor-parallel eval compile (greedy), batched prompts with
+    left padding when spec['padded']."""
+    import strato
+
+    quantize = strato.Quantize(weights="int8") if spec.get("int8") else None
+    strategy = strato.Strategy(
+        tensor_parallel=strato.TensorParallel(size=spec.get("size", 2)), quantize=quantize
+    )
+    model = build_model(spec.get("model", "llama")).eval()
+    prompt, mask = generation_prompt(spec.get("padded", False))
+    compiled = strato.compile(
+        model, strategy, example_kwargs={"input_ids": prompt, "use_cache": False}
+    )
+    ids = compiled.generate(prompt, max_new_tokens=6, attention_mask=mask)
+    return {"ids": ids}
+
+
+def generation_prompt(padded: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Two prompts of 6 tokens; `padded`: the second left-padded to 4 real tokens."""
+    ids = hf_batch("llama", 0, size=2, length=6)["input_ids"]
+    if not padded:
+        return ids, None
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    ids = ids.masked_fill(mask == 0, 0)
+    return ids, mask
+
+
 SCENARIOS = {
     "train": scenario_train,
     "load": scenario_load,
     "serve": scenario_serve,
     "errors": scenario_errors,
+    "generate": scenario_generate,
 }
 
 
