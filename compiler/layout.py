@@ -52,6 +52,28 @@ class TensorLayout:
     """Whether this rank saves its piece (False on the other replicas of the same piece)."""
     by: tuple[str, ...] = ()
     """The passes that registered steps, in order."""
+    held: int | None = None
+    """How many of `steps` the model's own tensor has applied: 0 holds the whole tensor,
+    len(steps) the owned piece, in between an intermediate piece (an expert-parallel box
+    that ZeRO-1/2 then cuts flat); None: as `holds_full` says."""
+
+    def held_steps(self) -> int:
+        if self.held is not None:
+            return self.held
+        return 0 if self.holds_full else len(self.steps)
+
+    def held_shape(self) -> tuple[int, ...]:
+        """Shape of what the model's own tensor holds on this rank."""
+        return TensorLayout(self.shape, self.dtype, self.steps[: self.held_steps()]).local_shape()
+
+    def owned_from_held(self, held: torch.Tensor) -> torch.Tensor:
+        """The owned piece, from the model's own tensor on this rank (`held_steps` applied;
+        the owned piece itself may be padded: ZeRO-3 shards)."""
+        k = self.held_steps()
+        if k and k == len(self.steps):
+            n = math.prod(self.local_shape())
+            return held.reshape(-1)[:n].view(self.local_shape())
+        return apply_steps(held, self.steps[k:])
 
     @property
     def numel(self) -> int:
@@ -154,12 +176,15 @@ def register_step(
             "dtype": str(tensor.dtype).removeprefix("torch."),
             "steps": [],
             "holds_full": True,
+            "holds": 0,
             "writes": True,
             "by": [],
         },
     )
     entry["steps"].append(dict(step))
     entry["holds_full"] = entry["holds_full"] and holds_full
+    if not holds_full:  # the model's tensor now holds the piece after this step
+        entry["holds"] = len(entry["steps"])
     entry["writes"] = entry["writes"] and writes
     entry["by"].append(pass_name)
 
@@ -240,6 +265,7 @@ def model_layout(
                 bool(entry["holds_full"]),
                 bool(entry["writes"]),
                 tuple(entry["by"]),
+                entry.get("holds"),
             )
     return layouts, aliases
 

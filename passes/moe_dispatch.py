@@ -9,15 +9,16 @@ fed by the region's input and the layer's three parameters as graph values, so t
 and data-parallel passes after it treat them like any other parameter. The expert groups
 are carved from the data-parallel ranks (runtime/mesh.py `expert_groups`).
 
-Expert weights stay whole tensors in the model (every rank keeps every expert's weights;
-ZeRO shards them like the rest): a rank reads only its experts' slice, so the others'
-gradients are zero on it, and the data-parallel reduction (all-reduce or ZeRO's
-reduce-scatter over replicate x shard, averaged over all R x S ranks) sums each expert's
-gradient from the ranks that computed it, which is the expert-data-parallel reduction.
-Checkpoints see ordinary tensors, so they load at any expert-parallel size.
+Over several ranks each stacked expert weight then keeps only this rank's E/P experts (a
+layout `box` on dim 0, registered so checkpoints, full_state_dict and consolidate reshard
+it; `ctx.records['moe_dispatch']['expert_params']` names them): per-rank expert bytes drop
+to 1/P. The data-parallel and ZeRO passes reduce their gradients over `expert_replicate`
+only (the ranks holding the same experts) and ZeRO shards them over that group; every other
+parameter follows the data-parallel dimensions as before.
 
-Eval graphs keep the local layer (every expert on every rank: no collective that a rank
-evaluating alone would wait in). Decisions go to ctx.records['moe_dispatch'].
+Eval graphs are rewritten the same way (every rank holds only its experts, so evaluation
+is collective, as under ZeRO-3: run it on every rank), with the eval capacity factor. A
+single process keeps the local layer. Decisions go to ctx.records['moe_dispatch'].
 """
 
 from __future__ import annotations
@@ -31,13 +32,25 @@ import torch.fx as fx
 
 from ..compiler.context import CompileContext
 from ..compiler.errors import PassError, StrategyError
+from ..compiler.layout import register_step
 from ..compiler.pass_manager import graph_pass
-from ..runtime.expert_parallel import ExpertParallelMoE, hf_block_settings, layer_settings
+from ..runtime import tensor_parallel as tp_runtime
+from ..runtime.expert_parallel import (
+    ExpertParallelMoE,
+    expert_box,
+    hf_block_settings,
+    layer_settings,
+    whole_shape,
+)
 from ..runtime.moe import MoE
-from .annotate import getattr_path
+from .annotate import fill_fake_values, getattr_path
 
 EXPERT = "expert"
 """The group the all-to-alls run over (carved from the data-parallel ranks)."""
+EXPERT_REPLICATE = "expert_replicate"
+"""The group holding the same experts: expert gradients are reduced (and ZeRO-sharded) here."""
+EXPERT_ROLES = ("w_in", "w_out")
+"""The roles of MoELayer.params stacked over experts (dim 0), sharded over the expert group."""
 
 _LOW_PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -56,16 +69,17 @@ class MoELayer:
     """Roles stored as [E, out, in] (Hugging Face), handed over transposed."""
 
 
-def moe_layers(model: torch.nn.Module) -> dict[str, MoELayer]:
+def moe_layers(model: torch.nn.Module, training: bool = True) -> dict[str, MoELayer]:
     """Module path -> layer, for every strato.nn.MoE and every Hugging Face sparse MoE block
-    built the Mixtral way (runtime/expert_parallel.py `hf_block_settings`)."""
+    built the Mixtral way (runtime/expert_parallel.py `hf_block_settings`), with the
+    routing of the training or eval mode."""
     found: dict[str, MoELayer] = {}
     for path, m in model.named_modules():
         if any(_inside(path, outer) for outer in found):
             continue
         if isinstance(m, MoE):
             params = {"gate": m.gate, "w_in": m.w_in, "w_out": m.w_out}
-            found[path] = MoELayer("strato.nn.MoE", layer_settings(m), params)
+            found[path] = MoELayer("strato.nn.MoE", layer_settings(m, training), params)
         elif (settings := hf_block_settings(m, path)) is not None:
             params = {"gate": m.gate.weight, "w_in": m.experts.gate_up_proj,
                       "w_out": m.experts.down_proj}  # fmt: skip
@@ -123,6 +137,12 @@ def _rewrite_layer(
             "called in forward?); remove it, or compile without Strategy.moe."
         )
     inside = set(nodes)
+    # Values computed from the model's inputs or weights; the rest are constants (an
+    # arange, a zeros) that capture may share between layers.
+    data: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op in ("placeholder", "get_attr") or any(a in data for a in node.all_input_nodes):
+            data.add(node)
     params = {id(p): role for role, p in layer.params.items()}
     reads: dict[str, fx.Node] = {}
     inputs: list[fx.Node] = []
@@ -138,18 +158,22 @@ def _rewrite_layer(
                         "none of its routing or expert weights."
                     )
                 reads.setdefault(role, arg)
-            elif isinstance(arg.meta.get("val"), torch.Tensor) and arg not in inputs:
+            elif (
+                isinstance(arg.meta.get("val"), torch.Tensor) and arg in data and arg not in inputs
+            ):
                 inputs.append(arg)
     used_outside = [n for n in nodes if any(u not in inside for u in n.users)]
-    outputs = [n for n in used_outside if isinstance(n.meta.get("val"), torch.Tensor)]
-    # Sizes computed here that capture shares with later code (the next layer's capacity
-    # is the same symbolic expression) stay, with what they are computed from.
+    # Values of the layer's input or weights leave it; the rest, sizes and constants that
+    # capture shares with later code (the next layer's capacity is the same symbolic
+    # expression, its expert index the same arange), stay with what they are computed from.
+    outputs = [n for n in used_outside if n in data and isinstance(n.meta.get("val"), torch.Tensor)]
     kept = _inputs_closure([n for n in used_outside if n not in outputs], inside)
     if len(inputs) != 1 or len(outputs) != 1 or len(reads) != 3:
         raise PassError(
             f"moe_dispatch: {layer.kind} {path!r} was captured with {len(inputs)} tensor "
-            f"inputs and {len(outputs)} outputs used outside it (expected 1 and 1: "
-            f"forward(x) -> y), reading parameters {sorted(reads)}; call the layer on one tensor."
+            f"inputs and {len(outputs)} outputs used outside it ({[n.name for n in outputs]}; "
+            f"expected 1 and 1: forward(x) -> y), reading parameters {sorted(reads)}; call the "
+            "layer on one tensor."
         )
     (x,), (out,) = inputs, outputs
     name = "moe_dispatch_" + path.replace(".", "_")
@@ -193,7 +217,7 @@ def _rewrite_layer(
 )  # fmt: skip
 def moe_dispatch(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     """Expert parallelism over `Strategy.moe.size` ranks for every strato.nn.MoE layer."""
-    layers = moe_layers(ctx.model)
+    layers = moe_layers(ctx.model, ctx.training)
     others = unrecognised_moe_blocks(ctx.model, layers)
     if others:
         raise StrategyError(
@@ -231,20 +255,28 @@ def moe_dispatch(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             for path, layer in layers.items()
         },
     }
-    if not ctx.training or size == 1:
-        why = "eval graphs run every expert locally" if not ctx.training else "expert size 1"
+    if size == 1:
+        why = "a single process holds every expert" if distributed else "expert size 1"
         ctx.record("moe_dispatch", **record, rewritten=False, reason=why)
         return gm
     group, replicas = ctx.mesh.expert_groups(size)
     dtype = _LOW_PRECISION.get(ctx.strategy.precision)
     for path, layer in layers.items():
         record["layers"][path].update(_rewrite_layer(gm, path, layer, group, dtype))
+    expert_params = _shard_experts(ctx, layers, group, replicas)
+    for node in gm.graph.nodes:  # expert weights changed shape: every fake value again
+        if node.op != "placeholder":
+            node.meta.pop("val", None)
+    gm.graph.lint()
+    gm.recompile()
+    fill_fake_values(gm, ctx)
     ctx.record(
         "moe_dispatch",
         **record,
         rewritten=True,
         expert_group=list(group.ranks),
         expert_replicate_group=list(replicas.ranks),
+        expert_params=expert_params,
         compute_dtype=str(dtype or "float32").removeprefix("torch."),
         collectives=[
             {
@@ -256,3 +288,35 @@ def moe_dispatch(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         ],
     )
     return gm
+
+
+def _shard_experts(ctx: CompileContext, layers: dict[str, MoELayer], group, replicas) -> dict:
+    """Leave each stacked expert weight holding this rank's experts only (rows [first,
+    first + E/P) of dim 0) and register that box in the layout map; returns the record's
+    'expert_params'. A second graph of the same model finds them already cut."""
+    names = {id(p): n for n, p in ctx.model.named_parameters()}
+    # Without ZeRO the first replica writes each expert box; ZeRO then cuts the box into
+    # flat shards over `expert_replicate`, disjoint, each written by its owner.
+    writes = bool(ctx.strategy.zero) or replicas.rank == 0
+    out = {}
+    for path, layer in layers.items():
+        count = layer.settings["num_experts"] // group.size
+        first = group.rank * count
+        for role in EXPERT_ROLES:
+            param = layer.params[role]
+            name = names[id(param)]
+            whole = whole_shape(param)
+            step = expert_box(whole, first, count)
+            tp_runtime.shard_parameter(param, [step])
+            register_step(
+                ctx,
+                "moe_dispatch",
+                name,
+                torch.empty(whole, dtype=param.dtype, device="meta"),
+                step,
+                holds_full=False,
+                writes=writes,
+            )
+            out[name] = {"layer": path, "experts": [first, count], "shape": list(whole),
+                         "group": EXPERT_REPLICATE}  # fmt: skip
+    return out

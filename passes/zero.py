@@ -36,12 +36,16 @@ from ..compiler.layout import register_flat_shards
 from ..compiler.pass_manager import graph_pass
 from ..runtime import zero_ops
 from ..runtime.buckets import shard_numel
+from ..runtime.expert_parallel import expert_params
 from .annotate import getattr_path
 from .pipeline_cut import stage_local_params
 
 _LAYER = re.compile(r"^(.*?\.\d+)(\.|$)")
 SHARD, REPLICATE = "shard", "replicate"
 """The mesh dimensions ZeRO shards over and replicates across (runtime/mesh.py)."""
+EXPERT_REPLICATE = "expert_replicate"
+"""Where expert weights (sharded over the expert group by moe_dispatch) are sharded and
+reduced instead: the ranks holding the same experts (runtime/mesh.py `expert_groups`)."""
 
 
 def unit_name(param_name: str) -> str:
@@ -80,28 +84,39 @@ def _first_use_order(gm: fx.GraphModule, uses: dict[str, list[fx.Node]]) -> list
     return sorted(uses, key=first)
 
 
-def _layout(names: list[str], params: dict[str, torch.Tensor], world_size: int) -> dict:
-    """Rank-major collective layout of a group: each parameter's shard offset in S columns."""
+def _layout(
+    names: list[str], params: dict[str, torch.Tensor], world_size: int, group: str = SHARD
+) -> dict:
+    """Rank-major collective layout of a group: each parameter's shard offset in S columns,
+    over `world_size` shards along mesh group `group`."""
     offsets, offset = {}, 0
     for name in names:
         offsets[name] = offset
         offset += shard_numel(params[name].numel(), world_size)
-    return {"params": list(names), "offsets": offsets, "shard_numel": offset}
+    return {"params": list(names), "offsets": offsets, "shard_numel": offset, "group": group,
+            "shards": world_size}  # fmt: skip
 
 
 def _buckets(
-    names: list[str], params: dict[str, torch.Tensor], world_size: int, bucket_numel: int
+    names: list[str],
+    params: dict[str, torch.Tensor],
+    shards: dict[str, tuple[str, int]],
+    bucket_numel: int,
 ) -> list[dict]:
-    """Consecutive parameters (in gradient-ready order) until a bucket holds bucket_numel."""
+    """Consecutive parameters (in gradient-ready order) until a bucket holds bucket_numel;
+    a bucket holds parameters of one shard group (`shards`: name -> (group, size))."""
     buckets: list[list[str]] = []
     size = 0
     for name in names:
-        if not buckets or size >= bucket_numel:
+        if not buckets or size >= bucket_numel or shards[buckets[-1][0]] != shards[name]:
             buckets.append([])
             size = 0
         buckets[-1].append(name)
         size += params[name].numel()
-    return [{"name": f"bucket{i}", **_layout(b, params, world_size)} for i, b in enumerate(buckets)]
+    return [
+        {"name": f"bucket{i}", **_layout(b, params, shards[b[0]][1], shards[b[0]][0])}
+        for i, b in enumerate(buckets)
+    ]
 
 
 def _settings(ctx: CompileContext) -> dict[str, Any]:
@@ -140,6 +155,12 @@ def plan_zero(gm: fx.GraphModule, ctx: CompileContext, stage: int) -> fx.GraphMo
         if p.requires_grad and name not in tensors and (local is None or name in local):
             tensors[name] = p
     forward_order = _first_use_order(gm, uses) + [t for t in tensors if t not in uses]
+    # Expert shards (moe_dispatch) are sharded over the ranks holding the same experts.
+    experts = [t for t in tensors if t in expert_params(ctx.records)]
+    expert_group = ctx.mesh.group(EXPERT_REPLICATE) if experts else None
+    shards = {t: (SHARD, n) for t in tensors}
+    if expert_group is not None:
+        shards.update({t: (EXPERT_REPLICATE, expert_group.size) for t in experts})
 
     if stage == 3:
         threshold = settings["small_param_threshold"]
@@ -147,14 +168,18 @@ def plan_zero(gm: fx.GraphModule, ctx: CompileContext, stage: int) -> fx.GraphMo
     else:
         gathered = []
     persistent = [t for t in forward_order if t not in gathered]
-    buckets = _buckets(list(reversed(persistent)), tensors, n, settings["bucket_numel"])
+    buckets = _buckets(list(reversed(persistent)), tensors, shards, settings["bucket_numel"])
 
-    unit_params: dict[str, list[str]] = {}
+    unit_params: dict[tuple[str, str], list[str]] = {}
     for name in gathered:
-        unit_params.setdefault(unit_name(name), []).append(name)
+        unit_params.setdefault((unit_name(name), shards[name][0]), []).append(name)
     units = [
-        {"name": unit or "<root>", "index": i, **_layout(names, tensors, n)}
-        for i, (unit, names) in enumerate(unit_params.items())
+        {
+            "name": (unit or "<root>") + (" experts" if group == EXPERT_REPLICATE else ""),
+            "index": i,
+            **_layout(names, tensors, shards[names[0]][1], group),
+        }
+        for i, ((unit, group), names) in enumerate(unit_params.items())
     ]
     for bucket in buckets:
         for name in bucket["params"]:
@@ -163,10 +188,10 @@ def plan_zero(gm: fx.GraphModule, ctx: CompileContext, stage: int) -> fx.GraphMo
                     "param": name,
                     "bucket": bucket["name"],
                     "offset": bucket["offsets"][name],
-                    "shard_numel": shard_numel(tensors[name].numel(), n),
+                    "shard_numel": shard_numel(tensors[name].numel(), bucket["shards"]),
                 }
     if units:
-        _insert_gathers(gm, units, uses, tensors, n)
+        _insert_gathers(gm, units, uses, tensors)
     gather_order, await_gathers = _insert_bucket_waits(gm, buckets, uses)
     ctx.record(
         "zero",
@@ -182,7 +207,8 @@ def plan_zero(gm: fx.GraphModule, ctx: CompileContext, stage: int) -> fx.GraphMo
                 "shape": list(t.shape),
                 "numel": t.numel(),
                 "dtype": str(t.dtype).removeprefix("torch."),
-                "shard_numel": shard_numel(t.numel(), n),
+                "shard_numel": shard_numel(t.numel(), shards[name][1]),
+                "group": shards[name][0],
                 "sharded_parameter": name in gathered,
                 "aliases": [node.target for node in uses.get(name, [])],
             }
@@ -196,18 +222,40 @@ def plan_zero(gm: fx.GraphModule, ctx: CompileContext, stage: int) -> fx.GraphMo
         # The engine reads this: once the manager shards them, parameters cannot be captured.
         shards_parameters=bool(units),
         stage_local=local is not None,
-        collectives=_collectives(stage, bool(units), bool(buckets), replicas),
+        collectives=_collectives(stage, bool(units), bool(buckets), replicas)
+        + _expert_collectives(stage, experts, gathered),
     )
     # Checkpoints, full_state_dict and resharding read where each tensor lives from here.
     register_flat_shards(
         ctx,
         f"zero{stage}",
-        {t: (p, t not in gathered) for t, p in tensors.items()},
+        {t: (p, t not in gathered) for t, p in tensors.items() if t not in experts},
         ctx.mesh.group(SHARD).rank,
         n,
         writes=ctx.mesh.group(REPLICATE).rank == 0,  # replicas hold the same shards
     )
+    if expert_group is not None:  # disjoint shards of this rank's experts: each writes its own
+        register_flat_shards(
+            ctx,
+            f"zero{stage}",
+            {t: (tensors[t], t not in gathered) for t in experts},
+            expert_group.rank,
+            expert_group.size,
+        )
     return gm
+
+
+def _expert_collectives(stage: int, experts: list[str], gathered: list[str]) -> list[dict]:
+    """The expert weights' collectives, over the ranks holding the same experts."""
+    if not experts:
+        return []
+    what = "expert " + ("unit " if any(t in gathered for t in experts) else "bucket ")
+    out = [{"op": "reduce_scatter", "dim": EXPERT_REPLICATE, "what": what + "gradients"}]
+    if any(t in gathered for t in experts):
+        out.append({"op": "all_gather", "dim": EXPERT_REPLICATE, "what": "expert unit parameters"})
+    if stage < 3 or any(t not in gathered for t in experts):
+        out.append({"op": "all_gather", "dim": EXPERT_REPLICATE, "what": "updated expert shards"})
+    return out
 
 
 def _collectives(stage: int, has_units: bool, has_buckets: bool, replicas: int) -> list[dict]:
@@ -272,12 +320,12 @@ def _insert_gathers(
     units: list[dict],
     uses: dict[str, list[fx.Node]],
     tensors: dict[str, torch.Tensor],
-    world_size: int,
 ) -> None:
     graph = gm.graph
     order = {node: i for i, node in enumerate(graph.nodes)}
     for unit in units:
-        names = unit["params"]
+        names, world_size, along = unit["params"], unit["shards"], unit["group"]
+        across = [REPLICATE] if along == SHARD else []  # expert shards have no replicas
         shard_nodes = [uses[name][0] for name in names]
         users = [u for name in names for node in uses[name] for u in node.users]
         first_user = min(users, key=order.__getitem__)
@@ -291,10 +339,10 @@ def _insert_gathers(
             "unit": unit["name"],
             "params": names,
             "collective": "all_gather",
-            "mesh_dim": SHARD,
+            "mesh_dim": along,
             "backward": "all_gather (recompute) + reduce_scatter into the shards over "
-            f"{SHARD!r}, then all_reduce over {REPLICATE!r}",
-            "backward_mesh_dims": [SHARD, REPLICATE],
+            f"{along!r}" + "".join(f", then all_reduce over {d!r}" for d in across),
+            "backward_mesh_dims": [along, *across],
         }
         for name, full, shard_node in zip(names, fulls, shard_nodes):
             val = shard_node.meta.get("val")
@@ -382,18 +430,26 @@ def data_parallel(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         if p.requires_grad and name not in tensors and (local is None or name in local):
             tensors[name] = p  # never read: never gets a gradient
     order = _first_use_order(gm, uses) + [t for t in tensors if t not in uses]
+    dims = [REPLICATE, SHARD]
+    experts = expert_params(ctx.records)  # reduced over the ranks holding the same experts
+    group_of = {name: EXPERT_REPLICATE if name in experts else ",".join(dims) for name in tensors}
     buckets: list[list[str]] = []
     size = 0
     for name in reversed(order):
         t = tensors[name]
         nbytes = t.numel() * t.element_size()
         full = size + nbytes > DATA_PARALLEL_BUCKET_BYTES
-        if not buckets or full or tensors[buckets[-1][0]].dtype != t.dtype:
+        last = buckets[-1][0] if buckets else None
+        if (
+            last is None
+            or full
+            or tensors[last].dtype != t.dtype
+            or group_of[last] != group_of[name]
+        ):
             buckets.append([])
             size = 0
         buckets[-1].append(name)
         size += nbytes
-    dims = [REPLICATE, SHARD]
     ctx.record(
         "data_parallel",
         mesh_dims=dims,
@@ -407,6 +463,7 @@ def data_parallel(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                 "params": names,
                 "numel": sum(tensors[n].numel() for n in names),
                 "dtype": str(tensors[names[0]].dtype).removeprefix("torch."),
+                "group": group_of[names[0]],
             }
             for i, names in enumerate(buckets)
         ],
@@ -415,7 +472,11 @@ def data_parallel(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                 "op": "all_reduce",
                 "dim": ",".join(dims),
                 "what": "gradient buckets, during backward (+1 has-gradient flag per parameter)",
-            }
+            },
+            *[
+                {"op": "all_reduce", "dim": EXPERT_REPLICATE, "what": "expert gradient buckets"}
+                for _ in range(bool(experts))
+            ],
         ],
     )
     return gm

@@ -99,12 +99,16 @@ class GradientReducer:
         return launched
 
 
-def broadcast_model(model: torch.nn.Module, group: Any | None = None) -> None:
+def broadcast_model(
+    model: torch.nn.Module, group: Any | None = None, skip: frozenset[str] = frozenset()
+) -> None:
     """Start every rank of `group` from the parameters and buffers of its first rank, as
-    DDP does."""
+    DDP does; parameters named in `skip` (expert shards, which differ along the group) are
+    left as they are."""
     src = collectives.global_rank(group, 0) if group is not None else 0
+    params = [p for name, p in model.named_parameters() if name not in skip]
     with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
+        for tensor in [*params, *model.buffers()]:
             collectives.broadcast(tensor.data, src=src, group=group)
 
 

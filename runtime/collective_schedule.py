@@ -48,26 +48,26 @@ def zero_schedule(record: dict[str, Any]) -> list[Collective]:
 
     def reduce(group: dict) -> None:
         dtype = group_dtype(group["params"])
-        schedule.append(("reduce_scatter", (n, group["shard_numel"]), dtype, shard))
-        if across:
+        along = group.get("group", shard)  # expert weights: over `expert_replicate`
+        shape = (group.get("shards", n), group["shard_numel"])
+        schedule.append(("reduce_scatter", shape, dtype, along))
+        if across and along == shard:
             schedule.append(("all_reduce", (group["shard_numel"],), dtype, replicate))
 
+    def gather(group: dict) -> None:
+        shape = (group.get("shards", n), group["shard_numel"])
+        along = group.get("group", shard)
+        schedule.append(("all_gather", shape, group_dtype(group["params"]), along))
+
     for unit in record["units"]:  # forward gathers
-        schedule.append(
-            ("all_gather", (n, unit["shard_numel"]), group_dtype(unit["params"]), shard)
-        )
+        gather(unit)
     for unit in reversed(record["units"]):  # backward: gather again, then reduce
-        schedule.append(
-            ("all_gather", (n, unit["shard_numel"]), group_dtype(unit["params"]), shard)
-        )
+        gather(unit)
         reduce(unit)
     for bucket in record["buckets"]:
         reduce(bucket)
     for index in record["gather_order"]:
-        bucket = record["buckets"][index]  # after the update, in forward order
-        schedule.append(
-            ("all_gather", (n, bucket["shard_numel"]), group_dtype(bucket["params"]), shard)
-        )
+        gather(record["buckets"][index])  # after the update, in forward order
     return schedule
 
 
@@ -75,9 +75,31 @@ def data_parallel_schedule(record: dict[str, Any]) -> list[Collective]:
     """The all-reduce per gradient bucket (its elements plus one flag per parameter)."""
     group = ",".join(record["mesh_dims"])
     return [
-        ("all_reduce", (b["numel"] + len(b["params"]),), b["dtype"], group)
+        ("all_reduce", (b["numel"] + len(b["params"]),), b["dtype"], b.get("group", group))
         for b in record["buckets"]
     ]
+
+
+def moe_schedule(record: dict[str, Any]) -> list[Collective]:
+    """The all-to-alls of every expert-parallel MoE layer (moe_dispatch's record), each
+    layer's preceded by its routing settings: token counts follow from them, so ranks that
+    built a layer differently would exchange mismatched sizes."""
+    if not record.get("rewritten"):
+        return []
+    schedule: list[Collective] = [("expert_size", (record["expert_size"],), "", "expert")]
+    layers = record["layers"]
+    dtype = record.get("compute_dtype", "")
+    tokens = [("all_to_all", (-1, layer["d_model"]), dtype, "expert") for layer in layers.values()]
+    for (path, layer), moved in zip(layers.items(), tokens):  # forward: counts, out, back
+        settings = {k: v for k, v in layer.items() if k not in ("module", "replaced_nodes")}
+        shape = (layer["num_experts"], layer["experts_per_rank"])
+        schedule.append(
+            (f"moe_layer {path}", shape, json.dumps(settings, sort_keys=True), "expert")
+        )
+        schedule += [("all_to_all", (layer["num_experts"],), "int64", "expert"), moved, moved]
+    for moved in reversed(tokens):  # backward: the gradients' two trips
+        schedule += [moved, moved]
+    return schedule
 
 
 def pipeline_schedule(record: dict[str, Any]) -> list[Collective]:
@@ -129,6 +151,8 @@ def step_schedule(records: dict[str, Any], mesh: Any | None = None) -> list[Coll
         schedule += data_parallel_schedule(records["data_parallel"])
     if "pipeline_cut" in records:
         schedule += pipeline_schedule(records["pipeline_cut"])
+    if "moe_dispatch" in records:
+        schedule += moe_schedule(records["moe_dispatch"])
     if mesh is not None:
         schedule.append(("mesh", tuple(mesh.sizes.values()), "", ",".join(mesh.dims)))
     return schedule

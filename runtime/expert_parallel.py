@@ -1,4 +1,13 @@
-"""Expert parallelism: `ExpertParallelMoE`, the all-to-all form moe_dispatch gives MoE layers."""
+"""Expert parallelism: `ExpertParallelMoE`, the all-to-all form moe_dispatch gives MoE layers,
+and the expert shards it leaves on the model.
+
+Under `ExpertParallel(size=P)` over several ranks, each stacked expert weight ([E, ...]: a
+strato.nn.MoE's `w_in`/`w_out`, a Mixtral block's `gate_up_proj`/`down_proj`) keeps only
+this rank's E/P experts (rows [first, first + E/P) of dim 0; the parameter remembers its
+whole shape, as tensor-parallel blocks do, so a graph can be captured again). Its gradient
+is reduced over `expert_replicate` (the ranks holding the same experts) only, and ZeRO
+shards it over that group; every other parameter is data parallel over all ranks as before.
+"""
 
 from __future__ import annotations
 
@@ -37,11 +46,52 @@ def _grouped_by_local_expert(received: torch.Tensor) -> torch.Tensor:
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int64)
 
 
-def layer_settings(layer: MoE) -> dict[str, Any]:
-    """What ExpertParallelMoE needs of a strato.nn.MoE (its training-mode routing)."""
+def layer_settings(layer: MoE, training: bool = True) -> dict[str, Any]:
+    """What ExpertParallelMoE needs of a strato.nn.MoE (its routing in that mode)."""
     names = ("d_model", "num_experts", "top_k", "capacity_factor", "min_capacity",
              "drop_tokens", "aux_loss_weight", "z_loss_weight", "activation", "stats_key")  # fmt: skip
-    return {name: getattr(layer, name) for name in names}
+    settings = {name: getattr(layer, name) for name in names}
+    if not training:
+        settings["capacity_factor"] = layer.eval_capacity_factor
+    return settings
+
+
+def whole_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """The shape of `param` in the user's model, whether or not it is sharded on this rank."""
+    from .tensor_parallel import GLOBAL_ATTR
+
+    held = getattr(param, GLOBAL_ATTR, None)
+    return tuple(held[0]) if held is not None else tuple(param.shape)
+
+
+def expert_box(shape: tuple[int, ...], first: int, count: int) -> dict[str, Any]:
+    """The layout step (compiler/layout.py) of experts [first, first + count) of a stacked
+    expert weight of whole `shape`."""
+    stops = list(shape)
+    stops[0] = first + count
+    return {"kind": "box", "starts": [first] + [0] * (len(shape) - 1), "stops": stops}
+
+
+def expert_params(records: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Parameter name -> {'experts': [first, count], 'group': 'expert_replicate'} for every
+    expert weight the moe_dispatch pass sharded (empty when experts are whole)."""
+    return dict(records.get("moe_dispatch", {}).get("expert_params", {}))
+
+
+def broadcast_experts(model: nn.Module, records: dict[str, Any], mesh: Any) -> frozenset[str]:
+    """Start the ranks holding the same experts from their first rank's expert weights (as
+    the data-parallel start-up broadcast does for the rest, which must skip the returned
+    names). Call on every rank."""
+    from . import collectives
+
+    names = frozenset(expert_params(records))
+    if names and collectives.world_size() > 1:
+        group = mesh.group("expert_replicate")
+        src = collectives.global_rank(group, 0)
+        with torch.no_grad():
+            for name in sorted(names):
+                collectives.broadcast(model.get_parameter(name).data, src=src, group=group)
+    return names
 
 
 def hf_block_settings(block: nn.Module, path: str) -> dict[str, Any] | None:
@@ -56,7 +106,7 @@ def hf_block_settings(block: nn.Module, path: str) -> dict[str, Any] | None:
         isinstance(weight, torch.Tensor) and weight.dim() == 2
         and isinstance(gate_up, torch.Tensor) and gate_up.dim() == 3
         and isinstance(down, torch.Tensor) and down.dim() == 3
-        and gate_up.shape[0] == down.shape[0] == weight.shape[0]
+        and whole_shape(gate_up)[0] == whole_shape(down)[0] == weight.shape[0]
     )  # fmt: skip
     if not shapes_fit or hasattr(block, "shared_expert") or not hasattr(gate, "top_k"):
         return None
@@ -73,9 +123,9 @@ class ExpertParallelMoE(nn.Module):
     kept (token, choice) to the rank of the expert group holding its expert (all-to-all,
     variable sizes), run this rank's experts as one grouped GEMM, send the results back,
     combine. Called with the layer's input and its three parameters (graph values, so
-    ZeRO-3 gathers them as usual); this rank reads only its experts' slice of the stacked
-    weights, so the other experts' gradients are zero here and the data-parallel
-    reduction sums each expert's gradient from the ranks that hold it."""
+    ZeRO-3 gathers them as usual): the expert weights as this rank holds them (its
+    experts only, as moe_dispatch shards them), or whole stacks, of which it reads its
+    experts' slice."""
 
     def __init__(
         self, settings: dict[str, Any], group: Any, compute_dtype: torch.dtype | None
@@ -110,7 +160,8 @@ class ExpertParallelMoE(nn.Module):
         logits = F.linear(tokens.to(dtype), gate.to(dtype))
         routing = route(logits, s["top_k"], capacity, s.get("normalize"))
         dispatch = sort_by_expert(routing, s["num_experts"])
-        if _is_fake(x):  # compile-time shape propagation: the local computation's shapes
+        if _is_fake(x):  # compile-time shape propagation (the grouped GEMM's shape function
+            # takes this rank's experts or all of them alike)
             out = combine_local(tokens.to(dtype), dispatch, w_in, w_out, s["activation"])
         else:
             out = self._exchange(tokens.to(dtype), dispatch, w_in.to(dtype), w_out.to(dtype))
@@ -133,7 +184,8 @@ class ExpertParallelMoE(nn.Module):
         sent = dispatch.tokens[:kept]
         arrived = collectives.AllToAll.apply(tokens[sent], recv_splits, send_splits, group)
         order = _grouped_by_local_expert(received)
-        experts = slice(self.first_expert, self.first_expert + local)
+        whole = w_in.shape[0] == self.settings["num_experts"] and group.size > 1
+        experts = slice(self.first_expert, self.first_expert + local) if whole else slice(None)
         out = expert_mlp(
             arrived[order], received.sum(dim=0).cumsum(0), w_in[experts], w_out[experts],
             self.settings["activation"],

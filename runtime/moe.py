@@ -494,11 +494,20 @@ HF_STATS = "hf:"
 
 
 def model_stats(model: nn.Module) -> dict[str, dict[str, Any] | None]:
-    """Module path -> `MoE.stats()` for every MoE layer of `model` (engine.stats()["moe"])."""
+    """Module path -> `MoE.stats()` for every MoE layer of `model` (engine.stats()["moe"]),
+    with `expert_weight_bytes`: what this rank holds of the layer's expert weights (1/P of
+    them under ExpertParallel(size=P) over P ranks)."""
     out = {}
     for path, m in model.named_modules():
         if isinstance(m, MoE):
-            out[path] = m.stats()
+            out[path] = _with_bytes(m.stats(), m.w_in, m.w_out)
         elif HF_STATS + path in _stats:  # a Hugging Face block run by ExpertParallelMoE
-            out[path] = layer_stats(HF_STATS + path, int(_stats[HF_STATS + path].numel()) - 3)
+            stats = layer_stats(HF_STATS + path, int(_stats[HF_STATS + path].numel()) - 3)
+            out[path] = _with_bytes(stats, m.experts.gate_up_proj, m.experts.down_proj)
     return out
+
+
+def _with_bytes(stats: dict[str, Any] | None, *weights: torch.Tensor) -> dict[str, Any] | None:
+    if stats is None:
+        return None
+    return {**stats, "expert_weight_bytes": sum(w.numel() * w.element_size() for w in weights)}

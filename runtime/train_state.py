@@ -18,7 +18,7 @@ from typing import Any
 import attrs
 import torch
 
-from ..compiler.layout import TensorLayout, model_layout, state_names
+from ..compiler.layout import TensorLayout, intervals, model_layout, state_names
 from . import collectives
 
 
@@ -78,7 +78,7 @@ def collect_state(
     state = ShardedState({}, {}, metadata={"aliases": dict(aliases)})
     for name, layout in layouts.items():
         tensor = named[name]
-        state.tensors[f"model/{name}"] = _owned_piece(tensor, layout, layout.holds_full)
+        state.tensors[f"model/{name}"] = layout.owned_from_held(tensor.detach())
         state.layouts[f"model/{name}"] = layout
     scalars: dict[str, dict[str, Any]] = {}
     for group in optimizer.param_groups:
@@ -119,6 +119,9 @@ def needed_piece(
         layout = layouts[name.removeprefix("model/")]
         if layout.holds_full:
             return [(0, layout.numel)] if layout.numel else [], layout.shape
+        held = layout.held_steps()
+        if held < len(layout.steps):  # the model keeps an intermediate piece: read it all
+            return intervals(layout.shape, layout.steps[:held]), layout.held_shape()
         return layout.intervals(), layout.local_shape()
     if follows is not None:
         layout = layouts[follows]
@@ -159,7 +162,8 @@ def apply_state(
             if not key.startswith("model/"):
                 continue
             target = named[key.removeprefix("model/")]
-            if state.layouts[key].holds_full:
+            layout = state.layouts[key]
+            if layout.holds_full or layout.held_steps() < len(layout.steps):  # read as held
                 target.data.copy_(value.view(target.shape))
             else:  # a (padded) flat shard: the owned piece, padding left as it is
                 target.data.view(-1)[: value.numel()].copy_(value.reshape(-1))
@@ -205,7 +209,7 @@ def gather_full(
             for name, layout in items:
                 view = flat[offset : offset + layout.numel].view(layout.shape)
                 if layout.writes:
-                    piece = _owned_piece(named[name], layout, layout.holds_full)
+                    piece = layout.owned_from_held(named[name].detach())
                     layout.to_global_(view, piece)
                 offset += layout.numel
             collectives.all_reduce(flat, group=group)

@@ -58,14 +58,11 @@ class Stage3Units:
     # -------------------------------------------------------------- gathering
     def _issue(self, i: int) -> tuple[torch.Tensor, Any]:
         unit = self.units[i]
-        n = self.manager.shards
         send = torch.cat([p.detach().reshape(-1) for p in unit.params])
         if send.device != self.manager.comm_device:
             send = send.to(self.manager.comm_device)
-        out = torch.empty(n * unit.shard_numel, dtype=send.dtype, device=send.device)
-        work = collectives.all_gather_into_tensor(
-            out, send, group=self.manager.shard_group, async_op=True
-        )
+        out = torch.empty(unit.shards * unit.shard_numel, dtype=send.dtype, device=send.device)
+        work = collectives.all_gather_into_tensor(out, send, group=unit.shard_group, async_op=True)
         return out, work
 
     def _gather(self, i: int, order: list[int]) -> list[torch.Tensor]:
@@ -78,7 +75,7 @@ class Stage3Units:
                     self.in_flight[j] = self._issue(j)
         work.wait()
         unit = self.units[i]
-        rows = out.view(self.manager.shards, unit.shard_numel)
+        rows = out.view(unit.shards, unit.shard_numel)
         fulls = []
         for numel, shape, offset, shard in zip(
             unit.numels, unit.shapes, unit.offsets, unit.shard_numels

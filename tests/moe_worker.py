@@ -72,12 +72,10 @@ def scenario_layer(rank: int, world: int, spec: dict, out_dir: Path) -> dict:
             "state": {n: p.detach().clone() for n, p in layer.named_parameters()}}  # fmt: skip
 
 
-def scenario_train(rank: int, world: int, spec: dict, out_dir: Path) -> dict:
-    """Train the MoE GPT under spec's strategy; losses, final weights, stats, graph."""
+def train_strategy(spec: dict):
     import strato
 
-    model = moe_gpt(**spec.get("layer", {}))
-    strategy = strato.Strategy(
+    return strato.Strategy(
         optimizer=strato.SGD(lr=0.1, momentum=0.0)
         if spec.get("optimizer") == "sgd"
         else strato.AdamW(lr=1e-3),
@@ -85,11 +83,25 @@ def scenario_train(rank: int, world: int, spec: dict, out_dir: Path) -> dict:
         precision=spec.get("precision", "fp32"),
         moe=strato.ExpertParallel(size=spec["expert_size"]),
     )
+
+
+def scenario_train(rank: int, world: int, spec: dict, out_dir: Path) -> dict:
+    """Train the MoE GPT under spec's strategy (from spec['load'], a checkpoint folder, if
+    given); losses, final weights, stats, graph, what this rank holds."""
+    import strato
+
+    model = moe_gpt(seed=spec.get("seed", 0), **spec.get("layer", {}))
+    strategy = train_strategy(spec)
     engine = strato.compile(model, strategy, example_inputs=local_batch(0, rank, world))
+    loaded = None
+    if spec.get("load"):
+        engine.load_checkpoint(spec["load"])
+        loaded = engine.full_state_dict()
     losses = [engine.train_step(*local_batch(step, rank, world)) for step in range(spec["steps"])]
     full = engine.full_state_dict()
     result = {"losses": losses, "full": full, "stats": engine.stats(), "mesh": str(engine.mesh),
-              "record": engine.context.records.get("moe_dispatch"),
+              "record": engine.context.records.get("moe_dispatch"), "loaded": loaded,
+              "shapes": {n: tuple(p.shape) for n, p in model.named_parameters()},
               "graph": engine.graph.print_readable(print_output=False) if rank == 0 else ""}  # fmt: skip
     masters = getattr(engine.manager, "masters", {})  # ZeRO: this rank's optimizer tensors
     state = getattr(engine.manager, "optimizer", None)
@@ -99,9 +111,23 @@ def scenario_train(rank: int, world: int, spec: dict, out_dir: Path) -> dict:
         if state is not None and "exp_avg" in state.state.get(m, {})
     }
     if spec.get("checkpoint"):
-        engine.save_checkpoint(out_dir / "ckpt")
+        engine.save_checkpoint(spec.get("save", out_dir / "ckpt"))
         engine.wait_for_checkpoint()
     return result
+
+
+def scenario_mismatch(rank: int, world: int, spec: dict, out_dir: Path) -> dict:
+    """Rank 1 builds its MoE layers with top_k=1, rank 0 with top_k=2 (same parameters):
+    compiling must fail on both with the MoE layer named, not hang in an all-to-all."""
+    import strato
+    from strato.runtime.collective_schedule import CollectiveMismatchError
+
+    model = moe_gpt(top_k=2 - rank)
+    try:
+        strato.compile(model, train_strategy(spec), example_inputs=local_batch(0, rank, world))
+    except CollectiveMismatchError as error:
+        return {"error": str(error)}
+    return {"error": None}
 
 
 def tiny_mixtral(seed: int = 0):
@@ -136,7 +162,8 @@ def scenario_mixtral(rank: int, world: int, spec: dict, out_dir: Path) -> dict:
             "record": engine.context.records.get("moe_dispatch")}  # fmt: skip
 
 
-SCENARIOS = {"layer": scenario_layer, "train": scenario_train, "mixtral": scenario_mixtral}
+SCENARIOS = {"layer": scenario_layer, "train": scenario_train, "mixtral": scenario_mixtral,
+             "mismatch": scenario_mismatch}  # fmt: skip
 
 
 def run(rank: int, world: int, port: int, spec: dict, out_dir: str) -> None:

@@ -91,13 +91,35 @@ def check_parity(results: list[dict], steps: int, tol: float = TOL) -> None:
             torch.testing.assert_close(r["full"][name], want, atol=tol, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("zero", [0, 3])
+EXPERT_WEIGHTS = (
+    "blocks.0.mlp.w_in",
+    "blocks.0.mlp.w_out",
+    "blocks.1.mlp.w_in",
+    "blocks.1.mlp.w_out",
+)
+WHOLE_NUMEL = 4 * 16 * 24  # 4 experts x d_model x d_ff
+
+
+def check_experts_sharded(results: list[dict]) -> None:
+    """Each of the 2 ranks holds half the experts of every expert weight (its own half)."""
+    for rank, r in enumerate(results):
+        for name in EXPERT_WEIGHTS:
+            assert math.prod(r["shapes"][name]) == WHOLE_NUMEL // 2, (name, r["shapes"][name])
+        first = 2 * r["record"]["expert_group"].index(rank)
+        assert r["record"]["expert_params"]["blocks.0.mlp.w_in"]["experts"] == [first, 2]
+        stats = r["stats"]["moe"]["blocks.0.mlp"]
+        assert stats["expert_weight_bytes"] == 2 * WHOLE_NUMEL // 2 * 4
+
+
+@pytest.mark.parametrize("zero", [0, 1, 3])
 def test_expert_parallel_training_matches_eager(tmp_path, zero):
-    """EP=2 under data parallelism and under ZeRO-3 (which DeepSpeed refuses with MoE)."""
+    """EP=2 under data parallelism, ZeRO-1 and ZeRO-3 (which DeepSpeed refuses with MoE),
+    each rank storing only its experts."""
     spec = {"kind": "train", "expert_size": 2, "zero": zero, "optimizer": "sgd", "steps": 3,
             "checkpoint": zero == 3}  # fmt: skip
     results = launch(spec, tmp_path)
     check_parity(results, 3)
+    check_experts_sharded(results)
     record = results[0]["record"]
     assert record["rewritten"] and record["expert_group"] == [0, 1]
     assert "moe_dispatch_blocks_0_mlp" in results[0]["graph"]
@@ -123,14 +145,14 @@ def test_expert_parallel_zero2_partitions_expert_optimizer_state(tmp_path):
     optimizer holds its half of every expert weight's moments."""
     spec = {"kind": "train", "expert_size": 2, "zero": 2, "optimizer": "adamw", "steps": 2}
     results = launch(spec, tmp_path)
-    numel = 4 * 16 * 24  # w_in of one layer: 4 experts x d_model x d_ff
     for r in results:
         assert all(math.isfinite(loss) for loss in r["losses"])
         assert r["stats"]["model_state_bytes"] > 0
-    for r in results:  # each rank's Adam moments cover half of every expert weight
+    for r in results:  # each rank's Adam moments cover its half of every expert weight
         for name in ("blocks.0.mlp.w_in", "blocks.1.mlp.w_out"):
-            assert r["moments"][name] == numel // 2, name
+            assert r["moments"][name] == WHOLE_NUMEL // 2, name
     assert sum(r["moments"]["blocks.0.mlp.gate"] for r in results) == 4 * 16
+    check_experts_sharded(results)
 
 
 def test_expert_parallel_bf16_trains(tmp_path):
@@ -164,3 +186,65 @@ def test_hugging_face_mixtral_expert_parallel_matches_eager(tmp_path):
         torch.testing.assert_close(results[0]["full"][name], want, atol=TOL, rtol=0, msg=name)
     stats = results[0]["stats"]["moe"]["model.layers.0.mlp"]
     assert sum(stats["tokens_per_expert"]) == 2 * 2 * 6  # top-2 of this rank's 12 tokens
+
+
+def test_expert_parallel_checkpoints_reshard(tmp_path):
+    """One process -> EP=2 (ZeRO-2) -> EP=1 on 2 data-parallel ranks (ZeRO-1) and -> one
+    process: the weights arrive bit-exact every time, and the expert shards are the right
+    halves (AdamW, so optimizer moments reshard too)."""
+    import strato
+
+    model = moe_worker.moe_gpt(seed=3)
+    engine = strato.compile(model, moe_worker.train_strategy({"expert_size": 1}),
+                            example_inputs=moe_worker.local_batch(0, 0, 1))  # fmt: skip
+    engine.train_step(*moe_worker.local_batch(0, 0, 1))
+    engine.save_checkpoint(tmp_path / "one")
+    engine.wait_for_checkpoint()
+    saved = engine.full_state_dict()
+
+    spec = {"kind": "train", "expert_size": 2, "zero": 2, "steps": 1, "seed": 7,
+            "load": str(tmp_path / "one"), "checkpoint": True, "save": str(tmp_path / "ep2")}  # fmt: skip
+    ep2 = launch(spec, tmp_path / "a")
+    check_experts_sharded(ep2)
+    for r in ep2:
+        for name, want in saved.items():
+            torch.testing.assert_close(r["loaded"][name], want, atol=0, rtol=0, msg=name)
+    trained = ep2[0]["full"]
+    torch.testing.assert_close(ep2[1]["full"], trained, atol=0, rtol=0)
+
+    spec = {"kind": "train", "expert_size": 1, "zero": 1, "steps": 0, "seed": 9,
+            "load": str(tmp_path / "ep2")}  # fmt: skip
+    for r in launch(spec, tmp_path / "b"):
+        assert math.prod(r["shapes"]["blocks.0.mlp.w_in"]) == WHOLE_NUMEL  # whole again
+        for name, want in trained.items():
+            torch.testing.assert_close(r["loaded"][name], want, atol=0, rtol=0, msg=name)
+
+    engine = strato.compile(moe_worker.moe_gpt(seed=11), moe_worker.train_strategy({"expert_size": 1}),
+                            example_inputs=moe_worker.local_batch(0, 0, 1))  # fmt: skip
+    engine.load_checkpoint(tmp_path / "ep2")
+    for name, want in trained.items():
+        torch.testing.assert_close(engine.full_state_dict()[name], want, atol=0, rtol=0, msg=name)
+
+
+def test_expert_parallel_checkpoint_to_another_expert_size(tmp_path):
+    """EP=2 on 2 ranks -> EP=4 on 4 ranks (one expert each): bit-exact weights."""
+    spec = {"kind": "train", "expert_size": 2, "zero": 0, "steps": 1, "checkpoint": True,
+            "save": str(tmp_path / "ep2")}  # fmt: skip
+    trained = launch(spec, tmp_path / "a")[0]["full"]
+    spec = {"kind": "train", "expert_size": 4, "zero": 0, "steps": 0, "seed": 5,
+            "load": str(tmp_path / "ep2")}  # fmt: skip
+    results = multirank.launch(moe_worker.run, spec, 4, tmp_path / "b", 600)
+    for rank, r in enumerate(results):
+        assert math.prod(r["shapes"]["blocks.1.mlp.w_out"]) == WHOLE_NUMEL // 4
+        assert r["record"]["expert_params"]["blocks.1.mlp.w_out"]["experts"] == [rank, 1]
+        for name, want in trained.items():
+            torch.testing.assert_close(r["loaded"][name], want, atol=0, rtol=0, msg=name)
+
+
+def test_ranks_with_different_moe_layers_fail_by_name(tmp_path):
+    """Rank 1's layers route top-1, rank 0's top-2 (same parameters, so only the MoE part
+    of the ranks-agree digest differs): both ranks fail naming the layer, no hang."""
+    results = launch({"kind": "mismatch", "expert_size": 2, "zero": 0}, tmp_path, timeout=180)
+    for r in results:
+        assert r["error"] is not None
+        assert "moe_layer blocks.0.mlp" in r["error"] and '"top_k": 1' in r["error"]
