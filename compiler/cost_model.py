@@ -129,7 +129,11 @@ def saved_activation_bytes(
     if record and record.get("regions"):
         notes.append(f"recompute: {record['reason']}")
         for region in record["regions"]:
-            how = f"recomputes {region['recompute_flops']:,d} FLOPs in backward"
+            how = (
+                f"recomputes {region['recompute_flops']:,d} FLOPs in backward "
+                f"(~{region.get('recompute_seconds', 0.0) * 1e3:.1f} ms estimated)"
+                + (f", {region['how']}" if region.get("how") else "")
+            )
             if region.get("grad_in_forward") and region["policy"] != "none":
                 how = "runs its backward in forward (ends in the loss): keeps input gradients"
             notes.append(

@@ -304,14 +304,20 @@ def set_policies(gm: fx.GraphModule, policies: dict[str, str]) -> None:
             }
 
 
+POLICY_ORDER = ("none", "selective", "full")
+
+
 def plan_budget(gm: fx.GraphModule, ctx: CompileContext, paths: list[str], limit: int):
-    """Cheapest per-region policies (recompute FLOPs) whose measured kept bytes fit `limit`."""
+    """The plan (a policy per region) with the least estimated recompute time whose measured
+    kept bytes fit `limit`. Candidates: the uniform plans (every region none, selective or
+    full) and the mixes met upgrading regions in order of recompute time per byte saved,
+    from all-none and from all-selective; each is ranked by the cost model
+    (`Kept.recompute_seconds`: FLOPs of matmuls, bytes of memory-bound ops, a per-op term)."""
     eager = {m.path for m in gm.modules() if isinstance(m, RecomputeRegion) and m.grad_in_forward}
     per_policy = {}
-    for policy in ("none", "selective", "full"):
+    for policy in POLICY_ORDER:
         set_policies(gm, dict.fromkeys(paths, policy))
         per_policy[policy] = measure_graph(gm, ctx)
-    plan = dict.fromkeys(paths, "none")
     minimum = per_policy["full"].total
     if minimum > limit:
         raise StrategyError(
@@ -320,34 +326,65 @@ def plan_budget(gm: fx.GraphModule, ctx: CompileContext, paths: list[str], limit
             f"{minimum:,d} B for backward. Give a budget of at least {minimum:,d} B, or add "
             "regions to Budget.modules."
         )
-    steps = []  # (FLOPs recomputed per byte saved, region, policy) upgrades, cheapest first
-    for path in paths:
-        kept = {p: per_policy[p].by_region.get(path, 0) for p in per_policy}
-        flops = {p: per_policy["none"].flops(path, p) for p in ("none", "selective", "full")}
-        if path in eager:  # backward moved into forward: nothing recomputed
-            flops = dict.fromkeys(flops, 0)
-        for lower, upper in (("none", "selective"), ("selective", "full"), ("none", "full")):
-            saved = kept[lower] - kept[upper]
-            if saved > 0:
-                steps.append(((flops[upper] - flops[lower]) / saved, path, lower, upper))
-    steps.sort()
-    measured = per_policy["none"]
-    while True:
-        set_policies(gm, plan)
-        measured = measure_graph(gm, ctx)
-        if measured.total <= limit:
-            break
-        step = next((s for s in steps if plan[s[1]] == s[2]), None)
-        if step is None:  # nothing cheaper left: everything full fits (checked above)
-            plan = dict.fromkeys(paths, "full")
+    kept = {r: {p: per_policy[p].by_region.get(r, 0) for p in POLICY_ORDER} for r in paths}
+    cost = {
+        r: {p: 0.0 if r in eager else per_policy["none"].recompute_seconds(r, p) for p in kept[r]}
+        for r in paths
+    }
+    outside = max(m.total - sum(m.by_region.get(r, 0) for r in paths) for m in per_policy.values())
+
+    def predicted(plan: dict[str, str]) -> tuple[float, int]:
+        return sum(cost[r][plan[r]] for r in paths), outside + sum(kept[r][plan[r]] for r in paths)
+
+    candidates = {f"all {p}": dict.fromkeys(paths, p) for p in POLICY_ORDER}
+    seen = {tuple(plan.values()) for plan in candidates.values()}
+    for start in ("none", "selective"):
+        plan = dict.fromkeys(paths, start)
+        upgrades = []  # (seconds per byte saved, region, from, to), cheapest first
+        for r in paths:
+            for low, high in (("none", "selective"), ("selective", "full"), ("none", "full")):
+                saved = kept[r][low] - kept[r][high]
+                if saved > 0 and POLICY_ORDER.index(low) >= POLICY_ORDER.index(start):
+                    upgrades.append(((cost[r][high] - cost[r][low]) / saved, r, low, high))
+        for _, r, low, high in sorted(upgrades):
+            if plan[r] == low:
+                plan = {**plan, r: high}
+                if tuple(plan.values()) not in seen:
+                    seen.add(tuple(plan.values()))
+                    candidates[_plan_name(plan, paths)] = plan
+    ranked = sorted(candidates.items(), key=lambda kv: predicted(kv[1]))
+    tried, chosen = [], candidates["all full"]
+    for name, plan in ranked:  # 'all full' fits (checked above): the loop ends there at last
+        seconds, estimate = predicted(plan)
+        if estimate > limit and name != "all full":
             continue
-        plan[step[1]] = step[3]
-    reason = (
-        f"none keeps {per_policy['none'].total:,d} B, selective {per_policy['selective'].total:,d} "
-        f"B, full {per_policy['full'].total:,d} B; recomputing the regions with the fewest FLOPs "
-        f"per byte saved first, the plan keeps {measured.total:,d} B <= {limit:,d} B"
+        set_policies(gm, plan)
+        measured = measure_graph(gm, ctx).total
+        tried.append(f"{name} ({measured:,d} B, ~{seconds * 1e3:.1f} ms)")
+        if measured <= limit:
+            chosen = plan
+            break
+    uniform = ", ".join(
+        f"{p} keeps {per_policy[p].total:,d} B and recomputes in "
+        f"~{predicted(candidates['all ' + p])[0] * 1e3:.1f} ms"
+        for p in POLICY_ORDER
     )
-    return plan, reason, {p: m.total for p, m in per_policy.items()}
+    reason = (
+        f"{uniform}; of {len(candidates)} candidate plans (the uniform ones and mixes), the "
+        f"cheapest estimated recompute whose bytes fit {limit:,d} B is {tried[-1]}"
+        + (f" (also measured, over the budget: {', '.join(tried[:-1])})" if len(tried) > 1 else "")
+    )
+    return chosen, reason, {p: m.total for p, m in per_policy.items()}
+
+
+def _plan_name(plan: dict[str, str], paths: list[str]) -> str:
+    """'selective: blocks.0, blocks.1; full: <tail>' (regions under none left out)."""
+    parts = []
+    for policy in POLICY_ORDER[1:]:
+        named = [r for r in paths if plan[r] == policy]
+        if named:
+            parts.append(f"{policy}: {', '.join(named)}")
+    return "; ".join(parts) or "all none"
 
 
 @graph_pass(
@@ -396,6 +433,10 @@ def recompute_activations(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMo
             kept_bytes=measured.by_region.get(path, 0),
             kept_bytes_without=unplanned.by_region.get(path, 0),
             recompute_flops=0 if entry["grad_in_forward"] else unplanned.flops(path, plan[path]),
+            recompute_seconds=0.0
+            if entry["grad_in_forward"]
+            else unplanned.recompute_seconds(path, plan[path]),
+            how=gm.get_submodule(entry["submodule"]).replay_note(),
         )
     ctx.record(
         "recompute",

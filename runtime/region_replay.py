@@ -16,6 +16,7 @@ torch.utils.checkpoint, as `saved_tensors.run_region` does.
 from __future__ import annotations
 
 import contextlib
+import operator
 
 import attrs
 import torch
@@ -93,6 +94,83 @@ def _reuse_addmm(out, c, a, b, *, beta=1, alpha=1):
     return _ReuseAddmm.apply(out, c, a, b, beta, alpha)
 
 
+class _ReuseAttention(torch.autograd.Function):
+    """Fused attention (CPU flash kernel) whose output and log-sum-exp were kept."""
+
+    @staticmethod
+    def forward(ctx, out, logsumexp, q, k, v, attn_mask, is_causal, scale):
+        ctx.save_for_backward(q, k, v, out, logsumexp, attn_mask)
+        ctx.is_causal, ctx.scale = is_causal, scale
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, out, logsumexp, attn_mask = ctx.saved_tensors
+        gq, gk, gv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            grad.contiguous(),
+            q,
+            k,
+            v,
+            out,
+            logsumexp,
+            0.0,
+            ctx.is_causal,
+            attn_mask=_additive(attn_mask, q.dtype),
+            scale=ctx.scale,
+        )
+        return None, None, gq, gk, gv, None, None, None
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """A boolean mask (True: attend) as the additive mask the flash kernel takes."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+        ~mask, float("-inf")
+    )
+
+
+def _attention_keeping_stats(q, k, v, attn_mask=None, is_causal=False, scale=None):
+    """scaled_dot_product_attention as the CPU flash kernel: (output, log-sum-exp)."""
+    return aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, is_causal, attn_mask=_additive(attn_mask, q.dtype), scale=scale
+    )
+
+
+def _reuse_attention(out, logsumexp, q, k, v, attn_mask=None, is_causal=False, scale=None):
+    if attn_mask is not None and attn_mask.requires_grad:  # the flash backward has no mask grad
+        return aten.scaled_dot_product_attention(q, k, v, attn_mask, 0.0, is_causal, scale=scale)
+    return _ReuseAttention.apply(out, logsumexp, q, k, v, attn_mask, is_causal, scale)
+
+
+def _attention_args(node: fx.Node) -> dict | None:
+    """The arguments of an SDPA node the CPU flash kernel runs exactly as SDPA does (no
+    dropout, no grouped-query broadcast, a boolean mask or one of the query's dtype)."""
+    from torch.fx.operator_schemas import normalize_function
+
+    found = normalize_function(
+        node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True
+    )
+    if found is None:
+        return None
+    kwargs = dict(found.kwargs)
+    q, mask = _val(kwargs.get("query")), kwargs.get("attn_mask")
+    if q is None or q.device.type != "cpu" or q.dim() != 4 or kwargs.pop("enable_gqa", False):
+        return None
+    if kwargs.pop("dropout_p", 0.0) != 0.0:
+        return None
+    if mask is not None and (_val(mask) is None or _val(mask).dtype not in (q.dtype, torch.bool)):
+        return None
+    return {
+        "q": kwargs["query"],
+        "k": kwargs["key"],
+        "v": kwargs["value"],
+        "attn_mask": mask,
+        "is_causal": kwargs.get("is_causal", False),
+        "scale": kwargs.get("scale"),
+    }
+
+
 _REUSE = {
     aten.linear.default: _reuse_linear,
     aten.mm.default: _reuse_matmul,
@@ -101,8 +179,10 @@ _REUSE = {
 }
 """Kept ops with a replay formula: the node's target -> its stand-in in the replay graph."""
 
+_ATTENTION = aten.scaled_dot_product_attention.default
+
 KEPT_WITHOUT_FORMULA = {
-    aten.scaled_dot_product_attention.default,
+    _ATTENTION,
     aten._scaled_dot_product_flash_attention.default,
     aten._scaled_dot_product_efficient_attention.default,
     aten._scaled_dot_product_flash_attention_for_cpu.default,
@@ -112,8 +192,9 @@ KEPT_WITHOUT_FORMULA = {
     aten.conv2d.default,
     aten.conv3d.default,
 }
-"""Ops selective keeps that have no formula here: a region with one runs under torch's
-selective-checkpoint contexts instead (they keep the op's output and its attention stats)."""
+"""Ops selective keeps without a formula of their own here (SDPA has one where the CPU
+flash kernel runs it, `_attention_args`): a region with one runs under torch's
+selective-checkpoint contexts instead (they keep the op's output and attention stats)."""
 
 
 def _val(node) -> torch.Tensor | None:
@@ -163,10 +244,11 @@ def replay_program(body: fx.GraphModule, policy: str) -> tuple[ReplayProgram | N
     if any(_val(o) is None for o in out_node.args[0]):
         return None, "an output is not a tensor"
     kept = [n for n in nodes if kept_by_selective(n)] if policy == "selective" else []
+    attention = {n: _attention_args(n) for n in kept if n.target is _ATTENTION}
     for node in kept:
-        if node.target not in _REUSE:
+        if node.target not in _REUSE and attention.get(node) is None:
             return None, f"{node.name} ({node.target}) has no replay formula"
-    forward = fx.GraphModule(body, _with_outputs(body.graph, kept))
+    forward = fx.GraphModule(body, _forward_graph(body.graph, kept, attention))
     replay_graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for node in body.graph.nodes:
@@ -174,33 +256,46 @@ def replay_program(body: fx.GraphModule, policy: str) -> tuple[ReplayProgram | N
             env[node] = replay_graph.node_copy(node)
     stand_ins = {}
     for node in kept:
-        stand_ins[node] = replay_graph.placeholder(f"kept_{node.name}")
-        stand_ins[node].meta = dict(node.meta)
+        names = ("out", "logsumexp") if node in attention else ("out",)
+        stand_ins[node] = [replay_graph.placeholder(f"kept_{node.name}_{n}") for n in names]
     for node in body.graph.nodes:
         if node.op == "placeholder":
             continue
-        if node in stand_ins:
-            args = (stand_ins[node], *fx.map_arg(node.args, lambda a: env[a]))
+        if node in attention:
+            kwargs = fx.map_arg(attention[node], lambda a: env[a])
+            env[node] = replay_graph.call_function(_reuse_attention, (*stand_ins[node],), kwargs)
+        elif node in stand_ins:
+            args = (*stand_ins[node], *fx.map_arg(node.args, lambda a: env[a]))
             kwargs = fx.map_arg(node.kwargs, lambda a: env[a])
             env[node] = replay_graph.call_function(_REUSE[node.target], args, kwargs)
-            env[node].meta = dict(node.meta)
         else:
             env[node] = replay_graph.node_copy(node, lambda a: env[a])
+        env[node].meta = dict(node.meta)
     replay = fx.GraphModule(body, replay_graph)
     program = ReplayProgram(forward, replay, len(out_node.args[0]), any(map(_random, nodes)))
     return program, ""
 
 
-def _with_outputs(graph: fx.Graph, extra: list[fx.Node]) -> fx.Graph:
-    """A copy of `graph` that also returns the nodes `extra`."""
+def _forward_graph(graph: fx.Graph, kept: list[fx.Node], attention: dict) -> fx.Graph:
+    """A copy of `graph` that also returns the kept nodes' outputs (attention: its output
+    and log-sum-exp, from the CPU flash kernel)."""
     copy = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
+    extra: list[fx.Node] = []
     for node in graph.nodes:
         if node.op == "output":
-            outputs = tuple(env[o] for o in node.args[0]) + tuple(env[n] for n in extra)
-            copy.output(outputs)
+            copy.output(tuple(env[o] for o in node.args[0]) + tuple(extra))
+        elif node in attention:
+            pair = copy.call_function(
+                _attention_keeping_stats, (), fx.map_arg(attention[node], lambda a: env[a])
+            )
+            env[node] = copy.call_function(operator.getitem, (pair, 0))
+            env[node].meta = dict(node.meta)
+            extra += [env[node], copy.call_function(operator.getitem, (pair, 1))]
         else:
             env[node] = copy.node_copy(node, lambda a: env[a])
+            if node in kept:
+                extra.append(env[node])
     return copy
 
 

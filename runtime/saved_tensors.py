@@ -215,52 +215,106 @@ def _numel(t: torch.Tensor) -> int:
         return 0
 
 
+MATMUL_FLOPS_PER_S = 5e10
+"""Throughput of the ops selective keeps (matmuls, attention), one CPU thread (AVX2 fp32
+mm measured 53 GFLOP/s). With the two below it ranks recompute plans; only ratios matter."""
+BYTES_PER_S = 8e9
+"""Bytes other ops read and write per second (elementwise, norms, softmax: 5-34 GB/s here)."""
+SECONDS_PER_OP = 8e-6
+"""Overhead of one recomputed ATen op: dispatch in the replay and its autograd record."""
+
+
+@attrs.frozen
+class OpCost:
+    """What one class of a region's ops costs to run once: FLOPs, bytes touched, calls."""
+
+    flops: int = 0
+    bytes: int = 0
+    ops: int = 0
+
+    def __add__(self, other: OpCost) -> OpCost:
+        return OpCost(self.flops + other.flops, self.bytes + other.bytes, self.ops + other.ops)
+
+    def seconds(self, matmul: bool) -> float:
+        """Run time: FLOPs at matmul speed for kept ops, bytes at memory speed for the rest."""
+        work = self.flops / MATMUL_FLOPS_PER_S if matmul else self.bytes / BYTES_PER_S
+        return work + self.ops * SECONDS_PER_OP
+
+
+def _storage_bytes(tensors) -> int:
+    return sum(
+        t.untyped_storage().nbytes()
+        for t in tensors
+        if isinstance(t, torch.Tensor) and t.layout == torch.strided
+    )
+
+
 class _CreatedStorages(TorchDispatchMode):
     """Weak references to the storages ATen ops create, with their bytes and region, and the
-    FLOPs each region spends on ops selective recomputation keeps and on the rest."""
+    cost (`OpCost`) of each region's ops selective recomputation keeps and of the rest."""
 
     def __init__(self) -> None:
         super().__init__()
         self.created: dict[int, tuple[StorageWeakRef, int, str]] = {}
-        self.flops: dict[tuple[str, bool], int] = {}
+        self.costs: dict[tuple[str, bool], OpCost] = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         region = _current_region[-1] if _current_region else ""
-        if region:
-            key = (region, func in SAVED_BY_SELECTIVE)
-            self.flops[key] = self.flops.get(key, 0) + op_flops(func, args, kwargs, out)
         # Views and in-place results live in an input's storage: created before (or never).
-        inputs = {
-            t.untyped_storage()._cdata
+        ins = [
+            t
             for t in torch.utils._pytree.tree_leaves((args, kwargs))
-            if isinstance(t, torch.Tensor) and t.layout == torch.strided
-        }
+            if isinstance(t, torch.Tensor)
+        ]
+        inputs = {t.untyped_storage()._cdata for t in ins if t.layout == torch.strided}
+        made = []
         for t in torch.utils._pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.layout == torch.strided:
                 storage = t.untyped_storage()
                 if storage._cdata not in inputs:
+                    made.append(t)
                     ref = StorageWeakRef(storage)
                     self.created.setdefault(ref.cdata, (ref, storage.nbytes(), region))
+        if region:
+            key = (region, func in SAVED_BY_SELECTIVE)
+            moved = _storage_bytes(ins) + _storage_bytes(made) if made else 0  # views: none
+            cost = OpCost(op_flops(func, args, kwargs, out), moved, 1)
+            self.costs[key] = self.costs.get(key, OpCost()) + cost
         return out
 
 
 @attrs.frozen
 class Kept:
-    """What a forward leaves alive for backward: bytes overall and by region, FLOPs by region."""
+    """What a forward leaves alive for backward: bytes overall and by region, op costs by region."""
 
     total: int
     by_region: dict[str, int]
     """Region module path -> bytes of kept storages created inside it ('' : outside any)."""
-    region_flops: dict[tuple[str, bool], int]
-    """(region, op kept by selective) -> forward FLOPs."""
+    region_costs: dict[tuple[str, bool], OpCost]
+    """(region, op kept by selective) -> what the region's forward ops of that class cost."""
+
+    def recomputed(self, region: str, policy: str) -> OpCost:
+        """Ops backward runs again for `region` under `policy` (from a policy-none run):
+        'full' all, 'selective' those it does not keep, 'none' nothing."""
+        cheap = self.region_costs.get((region, False), OpCost())
+        if policy == "full":
+            return cheap + self.region_costs.get((region, True), OpCost())
+        return cheap if policy == "selective" else OpCost()
 
     def flops(self, region: str, policy: str) -> int:
-        """FLOPs backward spends recomputing `region` under `policy` (from a policy-none run)."""
-        cheap = self.region_flops.get((region, False), 0)
+        """FLOPs backward spends recomputing `region` under `policy`."""
+        return self.recomputed(region, policy).flops
+
+    def recompute_seconds(self, region: str, policy: str) -> float:
+        """Estimated time backward spends recomputing `region` under `policy`."""
+        if policy == "none":
+            return 0.0
+        kept = self.region_costs.get((region, True), OpCost())
+        seconds = self.region_costs.get((region, False), OpCost()).seconds(matmul=False)
         if policy == "full":
-            return cheap + self.region_flops.get((region, True), 0)
-        return cheap if policy == "selective" else 0
+            return seconds + kept.seconds(matmul=True)
+        return seconds + kept.ops * SECONDS_PER_OP  # each kept output's stand-in in the replay
 
 
 def kept_bytes(forward: Callable[[], Any], keep: Callable[[Any], Any] = lambda out: out) -> Kept:
@@ -282,7 +336,7 @@ def kept_bytes(forward: Callable[[], Any], keep: Callable[[Any], Any] = lambda o
         if key not in own and not ref.expired():
             by_region[region] = by_region.get(region, 0) + nbytes
     del kept
-    return Kept(sum(by_region.values()), by_region, dict(mode.flops))
+    return Kept(sum(by_region.values()), by_region, dict(mode.costs))
 
 
 class _FakeRun(fx.Interpreter):
