@@ -374,7 +374,11 @@ def plan_budget(gm: fx.GraphModule, ctx: CompileContext, paths: list[str], limit
         f"cheapest estimated recompute whose bytes fit {limit:,d} B is {tried[-1]}"
         + (f" (also measured, over the budget: {', '.join(tried[:-1])})" if len(tried) > 1 else "")
     )
-    return chosen, reason, {p: m.total for p, m in per_policy.items()}
+    ranking = [
+        {"plan": name, "seconds": predicted(plan)[0], "bytes": predicted(plan)[1]}
+        for name, plan in ranked
+    ]
+    return chosen, reason, {p: m.total for p, m in per_policy.items()}, ranking
 
 
 def _plan_name(plan: dict[str, str], paths: list[str]) -> str:
@@ -417,11 +421,11 @@ def recompute_activations(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMo
     fp16 = ctx.strategy.precision == "fp16"
     entries = outline_regions(gm, paths, dict.fromkeys(paths, policy), offload, not fp16)
     if isinstance(config, Budget):
-        plan, reason, totals = plan_budget(gm, ctx, paths, config.limit)
+        plan, reason, totals, candidates = plan_budget(gm, ctx, paths, config.limit)
         set_policies(gm, plan)
     else:
         plan = dict.fromkeys(paths, policy)
-        reason, totals = f"Strategy.recompute policy {policy!r} on every region", {}
+        reason, totals, candidates = f"Strategy.recompute policy {policy!r} on every region", {}, []
         if ctx.strategy.recompute is None:
             reason = "the model's own torch.utils.checkpoint regions, recomputed fully"
     measured = measure_graph(gm, ctx)
@@ -445,6 +449,8 @@ def recompute_activations(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphMo
         reason=reason,
         kept_bytes=measured.total,
         kept_bytes_by_policy=totals,
+        # Budget: every candidate plan, cheapest estimated recompute first (bytes predicted).
+        candidates=candidates,
         budget=config.limit if isinstance(config, Budget) else None,
         model_regions=own,
         left_out=left_out,
