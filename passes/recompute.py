@@ -8,9 +8,10 @@ Regions are module boundaries (`nn_module_stack`): by default every numbered lay
 (`blocks.3`), else the modules `Strategy.recompute.modules` names by glob (outermost match
 wins). Each contiguous run of a region's nodes becomes one `RecomputeRegion` submodule
 (`recompute_blocks_3`, a `call_module` node whose `meta['strato_recompute']` says region
-and policy), which runs its body through `runtime.saved_tensors.run_region`. A `Budget`
-measures every region's kept bytes and recompute FLOPs on fake tensors under each policy
-and picks the cheapest plan that fits (`plan_budget`). Everything goes to
+and policy), which runs its body under the policy (`runtime.saved_tensors`: replayed from
+its graph, `runtime.region_replay`). A `Budget` measures every region's kept bytes and ops
+on fake tensors under each policy and picks, among the uniform plans and mixes, the one
+with the least estimated recompute time that fits (`plan_budget`). Everything goes to
 `ctx.records['recompute']`, which `explain()` prints.
 """
 

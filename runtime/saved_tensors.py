@@ -1,10 +1,12 @@
 """The saved-tensor policy: what autograd keeps for backward inside recompute regions.
 
-One place decides it for every region the recompute pass outlined: `run_region` runs a
-region under torch.utils.checkpoint (non-reentrant; RNG state preserved, so dropout
-replays the same mask) with the region's policy: 'full' keeps only the inputs, 'selective'
-also keeps the outputs of matmul/attention ops (torch's selective-checkpoint contexts),
-and `offload` moves what is kept to host memory (torch.autograd.graph.save_on_cpu).
+One place decides it for every region the recompute pass outlined. `RecomputeRegion` runs
+'full' and 'selective' from the region's graph (`region_replay.Replayed`: the forward runs
+without autograd and keeps the region's inputs and, under 'selective', its matmul/attention
+outputs; backward replays the rest with the same RNG state, so dropout replays the same
+mask). Regions the replay cannot take (in-place ops, a kept op without a formula) run
+under torch.utils.checkpoint (`run_region`: non-reentrant, RNG preserved; 'selective' with
+torch's selective-checkpoint contexts). `offload` moves what is kept to host memory.
 
 `kept_bytes` measures what a forward leaves alive for backward: every storage an ATen op
 created during the forward and still alive after it (autograd's saved tensors, the inputs
