@@ -2,8 +2,11 @@
 twice as wide: each token runs two experts), both compiled, one process; the experts as
 one grouped GEMM vs a per-expert loop (the layer alone, eager forward + backward); and
 expert parallelism EP=2 vs EP=1 (every rank all experts, plain data parallelism) on 2
-gloo processes, same per-rank batch. Tokens/s are medians over the timed steps (all
-ranks' tokens for the 2-process rows). Prints a table, writes JSON.
+gloo processes, same per-rank batch, with each rank's model-state bytes (parameters +
+gradients + AdamW moments) and expert-weight bytes: under EP=2 a rank stores only its 4
+experts of each layer. Tokens/s are medians over the timed steps (all ranks' tokens for the
+2-process rows), with this process's CPU seconds per step beside wall time (shared cores).
+Prints a table, writes JSON.
 
     .venv/bin/python bench/moe.py [--steps 5] [--out bench/results/moe.json]
 """
@@ -61,13 +64,16 @@ def data(step: int, rank: int = 0):
 
 
 def time_train(engine, steps: int, rank: int = 0) -> float:
-    """Median seconds per train_step after one warm-up step."""
+    """Median seconds per train_step after one warm-up step (wall; CPU time in
+    engine.bench_cpu_s)."""
     engine.train_step(*data(0, rank))
-    times = []
+    times, cpu = [], []
     for step in range(1, steps + 1):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         engine.train_step(*data(step, rank))
         times.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    engine.bench_cpu_s = statistics.median(cpu)
     return statistics.median(times)
 
 
@@ -83,7 +89,7 @@ def single_process_rows(steps: int) -> list[dict]:
         )
         seconds = time_train(engine, steps)
         rows.append({"row": f"{kind} GPT (compiled, 1 process)", "tokens_per_s": tokens / seconds,
-                     "step_s": seconds})  # fmt: skip
+                     "step_s": seconds, "cpu_s": engine.bench_cpu_s})  # fmt: skip
     # The layer alone, eager forward + backward: grouped GEMM vs one matmul per expert.
     from strato.runtime import moe
 
@@ -117,8 +123,11 @@ def _rank(rank: int, world: int, port: int, size: int, steps: int, out: str) -> 
         )
         engine = strato.compile(build("moe"), strategy, example_inputs=data(0, rank))
         seconds = time_train(engine, steps, rank)
-        bytes_ = engine.stats()["comm_bytes"]
-        torch.save({"step_s": seconds, "comm_bytes": bytes_}, Path(out) / f"rank{rank}.pt")
+        stats = engine.stats()
+        experts = sum(layer["expert_weight_bytes"] for layer in stats["moe"].values())
+        result = {"step_s": seconds, "cpu_s": engine.bench_cpu_s, "comm_bytes": stats["comm_bytes"],
+                  "model_state_bytes": stats["model_state_bytes"], "expert_weight_bytes": experts}  # fmt: skip
+        torch.save(result, Path(out) / f"rank{rank}.pt")
     except BaseException:
         (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
         raise
@@ -140,6 +149,9 @@ def two_process_rows(steps: int) -> list[dict]:
         seconds = max(r["step_s"] for r in results)
         rows.append({"row": f"MoE GPT, EP={size} (2 processes)",
                      "tokens_per_s": 2 * BATCH * CFG.seq_len / seconds, "step_s": seconds,
+                     "cpu_s": max(r["cpu_s"] for r in results),
+                     "model_state_mib_per_rank": results[0]["model_state_bytes"] / 2**20,
+                     "expert_weight_mib_per_rank": results[0]["expert_weight_bytes"] / 2**20,
                      "comm_bytes_rank0": results[0]["comm_bytes"]})  # fmt: skip
     return rows
 
@@ -151,9 +163,16 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = single_process_rows(args.steps) + two_process_rows(args.steps)
-    print(f"{'':46} {'tokens/s':>10} {'step s':>8}")
+    print(f"{'':46} {'tokens/s':>10} {'step s':>8} {'cpu s':>8} {'state MiB/rank':>15} "
+          f"{'experts MiB/rank':>17}")  # fmt: skip
     for row in rows:
-        print(f"{row['row']:46} {row['tokens_per_s']:10.0f} {row['step_s']:8.3f}")
+        state = row.get("model_state_mib_per_rank")
+        experts = row.get("expert_weight_mib_per_rank")
+        print(f"{row['row']:46} {row['tokens_per_s']:10.0f} {row['step_s']:8.3f} "
+              f"{row.get('cpu_s', float('nan')):8.3f} "
+              f"{'' if state is None else f'{state:.2f}':>15} "
+              f"{'' if experts is None else f'{experts:.2f}':>17}")  # fmt: skip
+    print(f"load average {os.getloadavg()[0]:.1f}")
     config = {"gpt": CFG.__dict__, "experts": EXPERTS, "top_k": TOP_K, "d_ff": D_FF,
               "batch_per_rank": BATCH, "threads_per_process": 1, "steps": args.steps}  # fmt: skip
     print("wrote", write_json({"config": config, "rows": rows}, args.out))

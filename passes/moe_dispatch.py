@@ -40,6 +40,7 @@ from ..runtime.expert_parallel import (
     expert_box,
     hf_block_settings,
     layer_settings,
+    shared_expert_weights,
     whole_shape,
 )
 from ..runtime.moe import MoE
@@ -64,14 +65,15 @@ class MoELayer:
     settings: dict[str, Any]
     """Routing settings for ExpertParallelMoE (runtime/expert_parallel.py)."""
     params: dict[str, torch.Tensor]
-    """'gate' [E, d], 'w_in', 'w_out': the parameters the layer reads."""
+    """'gate' [E, d], 'w_in', 'w_out' (then a shared expert's SHARED_ROLES): the
+    parameters the layer reads, in the order ExpertParallelMoE takes them."""
     transposed: tuple[str, ...] = ()
     """Roles stored as [E, out, in] (Hugging Face), handed over transposed."""
 
 
 def moe_layers(model: torch.nn.Module, training: bool = True) -> dict[str, MoELayer]:
     """Module path -> layer, for every strato.nn.MoE and every Hugging Face sparse MoE block
-    built the Mixtral way (runtime/expert_parallel.py `hf_block_settings`), with the
+    built the Mixtral or Qwen2-MoE way (runtime/expert_parallel.py `hf_block_settings`), with the
     routing of the training or eval mode."""
     found: dict[str, MoELayer] = {}
     for path, m in model.named_modules():
@@ -83,6 +85,8 @@ def moe_layers(model: torch.nn.Module, training: bool = True) -> dict[str, MoELa
         elif (settings := hf_block_settings(m, path)) is not None:
             params = {"gate": m.gate.weight, "w_in": m.experts.gate_up_proj,
                       "w_out": m.experts.down_proj}  # fmt: skip
+            if settings["shared_expert"]:  # computed densely on every rank
+                params.update(shared_expert_weights(m, settings["d_model"]))
             found[path] = MoELayer(type(m).__name__, settings, params, ("w_in", "w_out"))
     return found
 
@@ -168,7 +172,7 @@ def _rewrite_layer(
     # expression, its expert index the same arange), stay with what they are computed from.
     outputs = [n for n in used_outside if n in data and isinstance(n.meta.get("val"), torch.Tensor)]
     kept = _inputs_closure([n for n in used_outside if n not in outputs], inside)
-    if len(inputs) != 1 or len(outputs) != 1 or len(reads) != 3:
+    if len(inputs) != 1 or len(outputs) != 1 or len(reads) != len(layer.params):
         raise PassError(
             f"moe_dispatch: {layer.kind} {path!r} was captured with {len(inputs)} tensor "
             f"inputs and {len(outputs)} outputs used outside it ({[n.name for n in outputs]}; "
@@ -183,7 +187,7 @@ def _rewrite_layer(
             graph.call_function(torch.transpose, (reads[role], 1, 2))
             if role in layer.transposed
             else reads[role]
-            for role in ("gate", "w_in", "w_out")
+            for role in layer.params
         ]
         call = graph.call_module(name, (x, *weights))
     call.meta.update(
@@ -223,8 +227,9 @@ def moe_dispatch(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         raise StrategyError(
             f"Strategy.moe: {type(ctx.model).__name__} has {', '.join(others[:3])}, a mixture-"
             "of-experts block moe_dispatch does not recognise (it dispatches strato.nn.MoE and "
-            "Mixtral-style Hugging Face blocks: a top-k router and stacked SwiGLU experts, no "
-            "shared expert); build it with strato.nn.MoE, or drop Strategy.moe."
+            "Mixtral / Qwen2-MoE-style Hugging Face blocks: a top-k router without jitter, "
+            "stacked bias-free SwiGLU experts, optionally a gated SwiGLU shared expert); "
+            "build it with strato.nn.MoE, or drop Strategy.moe."
         )
     if not layers:
         raise StrategyError(
@@ -251,6 +256,7 @@ def moe_dispatch(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                 "top_k": layer.settings["top_k"],
                 "d_model": layer.settings["d_model"],
                 "dropless": not layer.settings["drop_tokens"],
+                "shared_expert": bool(layer.settings.get("shared_expert")),
             }
             for path, layer in layers.items()
         },

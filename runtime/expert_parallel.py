@@ -94,11 +94,46 @@ def broadcast_experts(model: nn.Module, records: dict[str, Any], mesh: Any) -> f
     return names
 
 
+SHARED_ROLES = ("shared_gate_proj", "shared_up_proj", "shared_down_proj", "shared_expert_gate")
+"""A shared expert's weights (Qwen2-MoE), in the order ExpertParallelMoE takes them."""
+
+
+def _is_silu(act: Any) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def _bias_free_linear(m: Any, in_features: int, out_features: int | None = None) -> bool:
+    return (
+        isinstance(m, nn.Linear) and m.bias is None and m.in_features == in_features
+        and (out_features is None or m.out_features == out_features)
+    )  # fmt: skip
+
+
+def shared_expert_weights(block: nn.Module, d_model: int) -> dict[str, torch.Tensor] | None:
+    """A Qwen2-MoE shared expert's weights by role (SHARED_ROLES): a SwiGLU MLP
+    (`shared_expert.gate_proj/up_proj/down_proj`, no biases, SiLU) every token runs, its
+    output scaled by sigmoid(`shared_expert_gate`(x)) ([1, d], no bias); None when the
+    block's shared expert is not built that way."""
+    mlp, gate = getattr(block, "shared_expert", None), getattr(block, "shared_expert_gate", None)
+    parts = [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+    fits = (
+        _bias_free_linear(parts[0], d_model) and _bias_free_linear(parts[1], d_model)
+        and parts[0].out_features == parts[1].out_features
+        and _bias_free_linear(parts[2], parts[0].out_features, d_model)
+        and _is_silu(getattr(mlp, "act_fn", None)) and _bias_free_linear(gate, d_model, 1)
+    )  # fmt: skip
+    if not fits:
+        return None
+    weights = [p.weight for p in parts] + [gate.weight]
+    return dict(zip(SHARED_ROLES, weights))
+
+
 def hf_block_settings(block: nn.Module, path: str) -> dict[str, Any] | None:
-    """Routing settings of a Hugging Face sparse MoE block the way Mixtral builds it (a
-    top-k router `gate.weight` [E, d] and stacked SwiGLU `experts.gate_up_proj` [E, 2f, d]
-    / `experts.down_proj` [E, d, f]; top-k weights renormalised, dropless, no shared
-    expert), or None when `block` is not one."""
+    """Routing settings of a Hugging Face sparse MoE block built the Mixtral or Qwen2-MoE
+    way (a top-k router `gate.weight` [E, d]; stacked SwiGLU `experts.gate_up_proj`
+    [E, 2f, d] / `experts.down_proj` [E, d, f] with SiLU; top-k weights renormalised unless
+    the router's `norm_topk_prob` is False; dropless; optionally a shared expert, see
+    `shared_expert_weights`), or None when `block` is not one."""
     gate, experts = getattr(block, "gate", None), getattr(block, "experts", None)
     weight = getattr(gate, "weight", None)
     gate_up, down = getattr(experts, "gate_up_proj", None), getattr(experts, "down_proj", None)
@@ -108,13 +143,19 @@ def hf_block_settings(block: nn.Module, path: str) -> dict[str, Any] | None:
         and isinstance(down, torch.Tensor) and down.dim() == 3
         and whole_shape(gate_up)[0] == whole_shape(down)[0] == weight.shape[0]
     )  # fmt: skip
-    if not shapes_fit or hasattr(block, "shared_expert") or not hasattr(gate, "top_k"):
+    if not shapes_fit or not hasattr(gate, "top_k"):
         return None
     if getattr(block, "jitter_noise", 0) or getattr(experts, "has_bias", False):
         return None
+    if not _is_silu(getattr(experts, "act_fn", None)):
+        return None
+    shared = hasattr(block, "shared_expert")
+    if shared and shared_expert_weights(block, weight.shape[1]) is None:
+        return None
     return {"d_model": weight.shape[1], "num_experts": weight.shape[0], "top_k": int(gate.top_k),
-            "drop_tokens": False, "normalize": True, "aux_loss_weight": 0.0, "z_loss_weight": 0.0,
-            "activation": "swiglu", "stats_key": HF_STATS + path}  # fmt: skip
+            "drop_tokens": False, "normalize": bool(getattr(gate, "norm_topk_prob", True)),
+            "aux_loss_weight": 0.0, "z_loss_weight": 0.0, "activation": "swiglu",
+            "shared_expert": shared, "stats_key": HF_STATS + path}  # fmt: skip
 
 
 class ExpertParallelMoE(nn.Module):
@@ -144,7 +185,8 @@ class ExpertParallelMoE(nn.Module):
         last = self.first_expert + self.local_experts - 1
         return f"experts {self.first_expert}..{last} of {self.settings['num_experts']}, group {list(self.group.ranks)}"
 
-    def forward(self, x, gate, w_in, w_out):
+    def forward(self, x, gate, w_in, w_out, *shared):
+        """`shared`: a shared expert's weights (SHARED_ROLES), when the layer has one."""
         s = self.settings
         tokens = x.reshape(-1, s["d_model"])
         dtype = self.compute_dtype or tokens.dtype
@@ -167,6 +209,11 @@ class ExpertParallelMoE(nn.Module):
             out = self._exchange(tokens.to(dtype), dispatch, w_in.to(dtype), w_out.to(dtype))
         loss = s["aux_loss_weight"] * routing.aux_loss + s["z_loss_weight"] * routing.z_loss
         out = moe_losses(out, loss, routing_stats(routing, dispatch), s["stats_key"])
+        if shared:  # every token, on every rank: sigmoid(x g) * down(silu(x W_g) * (x W_u))
+            gate_proj, up_proj, down_proj, scale = (w.to(dtype) for w in shared)
+            h = tokens.to(dtype)
+            dense = F.linear(F.silu(F.linear(h, gate_proj)) * F.linear(h, up_proj), down_proj)
+            out = out + torch.sigmoid(F.linear(h, scale)) * dense
         return out.reshape(x.shape).to(x.dtype)
 
     def _exchange(self, tokens, dispatch: Dispatch, w_in, w_out) -> torch.Tensor:

@@ -143,6 +143,24 @@ def tiny_mixtral(seed: int = 0):
     return model
 
 
+def tiny_qwen2_moe(seed: int = 0, **config):
+    """A one-layer Hugging Face Qwen2-MoE (routed experts + a gated shared expert), experts
+    as batched GEMMs (capturable)."""
+    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+    torch.manual_seed(seed)
+    settings = dict(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
+                    moe_intermediate_size=16, shared_expert_intermediate_size=24,
+                    num_attention_heads=4, num_key_value_heads=2, vocab_size=50, num_experts=4,
+                    num_experts_per_tok=2, use_cache=False)  # fmt: skip
+    model = Qwen2MoeForCausalLM(Qwen2MoeConfig(**{**settings, **config}))
+    with torch.no_grad():  # HF initialises the router to zeros: give it something to route by
+        for layer in model.model.layers:
+            layer.mlp.gate.weight.normal_(std=0.5)
+    model.set_experts_implementation("batched_mm")
+    return model
+
+
 def mixtral_batch(step: int, rank: int, world: int) -> dict:
     ids = torch.randint(0, 50, (2 * world, 6), generator=torch.Generator().manual_seed(step))
     ids = ids[2 * rank : 2 * rank + 2]
@@ -156,10 +174,12 @@ def scenario_mixtral(rank: int, world: int, spec: dict, out_dir: Path) -> dict:
 
     strategy = strato.Strategy(optimizer=strato.SGD(lr=0.1, momentum=0.0),
                                zero=spec.get("zero", 0), moe=strato.ExpertParallel(size=2))  # fmt: skip
-    engine = strato.compile(tiny_mixtral(), strategy, example_kwargs=mixtral_batch(0, rank, world))
+    model = tiny_qwen2_moe() if spec.get("model") == "qwen2_moe" else tiny_mixtral()
+    engine = strato.compile(model, strategy, example_kwargs=mixtral_batch(0, rank, world))
     losses = [engine.train_step(**mixtral_batch(step, rank, world)) for step in range(2)]
     return {"losses": losses, "full": engine.full_state_dict(), "stats": engine.stats(),
-            "record": engine.context.records.get("moe_dispatch")}  # fmt: skip
+            "record": engine.context.records.get("moe_dispatch"),
+            "shapes": {n: tuple(p.shape) for n, p in model.named_parameters()}}  # fmt: skip
 
 
 SCENARIOS = {"layer": scenario_layer, "train": scenario_train, "mixtral": scenario_mixtral,

@@ -331,17 +331,42 @@ def test_mixtral_block_is_recognised_and_dispatched_exactly():
         torch.testing.assert_close(g, w, atol=TOL, rtol=0)
 
 
-def test_unrecognised_hugging_face_moe_block_is_named():
-    """Qwen2-MoE's block has a shared expert, which the dispatch does not model: refused,
-    naming the module (a silent local run would not be the asked expert parallelism)."""
-    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+def test_qwen2_moe_block_is_recognised_and_dispatched_exactly():
+    """Qwen2-MoE's block (routed experts without renormalised top-k weights, plus a shared
+    SwiGLU expert gated by sigmoid(x g)): the expert-parallel module (expert group of one
+    rank) on its weights = the block's own forward and gradients."""
+    from strato.passes.moe_dispatch import moe_layers
+    from strato.runtime.expert_parallel import ExpertParallelMoE
+    from strato.runtime.mesh import MeshGroup
+    from tests.moe_worker import tiny_qwen2_moe
 
-    config = Qwen2MoeConfig(num_hidden_layers=1, hidden_size=32, intermediate_size=64,
-                            moe_intermediate_size=16, shared_expert_intermediate_size=32,
-                            num_attention_heads=4, num_key_value_heads=2, vocab_size=50,
-                            num_experts=4, num_experts_per_tok=2, use_cache=False)  # fmt: skip
-    model = Qwen2MoeForCausalLM(config)
-    model.set_experts_implementation("batched_mm")
+    model = tiny_qwen2_moe()
+    layer = moe_layers(model)["model.layers.0.mlp"]
+    assert layer.settings["shared_expert"] and not layer.settings["normalize"]
+    block = model.model.layers[0].mlp
+    one_rank = MeshGroup("expert", (0,), 0, torch.device("cpu"))
+    parallel = ExpertParallelMoE(layer.settings, one_rank, None)
+    x = torch.randn(2, 5, 32, requires_grad=True)
+    weights = list(layer.params.values())
+    handed = [
+        w.transpose(1, 2) if role in layer.transposed else w for role, w in layer.params.items()
+    ]
+    got = parallel(x, *handed)
+    want = block(x)
+    torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+    for g, w in zip(
+        torch.autograd.grad(got.pow(2).sum(), [x, *weights]),
+        torch.autograd.grad(want.pow(2).sum(), [x, *weights]),
+    ):
+        torch.testing.assert_close(g, w, atol=TOL, rtol=0)
+
+
+def test_unrecognised_hugging_face_moe_block_is_named():
+    """A Qwen2-MoE built with GELU experts is not the SwiGLU the dispatch computes: refused,
+    naming the module (a silent local run would not be the asked expert parallelism)."""
+    from tests.moe_worker import tiny_qwen2_moe
+
+    model = tiny_qwen2_moe(hidden_act="gelu")
     ids = torch.randint(0, 50, (2, 5))
     strategy = strato.Strategy(optimizer=strato.SGD(lr=0.1), moe=strato.ExpertParallel(size=2))
     with pytest.raises(strato.StratoError, match=r"model.layers.0.mlp \(Qwen2MoeSparseMoeBlock\)"):

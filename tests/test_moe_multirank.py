@@ -166,13 +166,21 @@ def test_expert_parallel_bf16_trains(tmp_path):
         assert abs(mean - ref_losses[step]) <= 5e-2
 
 
-def test_hugging_face_mixtral_expert_parallel_matches_eager(tmp_path):
-    """Mixtral's sparse MoE blocks are dispatched like strato.nn.MoE (EP=2 under ZeRO-3),
-    trained with labels: equal to eager on the ranks' micro-batches (SGD, 1e-5)."""
-    results = launch({"kind": "mixtral", "zero": 3}, tmp_path)
+@pytest.mark.parametrize(
+    "model,zero,block",
+    [("mixtral", 3, "MixtralSparseMoeBlock"), ("qwen2_moe", 0, "Qwen2MoeSparseMoeBlock")],
+)
+def test_hugging_face_moe_expert_parallel_matches_eager(tmp_path, model, zero, block):
+    """Mixtral's and Qwen2-MoE's sparse MoE blocks (Qwen's shared expert computed densely on
+    every rank) are dispatched like strato.nn.MoE (EP=2, each rank storing half the
+    experts), trained with labels: equal to eager on the ranks' micro-batches (SGD, 1e-5)."""
+    results = launch({"kind": "mixtral", "model": model, "zero": zero}, tmp_path)
     assert results[0]["record"]["rewritten"]
-    assert results[0]["record"]["layers"]["model.layers.0.mlp"]["kind"] == "MixtralSparseMoeBlock"
-    model = moe_worker.tiny_mixtral()
+    assert results[0]["record"]["layers"]["model.layers.0.mlp"]["kind"] == block
+    whole = 4 * 32 * {"mixtral": 24, "qwen2_moe": 16}[model]  # down_proj: E x d x f
+    for r in results:
+        assert math.prod(r["shapes"]["model.layers.0.mlp.experts.down_proj"]) == whole // 2
+    model = moe_worker.tiny_qwen2_moe() if model == "qwen2_moe" else moe_worker.tiny_mixtral()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     for step in range(2):
         parts = [model(**moe_worker.mixtral_batch(step, r, WORLD)).loss for r in range(WORLD)]
