@@ -214,54 +214,11 @@ def _int4_qparams_mse(groups: torch.Tensor, symmetric: bool, steps: int = 20):
 
 
 def _gptq_int4(w: torch.Tensor, hessian: torch.Tensor, group_size: int, symmetric: bool):
-    """GPTQ (Frantar et al. 2022) for [N, Kp] weights; returns codes, scales, zeros.
+    """GPTQ for one [N, Kp] weight (kernels/gptq.py, which batches layers of one shape)."""
+    from .gptq import gptq_int4
 
-    Group scales are fixed up front (MSE-clipped on the original weights), then columns
-    are quantized in order of decreasing Hessian diagonal ("act order": the columns that
-    see the largest inputs first), each error compensated on the columns still to come.
-    The inverse Hessian's Cholesky factor is computed once (fp64); the column loop runs in
-    fp32 on the transposed weights, so each column is one contiguous row.
-    """
-    n, kp = w.shape
-    k = hessian.shape[0]
-    h = torch.eye(kp, dtype=torch.float64)
-    h[:k, :k] = hessian.double()
-    w = w.float().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    w[:, dead] = 0.0
-    scales, zeros = _int4_qparams_mse(w.view(n, kp // group_size, group_size), symmetric)
-    order = torch.argsort(torch.diag(h), descending=True)
-    h = h[order][:, order]
-    group_of = order // group_size
-    # Dampening of 10% of the mean diagonal (GPTQ's default is 1%): calibration sets are
-    # often small next to K, so the Hessian estimate is noisy. Chosen on all-MiniLM-L6-v2
-    # calibrated with 30 sentences (0.3%, 1%, 5%, 10% tried; 10% best on the test sentences).
-    h += GPTQ_DAMPING * torch.diag(h).mean() * torch.eye(kp, dtype=torch.float64)
-    hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    hinv = hinv.float()
-    # Columns as rows: [Kp, N] in act order.
-    w_t = w.t()[order].contiguous()
-    scales_t = scales.t()[group_of].contiguous()
-    zeros_t = zeros.t()[group_of].contiguous()
-    codes_t = torch.empty(kp, n)
-    block = 128
-    for b0 in range(0, kp, block):
-        b1 = min(b0 + block, kp)
-        w_block = w_t[b0:b1]  # a view: updated in place
-        errors = torch.empty_like(w_block)
-        hinv_block = hinv[b0:b1, b0:b1]
-        for i in range(b1 - b0):
-            s, z = scales_t[b0 + i], zeros_t[b0 + i]
-            code = torch.round(w_block[i] / s + z).clamp_(0, 15)
-            codes_t[b0 + i] = code
-            err = (w_block[i] - (code - z) * s) / hinv_block[i, i]
-            w_block[i:].sub_(hinv_block[i, i:, None] * err[None, :])
-            errors[i] = err
-        if b1 < kp:
-            w_t[b1:].sub_(hinv[b0:b1, b1:].t() @ errors)
-    codes = codes_t[torch.argsort(order)].t()
-    return codes, scales.float(), zeros.float()
+    codes, scales, zeros = gptq_int4(w[None], hessian[None], group_size, symmetric)
+    return codes[0], scales[0], zeros[0]
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from ..compiler.context import CompileContext
 from ..compiler.errors import StrategyError, did_you_mean
 from ..compiler.pass_manager import graph_pass
 from ..compiler.quantize_config import Quantize
+from ..kernels import gptq
 from ..kernels import quantized_linear as ql
 from ..runtime.calls import capture_defaults
 from .annotate import getattr_path
@@ -351,21 +352,59 @@ _packed: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 one model (forward, prefill, decode) share each packed weight instead of packing it again."""
 
 
-def _packed_once(model, stored, config, stat, name, values) -> ql.QuantizedWeight:
-    """The packed weight of `values` stacked (one layer: as is), packed on first request."""
-    key = (
+def _pack_key(stored, config, stat) -> tuple:
+    return (
         tuple(id(t) for t in stored),
         tuple(t._version for t in stored),
         config,
         id(stat) if stat is not None else None,
     )
+
+
+def _stacked(values: list[torch.Tensor]) -> torch.Tensor:
+    return values[0] if len(values) == 1 else torch.cat([v.detach() for v in values])
+
+
+def _packed_once(model, stored, config, stat, name, values) -> ql.QuantizedWeight:
+    """The packed weight of `values` stacked (one layer: as is), packed on first request."""
+    key = _pack_key(stored, config, stat)
     cache = _packed.setdefault(model, {})
     if key not in cache:
         for stale in [k for k in cache if k[0] == key[0] and k[1] != key[1]]:
             del cache[stale]  # packed from these weights before they changed
-        stacked = values[0] if len(values) == 1 else torch.cat([v.detach() for v in values])
-        cache[key] = _quantize_weight(stacked, config, f"layer {name!r}", stat)
+        cache[key] = _quantize_weight(_stacked(values), config, f"layer {name!r}", stat)
     return cache[key]
+
+
+def _gptq_all_at_once(gm, groups, config: Quantize, stats, model) -> None:
+    """Pack every GPTQ group not yet packed in one call, so that layers of one shape (the
+    same projection of every decoder layer) run GPTQ as one batch (kernels/gptq.py);
+    `_packed_once` then finds them packed."""
+    cache = _packed.setdefault(model, {})
+    keys, weights, hessians, names = [], [], [], []
+    for members in groups:
+        matches = [match_linear(node) for _, node in members]
+        stored = [getattr_path(gm, m[1].target) for m in matches]
+        stat = stats.get(stored[0]) if isinstance(stored[0], torch.Tensor) else None
+        key = _pack_key(stored, config, stat)
+        if stat is None or key in cache or key in keys:
+            continue
+        values = [linear_weight(gm, node, m[1]) for (_, node), m in zip(members, matches)]
+        keys.append(key)
+        weights.append(_stacked(values))
+        hessians.append(stat)
+        names.append(f"layer {members[0][0]!r}")
+    packed = gptq.quantize_int4_gptq(
+        weights,
+        hessians,
+        group_size=config.int4_group_size,
+        symmetric=config.symmetric,
+        names=names,
+    )
+    for key, qw in zip(keys, packed):
+        for stale in [k for k in cache if k[0] == key[0] and k[1] != key[1]]:
+            del cache[stale]
+        cache[key] = qw
 
 
 def _op_args(qw: ql.QuantizedWeight, x, attrs_nodes: dict, bias) -> tuple:
@@ -438,7 +477,10 @@ def quantize_linears(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
 
     records: dict[str, dict] = {}
     with single_threaded():
-        for group in sibling_groups(layers, config, gm):
+        groups = sibling_groups(layers, config, gm)
+        if config.method == "gptq":
+            _gptq_all_at_once(gm, groups, config, stats, model)
+        for group in groups:
             records.update(_rewrite_group(gm, group, config, stats, model))
     gm.graph.lint()
     gm.recompile()
