@@ -27,7 +27,11 @@ def refuse(*_, **__):
     raise AssertionError("torch.utils.checkpoint ran: the region was not replayed from its graph")
 
 
-@pytest.mark.parametrize("policy", ["selective", "full"])
+@pytest.mark.parametrize(
+    "policy",
+    # full's gradients are also in test_recompute's fast set: this one only adds the patch
+    ["selective", pytest.param("full", marks=pytest.mark.slow)],
+)
 def test_regions_replay_their_graph_without_checkpoint(policy, monkeypatch):
     """With torch's checkpoint and selective-checkpoint contexts made to fail, a GPT with
     dropout still trains under both policies, and its gradients equal eager's (the replay
