@@ -35,6 +35,12 @@ from ..compiler.layout import register_step, state_names
 from ..compiler.pass_manager import graph_pass
 from ..runtime import tensor_parallel as tp_runtime
 from .annotate import fill_fake_values, getattr_path
+from .tensor_parallel_io import (
+    check_kept_output,
+    finish_split_inputs,
+    kept_outputs,
+    split_inputs,
+)
 from .tensor_parallel_split import (
     CASTS,
     VIEWS,
@@ -160,6 +166,7 @@ def tensor_parallel(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     for node in linears:
         linears[node] = _linear_module(gm, node, names)
     embeddings = [n for n in gm.graph.nodes if _is_token_embedding(gm, n)]
+    inputs = split_inputs(gm, ctx) if size > 1 else {}
     modules = {**{m: n for n, m in linears.items()}}
     modules.update(
         {
@@ -175,7 +182,7 @@ def tensor_parallel(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         _check_heads(ctx.model, parent, columns, linears, size)
         trial = {**{c: "column" for c in columns}, row: "row"}
         try:
-            SplitPropagation(gm, trial, size, apply=False).run()
+            SplitPropagation(gm, trial, size, apply=False).run(inputs=inputs)
         except Unsupported as exc:
             skipped.append({"module": parent, "node": exc.node.name, "reason": exc.reason})
             continue
@@ -195,7 +202,7 @@ def tensor_parallel(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                     )
                 trial = {**styles, node: "column"}
                 try:
-                    SplitPropagation(gm, trial, size, apply=False).run()
+                    SplitPropagation(gm, trial, size, apply=False).run(inputs=inputs)
                 except Unsupported as exc:
                     skipped.append({"module": module, "node": exc.node.name, "reason": exc.reason})
                     continue
@@ -241,13 +248,15 @@ def tensor_parallel(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                 )
     propagation = SplitPropagation(gm, styles, size, apply=True)
     try:
-        propagation.run()
+        propagation.run(inputs=inputs)
     except Unsupported as exc:
         raise StrategyError(
             f"TensorParallel.plan: cannot split {module_of(exc.node) or exc.node.name}: "
             f"{exc.reason} (node {exc.node.name}: {exc.node.format_node()}); change the plan."
         ) from None
     propagation.commit()
+    if inputs:
+        finish_split_inputs(gm, ctx, propagation, inputs, key, skipped)
     rank = group.rank
     coords = ctx.mesh.coordinates(ctx.mesh.rank)
     writes = all(
@@ -350,7 +359,7 @@ def tensor_parallel(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
                 register_step(
                     ctx, "tensor_parallel", name, tensor, whole, True, writes and rank == 0
                 )
-    _gather_outputs(graph, propagation, key)
+    _gather_outputs(graph, propagation, key, kept_outputs(gm, ctx) if inputs else {})
     summed = _sum_gradients(graph, propagation, key)
     _refresh(gm, ctx)
     if config.sequence_parallel:
@@ -371,6 +380,7 @@ def tensor_parallel(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         activation_bytes=act,
         parameters=shards.done,
         sequence_parallel=config.sequence_parallel,
+        split_inputs={n.name: d for n, d in inputs.items()},
         gradients_summed=summed,
         collectives=[
             {
@@ -415,9 +425,13 @@ def _refresh(gm: fx.GraphModule, ctx: CompileContext) -> None:
     fill_fake_values(gm, ctx)
 
 
-def _gather_outputs(graph: fx.Graph, propagation: SplitPropagation, key: str) -> None:
+def _gather_outputs(
+    graph: fx.Graph, propagation: SplitPropagation, key: str, kept: dict | None = None
+) -> None:
     output = next(n for n in graph.nodes if n.op == "output")
     for value, dim in propagation.outputs:
+        if check_kept_output(value, dim, kept or {}):
+            continue
         with graph.inserting_before(output):
             gathered = _call(graph, tp_runtime.tp_gather, (value, dim, key), "gather")
         output.replace_input_with(value, gathered)

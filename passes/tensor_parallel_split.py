@@ -29,6 +29,8 @@ UNARY = CASTS | {"dropout", "native_dropout", "gelu", "silu", "relu", "tanh", "s
 SOFTMAX = {"softmax", "_softmax", "log_softmax", "_log_softmax", "_safe_softmax"}
 REDUCTIONS = {"mean", "sum", "amax", "amin", "var", "std"}
 SDPA = {"scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu"}
+INPUT_PASSTHROUGH = {"select", "slice", "narrow", "transpose", "permute", "unsqueeze", "sym_size"}
+"""Ops a split graph input passes through before meeting the column linears' values."""
 
 
 class Unsupported(Exception):
@@ -135,11 +137,23 @@ class SplitPropagation:
         embeddings) meets split ones: its gradient from here is this rank's part only, so it
         is summed over the group in backward."""
         self.global_sizes: list[fx.Node] = []
+        self.from_inputs: set[fx.Node] = set()
+        """Values split only because a split graph input (`run(inputs=...)`) is."""
+        self.stopped: list[fx.Node] = []
+        """Nodes where a split input's values met no split ones and stayed whole."""
 
-    def run(self, seeds: dict[fx.Node, int] | None = None) -> None:
+    def run(
+        self, seeds: dict[fx.Node, int] | None = None, inputs: dict[fx.Node, int] | None = None
+    ) -> None:
+        """Follow the splits from the column linears, `seeds` (values split from the
+        start) and `inputs`: graph inputs that arrive split (a KV cache of this rank's
+        heads), which stay split only through selects and views until they meet the
+        values the column linears split (a cache concatenated with the new keys)."""
         self.split.update(seeds or {})
+        self.split.update(inputs or {})
+        self.from_inputs.update(inputs or {})
         for node in self.gm.graph.nodes:
-            if seeds and node in seeds:
+            if (seeds and node in seeds) or (inputs and node in inputs):
                 continue
             style = self.styles.get(node)
             if style == "column":
@@ -150,6 +164,13 @@ class SplitPropagation:
                 continue
             split_inputs = [a for a in node.all_input_nodes if a in self.split]
             if not split_inputs:
+                continue
+            if all(a in self.from_inputs for a in split_inputs):
+                if op_name(node) in INPUT_PASSTHROUGH:
+                    self._follow(node, split_inputs)
+                    self.from_inputs.add(node)
+                else:
+                    self.stopped.append(node)
                 continue
             if style == "row":
                 x = linear_of(self.gm, node)["input"]
@@ -186,6 +207,16 @@ class SplitPropagation:
             if len(dims) != 1 or along in dims:
                 raise Unsupported(node, "a concatenation of split and whole values")
             self.split[node] = dims.pop()
+            return
+        if name == "stack":
+            parts = node.args[0]
+            dims = {self.split.get(p) for p in parts}
+            along = node.args[1] % (len(shape_of(node))) if len(node.args) > 1 else 0
+            if len(dims) != 1 or not isinstance(d := next(iter(dims)), int):
+                if not self.apply and None in dims:
+                    return  # a trial of one block: the other blocks' parts are whole yet
+                raise Unsupported(node, "a stack of split and whole values")
+            self.split[node] = d + 1 if along <= d else d
             return
         if name == "sym_size":  # an int: the whole size, also along the split dimension
             if isinstance(d, int) and self._dim(x, node.args[1]) == d:

@@ -108,7 +108,11 @@ class Generator:
         self.step: KVCacheStep | None = KVCacheStep(model)
         self.model = model
         self.strategy = strategy
-        self.layout = self.step.layout()
+        self.capture_layout = self.step.layout()
+        """The caches as capture sees them: the whole model's KV heads."""
+        tensor_parallel = getattr(strategy, "tensor_parallel", None)
+        self.layout = self.capture_layout.per_rank(tensor_parallel.size if tensor_parallel else 1)
+        """The caches this rank holds (tensor parallelism: its share of the KV heads)."""
         self.max_len = max_len
         self.batch = batch
         param = next(model.parameters())
@@ -122,6 +126,7 @@ class Generator:
         self = cls.__new__(cls)
         self.step, self.model, self.strategy = None, None, None
         self.layout, self.max_len, self.batch = layout, max_len, 1
+        self.capture_layout = layout
         self.dtype, self.device = getattr(torch, layout.dtype), torch.device("cpu")
         self._graphs = dict(graphs)
         return self
@@ -164,7 +169,10 @@ class Generator:
             if self.layout.position_limit is not None:
                 max_len = min(max_len, self.layout.position_limit)
             q_len = 1 if kind == "decode" else min(max(q_len, 2), max_len)
-            keys, values = self.empty_cache(batch, max_len)
+            keys, values = (
+                torch.zeros(shape, dtype=self.dtype, device=self.device)
+                for shape in self.capture_layout.cache_shapes(batch, max_len)
+            )
             ids = torch.zeros(batch, q_len, dtype=torch.long, device=self.device)
             pos = torch.zeros((), dtype=torch.long, device=self.device)
             example = (ids, pos, self.full_mask(batch, max_len), keys, values)
@@ -405,4 +413,5 @@ def _serving_strategy(strategy):
         fuse=strategy.fuse,
         quantize=strategy.quantize,
         inference_backend=strategy.inference_backend,
+        tensor_parallel=strategy.tensor_parallel,
     )

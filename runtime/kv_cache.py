@@ -109,6 +109,22 @@ class CacheLayout:
                 f"{self.position_limit}); shorten the prompt or ask for fewer tokens."
             )
 
+    def per_rank(self, tensor_parallel: int) -> CacheLayout:
+        """The caches one rank of a tensor group holds: its share of the KV heads."""
+        if tensor_parallel == 1:
+            return self
+        (kh, kd), (vh, vd) = self.key_shape, self.value_shape
+        if kh % tensor_parallel or vh % tensor_parallel:
+            raise GenerationError(
+                f"generate: {kh} KV heads do not divide over TensorParallel.size="
+                f"{tensor_parallel}; choose a size that divides {kh}."
+            )
+        return attrs.evolve(
+            self,
+            key_shape=(kh // tensor_parallel, kd),
+            value_shape=(vh // tensor_parallel, vd),
+        )
+
     def to_json(self) -> dict:
         return attrs.asdict(self)
 
@@ -181,6 +197,11 @@ class KVCacheStep(nn.Module):
     [layers, B, kv_heads, q, head_dim], to be written at slots [pos, pos + q).
     """
 
+    tensor_parallel_inputs = {"keys": 2, "values": 2}
+    """Under tensor parallelism the caches arrive holding this rank's KV heads (dim 2), and
+    the new keys/values (outputs 1 and 2) leave so: the tensor_parallel pass keeps them split."""
+    tensor_parallel_outputs = {1: 2, 2: 2}
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         check_causal_lm(model)
@@ -192,10 +213,13 @@ class KVCacheStep(nn.Module):
         self.windows = _layer_windows(model.config, len(self.layer_shapes))
 
     def _probe_cache(self, model: nn.Module) -> list[tuple[torch.Size, torch.Size]]:
-        """Per-layer [kv_heads, head_dim] shapes of keys and values, from one eager token."""
+        """Per-layer [kv_heads, head_dim] shapes of keys and values, from one eager token
+        (of the whole model: tensor-parallel blocks hold their whole shapes meanwhile)."""
+        from .tensor_parallel import whole_parameters
+
         param = next(model.parameters())
         ids = torch.zeros(1, 1, dtype=torch.long, device=param.device)
-        with torch.no_grad():
+        with torch.no_grad(), whole_parameters(model):
             out = model(input_ids=ids, use_cache=True)
         cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
         layers = getattr(cache, "layers", None)

@@ -294,3 +294,12 @@ def whole_parameters(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for p, data in held:
             p.data = data
+
+
+def tp_whole_stand_in(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
+    """A zero-strided tensor of the whole shape of `x`, a graph input that arrives split
+    along `dim` (a KV cache of this rank's heads): what export's input guards, which check
+    the shapes the graph was captured with, are shown instead of it."""
+    shape = list(x.shape)
+    shape[dim] *= group_of(group).size
+    return x.new_zeros(()).expand(shape)

@@ -224,6 +224,33 @@ def test_tp2_serving_equals_single_process(int8, tmp_path):
         assert torch.equal(r["ids"], want_ids)
 
 
+GENERATE_VARIANTS = [
+    {"model": "llama"},
+    {"model": "llama", "int8": True, "padded": True},
+    {"model": "gpt2", "padded": True},
+    {"model": "gpt2", "int8": True},
+]
+
+
+def test_tp2_generate_equals_single_process(tmp_path):
+    """`compiled.generate` at TP=2 (HF Llama with GQA, GPT-2; fp32 and int8; batched
+    prompts, one left-padded): each rank's KV caches hold its half of the KV heads, and the
+    greedy tokens equal one process's."""
+    per_rank = launch({"kind": "generate", "variants": GENERATE_VARIANTS}, 2, tmp_path, 400)
+    for i, variant in enumerate(GENERATE_VARIANTS):
+        prompt, mask = tp_worker.generation_prompt(variant.get("padded", False))
+        want = tp_worker.generation_compile(variant, 1).generate(
+            prompt, max_new_tokens=6, attention_mask=mask
+        )
+        for rank, results in enumerate(per_rank):
+            r = results[i]
+            assert torch.equal(r["ids"], want), (variant, rank, r["ids"], want)
+            heads, head_dim = r["whole_key_shape"]
+            assert r["key_shape"] == (heads // 2, head_dim), (variant, r)
+            assert r["split_inputs"] == {"keys": 2, "values": 2}, r
+            assert len(r["column"]) == 5 * 2 + 1 if variant["model"] == "llama" else 2 * 2 + 1
+
+
 def test_sizes_that_do_not_divide_name_the_module_and_numbers(tmp_path):
     errors = launch({"kind": "errors"}, 2, tmp_path)[0]
     assert "blocks.0.attn" in errors["heads"] and "3 attention heads" in errors["heads"]

@@ -208,22 +208,41 @@ def scenario_errors(rank: int, spec: dict, out: Path) -> dict:
     return errors
 
 
-def scenario_generate(rank: int, spec: dict, out: Path) -> dict:
-    """`compiled.generate` of a tensor-parallel eval compile (greedy), batched prompts with
-    left padding when spec['padded']."""
+def scenario_generate(rank: int, spec: dict, out: Path) -> list[dict]:
+    """`compiled.generate` (greedy) of tensor-parallel eval compiles, one per variant of
+    spec['variants'] ({'model', 'int8', 'padded'}: left-padded batched prompts): the
+    tokens, the per-rank cache layout and what the decode graph's pass recorded."""
+    from strato.runtime.generate import generator_for
+
+    results = []
+    for variant in spec["variants"]:
+        compiled = generation_compile(variant, spec.get("size", 2))
+        prompt, mask = generation_prompt(variant.get("padded", False))
+        ids = compiled.generate(prompt, max_new_tokens=6, attention_mask=mask)
+        runner = generator_for(compiled)
+        decode = runner.graph(1).context.records["tensor_parallel"]
+        results.append(
+            {
+                "ids": ids,
+                "key_shape": runner.layout.key_shape,
+                "whole_key_shape": runner.capture_layout.key_shape,
+                "split_inputs": decode["split_inputs"],
+                "column": decode["column"],
+            }
+        )
+    return results
+
+
+def generation_compile(variant: dict, size: int):
+    """The variant's model compiled for serving (tensor_parallel of `size`; 1: none)."""
     import strato
 
-    quantize = strato.Quantize(weights="int8") if spec.get("int8") else None
-    strategy = strato.Strategy(
-        tensor_parallel=strato.TensorParallel(size=spec.get("size", 2)), quantize=quantize
-    )
-    model = build_model(spec.get("model", "llama")).eval()
-    prompt, mask = generation_prompt(spec.get("padded", False))
-    compiled = strato.compile(
-        model, strategy, example_kwargs={"input_ids": prompt, "use_cache": False}
-    )
-    ids = compiled.generate(prompt, max_new_tokens=6, attention_mask=mask)
-    return {"ids": ids}
+    quantize = strato.Quantize(weights="int8") if variant.get("int8") else None
+    tensor_parallel = strato.TensorParallel(size=size) if size > 1 else None
+    strategy = strato.Strategy(tensor_parallel=tensor_parallel, quantize=quantize)
+    model = build_model(variant.get("model", "llama")).eval()
+    prompt, _ = generation_prompt(False)
+    return strato.compile(model, strategy, example_kwargs={"input_ids": prompt, "use_cache": False})
 
 
 def generation_prompt(padded: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
