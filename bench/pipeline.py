@@ -20,20 +20,14 @@ its times and bubbles measure contention as much as the schedule.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import socket
 import statistics
 import sys
-import tempfile
 import time
-import traceback
 import weakref
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT.parent) not in sys.path:
@@ -41,7 +35,7 @@ if str(ROOT.parent) not in sys.path:
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.common import write_json  # noqa: E402
+from bench.common import first_error, launch_ranks, run_rank, write_json  # noqa: E402
 from examples.gpt import GPT, GPTConfig  # noqa: E402
 
 CFG = GPTConfig(vocab_size=2048, seq_len=64, d_model=128, n_layers=4, n_heads=4)
@@ -146,44 +140,19 @@ def run_variant(variant: dict, steps: int, rank: int, out: str) -> dict:
     return result
 
 
-def worker(rank: int, world: int, port: int, variant: dict, steps: int, out: str) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
-    try:
+def worker(rank: int, world: int, port: int, out: str, variant: dict, steps: int) -> None:
+    def work() -> dict:
         if world > 1:
             dist.init_process_group("gloo", rank=rank, world_size=world)
-        result = run_variant(variant, steps, rank, out)
-    except Exception:
-        result = {"error": traceback.format_exc()}
-    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+        return run_variant(variant, steps, rank, out)
+
+    run_rank(rank, world, port, out, work)
 
 
 def launch(variant: dict, steps: int) -> dict:
-    world = variant["stages"]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as out:
-        ctx = mp.get_context("spawn")
-        procs = [
-            ctx.Process(target=worker, args=(r, world, port, variant, steps, out))
-            for r in range(world)
-        ]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(900)
-            if p.is_alive():
-                p.kill()
-        ranks = []
-        for r in range(world):
-            path = Path(out, f"rank{r}.json")
-            ranks.append(json.loads(path.read_text()) if path.exists() else {"error": "no result"})
-    errors = [r["error"] for r in ranks if "error" in r]
-    if errors:
-        return {"error": errors[0]}
+    ranks = launch_ranks(worker, variant["stages"], variant, steps)
+    if first_error(ranks):
+        return {"error": first_error(ranks)}
     warm = [statistics.median(r["times"][2:] or r["times"]) for r in ranks]
     step_s = max(warm)
     result = {

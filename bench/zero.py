@@ -19,24 +19,20 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
 import resource
-import socket
 import statistics
 import sys
-import tempfile
 import time
-import traceback
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.common import first_error, launch_ranks, run_rank  # noqa: E402
 from examples.gpt import GPT, REFERENCE  # noqa: E402
 
 PER_RANK = 4
@@ -184,18 +180,10 @@ def run_deepspeed(stage: int, steps: int, rank: int):
     return times, state, float(loss.detach())
 
 
-def worker(rank: int, port: int, variant: tuple, steps: int, out: str) -> None:
-    torch.set_num_threads(1)
-    framework, stage, world, mesh = variant
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        DS_ACCELERATOR="cpu",
-    )
-    try:
+def worker(rank: int, world: int, port: int, out: str, variant: tuple, steps: int) -> None:
+    framework, stage, _, mesh = variant
+
+    def work() -> dict:
         if framework == "deepspeed":
             import deepspeed
 
@@ -213,43 +201,21 @@ def worker(rank: int, port: int, variant: tuple, steps: int, out: str) -> None:
             "deepspeed": lambda: run_deepspeed(stage, steps, rank),
         }[framework]
         times, state_bytes, loss, *by_dim = run()  # (Strato also returns bytes by dimension)
-        result = {
+        return {
             "times": times,
             "model_state_bytes": state_bytes,
             "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "loss": loss,
             "comm_bytes_by_dim": by_dim[0] if by_dim else {},
         }
-    except Exception:
-        result = {"error": traceback.format_exc()}
-    Path(out, f"rank{rank}.json").write_text(json.dumps(result))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+
+    run_rank(rank, world, port, out, work, DS_ACCELERATOR="cpu")
 
 
 def launch(variant: tuple, steps: int) -> dict:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as out:
-        ctx = mp.get_context("spawn")
-        world = variant[2]
-        procs = [
-            ctx.Process(target=worker, args=(r, port, variant, steps, out)) for r in range(world)
-        ]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(900)
-            if p.is_alive():
-                p.kill()
-        ranks = []
-        for r in range(world):
-            path = Path(out, f"rank{r}.json")
-            ranks.append(json.loads(path.read_text()) if path.exists() else {"error": "no result"})
-    errors = [r["error"] for r in ranks if "error" in r]
-    if errors:
-        return {"error": errors[0]}
+    ranks = launch_ranks(worker, variant[2], variant, steps)
+    if first_error(ranks):
+        return {"error": first_error(ranks)}
     warm = [t for r in ranks for t in r["times"][2:]] or [t for r in ranks for t in r["times"]]
     return {
         "step_s": statistics.median(warm),
