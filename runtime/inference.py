@@ -14,6 +14,9 @@ The artifact (by convention `*.strato`) is an uncompressed zip holding exactly:
   names to stored weights.
 - `graphs/prefill.json`, `graphs/decode.json` (causal LMs): generate's step graphs.
 - `weights.safetensors`: every tensor the graphs read (`get_attr`), each distinct one once.
+- `compiled/prefill.pt2`, `compiled/decode.pt2` (`export(..., compiled_code=True)`):
+  AOTInductor packages of the step graphs (runtime/compiled_code.py), native code that
+  `load` runs only when asked (`compiled_code=True`), after the same hash check.
 - `kernels/<op>.py` (graphs compiled with `fuse=True`): the generated kernel source of each
   fused op the graph calls; `graph.json`'s `kernels` holds each op's region (its ATen op
   list, see `codegen.region.region_to_json`).
@@ -56,20 +59,30 @@ generate, each graph's map from its tensor names to stored weights, and input si
 MEMBERS = ("manifest.json", "graph.json", "weights.safetensors")
 KERNEL_MEMBER = re.compile(r"kernels/[A-Za-z0-9_]+\.py")
 GRAPH_MEMBER = re.compile(r"graphs/(prefill|decode)\.json")
+COMPILED_MEMBER = re.compile(r"compiled/(prefill|decode)\.pt2")
 
 
 # ---------------------------------------------------------------------- export
 
 
-def export(engine, path: str | os.PathLike, *, generation: bool | None = None) -> Path:
+def export(
+    engine,
+    path: str | os.PathLike,
+    *,
+    generation: bool | None = None,
+    compiled_code: bool = False,
+) -> Path:
     """Write `engine`'s inference (eval-mode) graph and weights to one artifact file.
 
     For a Hugging Face causal LM (unless compiled with fuse=True, whose kernels fix the
     prompt length; or with `generation=True`) the artifact also holds the
     prefill and decode step graphs of `compiled.generate` (built now if not yet), so
     `strato.load(path).generate(...)` decodes with a KV cache; weights the graphs share are
-    stored once. The file is written next to `path` and renamed into place, so a failed
-    export never leaves a half-written artifact behind.
+    stored once. `compiled_code=True` adds the step graphs compiled ahead of time for this
+    CPU and torch (AOTInductor, minutes per graph), so `strato.load(path,
+    compiled_code=True)` decodes at compiled speed with no compile. The file is written
+    next to `path` and renamed into place, so a failed export never leaves a half-written
+    artifact behind.
     """
     from .compiled_model import CompiledModel
     from .generate import generator_for
@@ -111,6 +124,12 @@ def export(engine, path: str | os.PathLike, *, generation: bool | None = None) -
                 "inference_backend='fx' and load it with strato.load(path, "
                 "inference_backend='inductor')."
             )
+    if compiled_code and "generation" not in extra:
+        raise ArtifactError(
+            "strato.export(compiled_code=True): compiled code is built for generate's step "
+            f"graphs, and this artifact of {type(engine.model).__name__} has none (a Hugging "
+            "Face causal LM compiled without fuse has them)."
+        )
     weights = _SharedWeights()
     members: dict[str, bytes] = {}
     kernels: dict[str, tuple[dict, str]] = {}
@@ -132,6 +151,15 @@ def export(engine, path: str | os.PathLike, *, generation: bool | None = None) -
             kernels.update(graph_kernels)
         members[member] = json.dumps(graph, separators=(",", ":")).encode()
     sources = {f"kernels/{name}.py": source.encode() for name, (_, source) in kernels.items()}
+    if compiled_code:
+        from .compiled_code import build_info, compile_step
+        from .kv_cache import CacheLayout
+
+        layout = CacheLayout.from_json(extra["generation"]["layout"])
+        for kind in ("prefill", "decode"):
+            gm = graphs[f"graphs/{kind}.json"].gm
+            sources[f"compiled/{kind}.pt2"] = compile_step(gm, kind, layout)
+        extra["compiled_code"] = build_info()
     weights_bytes = save_safetensors(weights.tensors)
     quant = graphs["graph.json"].ctx.records.get("quantize", {})
     manifest = {
@@ -292,12 +320,13 @@ def _read_verified(
             )
         kernel_members = sorted(n for n in names if KERNEL_MEMBER.fullmatch(n))
         graph_members = sorted(n for n in names if GRAPH_MEMBER.fullmatch(n))
-        optional = [*kernel_members, *graph_members]
+        compiled_members = sorted(n for n in names if COMPILED_MEMBER.fullmatch(n))
+        optional = [*kernel_members, *graph_members, *compiled_members]
         if sorted(names) != sorted([*MEMBERS, *optional]):
             raise ArtifactError(
                 f"{path}: not a Strato inference artifact: members {sorted(names)}, "
                 f"expected exactly {list(MEMBERS)} (and kernels/<op>.py sources, "
-                "graphs/<name>.json step graphs)."
+                "graphs/<name>.json step graphs, compiled/<name>.pt2 compiled code)."
             )
         data = {name: zf.read(name) for name in [*MEMBERS, *optional]}
     try:
@@ -315,6 +344,7 @@ def _read_verified(
     for kind, pattern, present in (
         ("kernel sources", KERNEL_MEMBER, kernel_members),
         ("step graphs", GRAPH_MEMBER, graph_members),
+        ("compiled code", COMPILED_MEMBER, compiled_members),
     ):
         listed = sorted(n for n in files if pattern.fullmatch(str(n)))
         if listed != present:
@@ -336,6 +366,7 @@ def _read_verified(
         sources = {name: data[name].decode() for name in kernel_members}
     except Exception as exc:
         raise ArtifactError(f"{path}: cannot parse the graph, weights or kernels ({exc}).") from exc
+    manifest = {**manifest, "_compiled": {name: data[name] for name in compiled_members}}
     return manifest, graphs, tensors, sources
 
 
@@ -464,12 +495,16 @@ def _for_inductor(gm: fx.GraphModule, inputs: list[dict]) -> tuple[fx.GraphModul
     return gm, graph_runner(gm, ctx), ctx.records["lower_quantized_linears"]
 
 
-def load(path: str | os.PathLike, inference_backend: str = "fx") -> LoadedModel:
+def load(
+    path: str | os.PathLike, inference_backend: str = "fx", *, compiled_code: bool = False
+) -> LoadedModel:
     """Verify and load an artifact written by `strato.export`; nothing is unpickled.
 
     `inference_backend='inductor'` serves it as Strategy(inference_backend='inductor')
     would: quantized linears lowered to this machine's kernels, then torch.compile
-    (on the first call)."""
+    (on the first call). `compiled_code=True` runs the artifact's ahead-of-time compiled
+    step graphs (native code: only for artifacts you trust) when they were built for this
+    torch and CPU, else warns and serves the portable graphs."""
     from ..compiler.strategy import INFERENCE_BACKENDS
 
     if inference_backend not in INFERENCE_BACKENDS:
@@ -478,7 +513,22 @@ def load(path: str | os.PathLike, inference_backend: str = "fx") -> LoadedModel:
             f"got {inference_backend!r}."
         )
     manifest, graphs, tensors, sources = read_artifact(path)
+    packages = manifest.pop("_compiled")
     register_kernels(path, graphs, sources)
+    if compiled_code and not packages:
+        raise ArtifactError(
+            f"strato.load(compiled_code=True): {path} holds no compiled code; export it with "
+            "strato.export(compiled, path, compiled_code=True)."
+        )
+    compiled = None
+    if compiled_code:
+        from .compiled_code import CompiledSteps
+
+        compiled = CompiledSteps(
+            path,
+            {COMPILED_MEMBER.fullmatch(n).group(1): data for n, data in packages.items()},
+            manifest.get("compiled_code"),
+        )
     loaded = {}
     for member, graph in graphs.items():
         try:
@@ -495,13 +545,14 @@ def load(path: str | os.PathLike, inference_backend: str = "fx") -> LoadedModel:
             loaded[member] = (gm, inputs, run, lowering)
         else:
             loaded[member] = (gm, inputs, None, None)
-    steps = {
-        member.removeprefix("graphs/").removesuffix(".json"): LoadedModel(
-            gm, manifest, inputs, run=run, lowering=lowering
-        )
-        for member, (gm, inputs, run, lowering) in loaded.items()
-        if member != "graph.json"
-    }
+    steps = {}
+    for member, (gm, inputs, run, lowering) in loaded.items():
+        kind = member.removeprefix("graphs/").removesuffix(".json")
+        if member != "graph.json":
+            if compiled is not None and kind in compiled.runners:
+                run = compiled.runners[kind]
+            steps[kind] = LoadedModel(gm, manifest, inputs, run=run, lowering=lowering)
+            steps[kind].compiled_code = compiled  # keeps its extracted packages alive
     gm, inputs, run, lowering = loaded["graph.json"]
     return LoadedModel(gm, manifest, inputs, run=run, lowering=lowering, steps=steps)
 
