@@ -274,3 +274,33 @@ def test_many_rows_dequantize_on_cpus_without_avx512(monkeypatch, capability, wa
     assert ran == ["int8_linear_reference" if want == "reference" else "_int8_linear_aten"]
     expected = x @ ql.dequantize_int8(qw).t()
     torch.testing.assert_close(y, expected, atol=0.05 if want == "aten" else 1e-4, rtol=0.01)
+
+
+def test_gptq_batched_over_layers_equals_one_at_a_time():
+    """kernels/gptq.py stacks layers of one shape; each layer's codes are those it gets alone
+    (asymmetric, K padded to the group size, a dead input column)."""
+    from strato.kernels import gptq
+
+    torch.manual_seed(0)
+    weights, hessians = [], []
+    for _ in range(3):
+        x = torch.randn(256, 72) @ torch.randn(72, 72)
+        x[:, 5] = 0.0
+        hessians.append(x.double().t() @ x.double())
+        weights.append(torch.randn(40, 72))
+    batched = gptq.quantize_int4_gptq(
+        weights, hessians, group_size=32, symmetric=False, names=["a", "b", "c"]
+    )
+    for w, h, qw in zip(weights, hessians, batched):
+        alone = ql.quantize_int4(w, group_size=32, symmetric=False, hessian=h)
+        assert torch.equal(qw.qweight, alone.qweight)
+        assert torch.equal(qw.scales, alone.scales) and torch.equal(qw.zeros, alone.zeros)
+        assert qw.in_features == 72 and qw.out_features == 40
+    with pytest.raises(ql.QuantizationError, match=r"layer 'b': hessian must be \[72, 72\]"):
+        gptq.quantize_int4_gptq(
+            weights[:2],
+            [hessians[0], hessians[1][:8, :8]],
+            group_size=32,
+            symmetric=True,
+            names=["layer 'a'", "layer 'b'"],
+        )

@@ -115,3 +115,90 @@ def test_load_of_missing_or_foreign_files_says_what_it_is(tmp_path):
     text.write_text("hello")
     with pytest.raises(strato.ArtifactError, match="not a Strato inference artifact"):
         strato.load(text)
+
+
+def _serve_quality():
+    """bench/serve_quality.py as a module (bench scripts import their siblings by name)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("serve_quality", bench / "serve_quality.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(bench))
+    return module
+
+
+def test_quality_bench_evaluates_on_tokens_it_never_calibrated_on():
+    sq = _serve_quality()
+    split = sq.text_split(
+        10_000, calibration_sequences=4, calibration_len=256, windows=3, window=512
+    )
+    calibrated = {t for a, b in split["calibration"] for t in range(a, b)}
+    evaluated = {t for a, b in split["evaluation"] for t in range(a, b)}
+    assert len(calibrated) == 4 * 256 and len(evaluated) == 3 * 512
+    assert not calibrated & evaluated
+    # An explicit evaluation offset before the calibration slice is fine when disjoint ...
+    before = sq.text_split(
+        10_000,
+        calibration_sequences=2,
+        calibration_len=256,
+        windows=2,
+        window=512,
+        calibration_offset=4096,
+        eval_offset=0,
+    )
+    assert before["evaluation"][-1][1] <= before["calibration"][0][0]
+    # ... and refused when it overlaps, or runs past the text.
+    with pytest.raises(ValueError, match=r"evaluation tokens \[512, 1536\) overlap calibration"):
+        sq.text_split(
+            10_000,
+            calibration_sequences=4,
+            calibration_len=256,
+            windows=2,
+            window=512,
+            eval_offset=512,
+        )
+    with pytest.raises(ValueError, match="the text has 2000 tokens"):
+        sq.text_split(2000, calibration_sequences=4, calibration_len=256, windows=2, window=512)
+    tokens = torch.arange(10_000)
+    windows = sq.slices(tokens, split["evaluation"])
+    assert windows[0].shape == (1, 512) and int(windows[0][0, 0]) == 1024
+
+
+def test_gptq_on_a_tiny_llama_lowers_held_out_error_against_rounding():
+    """Calibrated on one slice of a token stream, scored on a disjoint one: GPTQ's logits
+    stay closer to fp32 than round-to-nearest at the same group size."""
+    torch.manual_seed(0)
+    model = tiny_llama(hidden_size=64, intermediate_size=128, max_position_embeddings=64).eval()
+    # A stream with structure (a repeating random phrase, perturbed), so layer inputs correlate.
+    g = torch.Generator().manual_seed(3)
+    phrase = torch.randint(0, 100, (24,), generator=g)
+    stream = phrase.repeat(40)
+    noise = torch.rand(stream.shape, generator=g) < 0.2
+    stream[noise] = torch.randint(0, 100, (int(noise.sum()),), generator=g)
+    calibration = [stream[i : i + 32][None] for i in range(0, 256, 32)]
+    held_out = [stream[i : i + 32][None] for i in range(512, 960, 32)]
+    ids = held_out[0]
+    example = {"input_ids": ids, "use_cache": False}
+
+    def held_out_error(quantize):
+        compiled = strato.compile(model, strato.Strategy(quantize=quantize), example_kwargs=example)
+        with torch.no_grad():
+            return sum(
+                (compiled(input_ids=x, use_cache=False).logits - model(input_ids=x).logits)
+                .pow(2)
+                .mean()
+                for x in held_out
+            )
+
+    rtn = held_out_error(strato.Quantize(weights="int4", group_size=32))
+    gptq = held_out_error(
+        strato.Quantize(weights="int4", group_size=32, method="gptq", calibration=calibration)
+    )
+    assert gptq < 0.8 * rtn, (float(gptq), float(rtn))
