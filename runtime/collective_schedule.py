@@ -124,6 +124,39 @@ def pipeline_schedule(record: dict[str, Any]) -> list[Collective]:
     return schedule
 
 
+def tensor_parallel_schedule(record: dict[str, Any]) -> list[Collective]:
+    """The tensor-parallel collectives, per split module (the tensor_parallel pass's
+    record; listed module by module, not in time order): ranks whose plans split other
+    modules, or the same ones along other dims, get a mismatch naming the first module."""
+    dim, dtype = record["mesh_dim"], f"{record['activation_bytes']}-byte activations"
+    forward = "reduce_scatter" if record["sequence_parallel"] else "all_reduce"
+    schedule: list[Collective] = [
+        ("tensor_parallel", (record["size"], int(record["sequence_parallel"])), "", dim)
+    ]
+    for name, info in sorted(record["parameters"].items()):
+        # The block's extent, not its offsets (those differ by rank).
+        cuts = [
+            [b - a for a, b in zip(step["starts"], step["stops"])]
+            if step["kind"] == "box"
+            else step["shape"]
+            for step in info["steps"]
+        ]
+        schedule.append((f"split {name}", tuple(info["shape"]), json.dumps(cuts), dim))
+    for module in record["vocab"]:
+        schedule.append((f"all_reduce (vocab-parallel embedding {module})", (), dtype, dim))
+    for module in record["column"]:  # backward: the gradient of the column inputs
+        schedule.append((f"all_reduce (input gradient of {module})", (), dtype, dim))
+    for module in record["row"]:
+        schedule.append((f"{forward} (output of {module})", (), dtype, dim))
+    for _ in range(record["vocab_cross_entropy"]):
+        schedule.append(("all_reduce (vocab-parallel cross-entropy)", (3,), "float32", dim))
+    for _ in range(record["gathered_outputs"]):
+        schedule.append(("all_gather (split graph output)", (), dtype, dim))
+    for whole in record["gradients_summed"]:
+        schedule.append((f"all_reduce (gradient of {whole['value']})", (), dtype, dim))
+    return schedule
+
+
 def _stage_local(record: dict[str, Any]) -> bool:
     return bool(record.get("stage_local"))
 
@@ -153,6 +186,8 @@ def step_schedule(records: dict[str, Any], mesh: Any | None = None) -> list[Coll
         schedule += pipeline_schedule(records["pipeline_cut"])
     if "moe_dispatch" in records:
         schedule += moe_schedule(records["moe_dispatch"])
+    if "tensor_parallel" in records:
+        schedule += tensor_parallel_schedule(records["tensor_parallel"])
     if mesh is not None:
         schedule.append(("mesh", tuple(mesh.sizes.values()), "", ",".join(mesh.dims)))
     return schedule

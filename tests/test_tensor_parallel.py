@@ -99,3 +99,22 @@ def test_global_norm_counts_only_the_pieces_this_rank_writes_and_scales_all():
     assert clip_grad_norm_(grads, counting, 3.0) == pytest.approx(6.0)
     torch.testing.assert_close(grads["a"], torch.full((4,), 1.5), rtol=1e-6, atol=0)
     torch.testing.assert_close(grads["b"], torch.full((4,), 2.0), rtol=1e-6, atol=0)
+
+
+def test_a_plan_shards_what_the_matcher_does_not_find():
+    """OddMLPNet's MLP linears live in two sibling modules: the matcher pairs none of them,
+    the plan makes them column/row pairs (size 1: every rewrite made, eager's math kept)."""
+    steps = 2
+    want_losses, want = tp_worker.eager_train("odd", steps)
+    unplanned = tp_worker.make_engine({"model": "odd", "size": 1}, rank=0, world=1)
+    assert unplanned.context.records["tensor_parallel"]["row"] == []
+    spec = {"model": "odd", "size": 1, "plan": tp_worker.ODD_PLAN}
+    engine = tp_worker.make_engine(spec, rank=0, world=1)
+    record = engine.context.records["tensor_parallel"]
+    assert record["row"] == ["squeeze.0.dense", "squeeze.1.dense"], record
+    assert {"widen.0.dense", "widen.1.dense"} <= set(record["column"]), record
+    losses = [engine.train_step(**tp_worker.global_batch("odd", s)) for s in range(steps)]
+    torch.testing.assert_close(losses, want_losses, atol=1e-5, rtol=0)
+    got = engine.full_state_dict()
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, atol=1e-5, rtol=0, msg=key)

@@ -224,20 +224,21 @@ def test_tp2_serving_equals_single_process(int8, tmp_path):
         assert torch.equal(r["ids"], want_ids)
 
 
-GENERATE_VARIANTS = [
-    {"model": "llama"},
-    {"model": "llama", "int8": True, "padded": True},
-    {"model": "gpt2", "padded": True},
-    {"model": "gpt2", "int8": True},
-]
+GENERATE_VARIANTS = {
+    "llama": [{"model": "llama"}, {"model": "llama", "int8": True, "padded": True}],
+    "gpt2": [{"model": "gpt2", "padded": True}, {"model": "gpt2", "int8": True}],
+}
 
 
-def test_tp2_generate_equals_single_process(tmp_path):
+@pytest.mark.timeout(600)  # two compiles (prefill, decode) per variant on each rank
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_tp2_generate_equals_single_process(name, tmp_path):
     """`compiled.generate` at TP=2 (HF Llama with GQA, GPT-2; fp32 and int8; batched
     prompts, one left-padded): each rank's KV caches hold its half of the KV heads, and the
     greedy tokens equal one process's."""
-    per_rank = launch({"kind": "generate", "variants": GENERATE_VARIANTS}, 2, tmp_path, 400)
-    for i, variant in enumerate(GENERATE_VARIANTS):
+    variants = GENERATE_VARIANTS[name]
+    per_rank = launch({"kind": "generate", "variants": variants}, 2, tmp_path)
+    for i, variant in enumerate(variants):
         prompt, mask = tp_worker.generation_prompt(variant.get("padded", False))
         want = tp_worker.generation_compile(variant, 1).generate(
             prompt, max_new_tokens=6, attention_mask=mask
@@ -248,7 +249,34 @@ def test_tp2_generate_equals_single_process(tmp_path):
             heads, head_dim = r["whole_key_shape"]
             assert r["key_shape"] == (heads // 2, head_dim), (variant, r)
             assert r["split_inputs"] == {"keys": 2, "values": 2}, r
-            assert len(r["column"]) == 5 * 2 + 1 if variant["model"] == "llama" else 2 * 2 + 1
+            # q, k, v, gate, up per Llama layer (c_attn, c_fc per GPT-2 layer), the LM head
+            assert len(r["column"]) == (5 if name == "llama" else 2) * 2 + 1, r["column"]
+
+
+def test_a_rank_with_another_plan_fails_naming_the_module_not_hanging(tmp_path):
+    """The tensor-parallel collectives are in the ranks-agree digest: a rank whose plan
+    keeps a block whole is told which split differs, on every rank, before any step."""
+    results = launch({"kind": "mismatch", "model": "gpt"}, 2, tmp_path, timeout=120)
+    for rank, r in enumerate(results):
+        error = r["error"]
+        assert error and error.startswith("CollectiveMismatchError"), (rank, error)
+        assert "split blocks.1.mlp." in error and "group=tensor" in error, (rank, error)
+
+
+def test_tp2_plan_for_modules_the_matcher_misses_matches_eager(tmp_path):
+    """OddMLPNet's MLP halves sit in sibling modules; TensorParallel.plan makes them
+    column/row pairs: losses and weights equal eager's, each rank holding half of each."""
+    steps = 4
+    spec = {"kind": "train", "model": "odd", "steps": steps, "plan": tp_worker.ODD_PLAN}
+    results = launch(spec, 2, tmp_path)
+    want_losses, want = tp_worker.eager_train("odd", steps)
+    for rank, r in enumerate(results):
+        torch.testing.assert_close(r["losses"], want_losses, atol=TOL, rtol=0, msg=f"rank {rank}")
+        for key, value in want.items():
+            torch.testing.assert_close(r["full"][key], value, atol=TOL, rtol=0, msg=key)
+        assert r["record"]["row"] == ["squeeze.0.dense", "squeeze.1.dense"], r["record"]
+        box = r["layout"]["tensors"]["widen.0.dense.weight"]["steps"][0]
+        assert box["stops"][0] - box["starts"][0] == 48, box  # half of 3 x 32 features
 
 
 def test_sizes_that_do_not_divide_name_the_module_and_numbers(tmp_path):

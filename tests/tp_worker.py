@@ -21,16 +21,52 @@ BATCH = 4
 LR = 0.1
 
 
+class _Projection(torch.nn.Module):
+    """One linear wrapped in its own module (so the matcher, which pairs linears of one
+    module, never sees a column/row pair)."""
+
+    def __init__(self, d_in: int, d_out: int) -> None:
+        super().__init__()
+        self.dense = torch.nn.Linear(d_in, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense(x)
+
+
+class OddMLPNet(torch.nn.Module):
+    """Token embedding, residual MLPs split over two submodules (`widen.dense` ->
+    gelu -> `squeeze.dense`), LM head, cross-entropy: only a plan shards the MLPs."""
+
+    def __init__(self, vocab: int = 64, width: int = 32, layers: int = 2) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.norms = torch.nn.ModuleList(torch.nn.LayerNorm(width) for _ in range(layers))
+        self.widen = torch.nn.ModuleList(_Projection(width, 3 * width) for _ in range(layers))
+        self.squeeze = torch.nn.ModuleList(_Projection(3 * width, width) for _ in range(layers))
+        self.head = torch.nn.Linear(width, vocab, bias=False)
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        x = self.embed(idx)
+        for norm, widen, squeeze in zip(self.norms, self.widen, self.squeeze):
+            x = x + squeeze(torch.nn.functional.gelu(widen(norm(x))))
+        logits = self.head(x)
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+ODD_PLAN = {"widen.*.dense": "column", "squeeze.*.dense": "row"}
+"""The plan that shards OddMLPNet's MLPs Megatron-style."""
+
+
 def build_model(name: str, seed: int = 0) -> torch.nn.Module:
-    if name == "gpt":
+    if name in ("gpt", "odd"):
         torch.manual_seed(seed)
-        return GPT(GPT_CFG)
+        return GPT(GPT_CFG) if name == "gpt" else OddMLPNet()
     return hf_model(name, seed)
 
 
 def global_batch(name: str, step: int, size: int = BATCH) -> dict:
     """Batch `step` as keyword inputs (our GPT: idx/targets; HF: input_ids/labels...)."""
-    if name == "gpt":
+    if name in ("gpt", "odd"):
         x, y = batch(step, size, GPT_CFG)
         return {"idx": x, "targets": y}
     return hf_batch(name, step, size=size)
@@ -78,7 +114,9 @@ def make_engine(spec: dict, rank: int, world: int):
     name = spec["model"]
     model = build_model(name)
     tp = strato.TensorParallel(
-        size=spec.get("size", 2), sequence_parallel=spec.get("sequence_parallel", False)
+        size=spec.get("size", 2),
+        sequence_parallel=spec.get("sequence_parallel", False),
+        plan=spec.get("plan"),
     )
     strategy = strato.Strategy(
         optimizer=strato.SGD(lr=LR, momentum=0.9),
@@ -89,7 +127,7 @@ def make_engine(spec: dict, rank: int, world: int):
         mesh=strato.Mesh(**spec.get("mesh", {})),
     )
     example = local_batch(spec, 0, rank, world)
-    if name != "gpt":
+    if name not in ("gpt", "odd"):
         example = {**example_kwargs(name, size=len(example["labels"])), **example}
     return strato.compile(model, strategy, example_kwargs=example)
 
@@ -256,7 +294,21 @@ def generation_prompt(padded: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     return ids, mask
 
 
+def scenario_mismatch(rank: int, spec: dict, out: Path) -> dict:
+    """Rank 1 keeps the second MLP whole (plan 'replicate'), rank 0 splits it: building the
+    engine must fail on every rank with the first differing collective, not hang."""
+    import strato
+
+    mine = {**spec, "plan": {"blocks.1.mlp.*": "replicate"} if rank == 1 else None}
+    try:
+        make_engine(mine, rank, dist.get_world_size())
+    except strato.StratoError as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    return {"error": None}
+
+
 SCENARIOS = {
+    "mismatch": scenario_mismatch,
     "train": scenario_train,
     "load": scenario_load,
     "serve": scenario_serve,
