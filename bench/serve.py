@@ -16,16 +16,21 @@ through the default `compiled.generate` path (no backend flag):
   `generate`, minus that call's own prefill;
 - GPTQ seconds (calibration + quantization) and perplexity (teacher-forced, on `--text`).
 
-llama.cpp runs the same prompts with `--gguf` when `llama_cpp` imports (a peer, never a
-dependency); otherwise the table says why it is missing. Prints a table, writes JSON.
+llama.cpp runs a 32-token prompt, decode and 128/512-token prefills with `--gguf`, in a
+subprocess of `--llama-python` (an interpreter where `llama_cpp` imports, e.g. its own
+venv: a peer, never a dependency); otherwise the table says why it is missing.
+`--compiled-code` exports the artifact with its step graphs compiled ahead of time and
+times the first token from them. Prints a table, writes JSON.
 
     python bench/serve.py [--layers 30] [--new-tokens 32] [--threads 2] [--gptq]
-        [--hf-dir DIR --text FILE] [--gguf FILE] [--out bench/results/serve.json]
+        [--hf-dir DIR --text FILE] [--gguf FILE --llama-python PYTHON] [--compiled-code]
+        [--out bench/results/serve.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -117,19 +122,20 @@ def timed_prefill(compiled, length: int, vocab: int) -> float:
     return length / compiled.last_generation.prefill_s
 
 
-def first_token_in_new_process(compiled, threads: int, vocab: int) -> dict:
-    """Export, then in a fresh interpreter: load + a 1-token generate of a 32-token prompt."""
+def first_token_in_new_process(compiled, threads: int, vocab: int, code: bool = False) -> dict:
+    """Export, then in a fresh interpreter: load + a 1-token generate of a 32-token prompt
+    (`code`: the artifact's ahead-of-time compiled step graphs)."""
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "model.strato"
         start = time.perf_counter()
-        strato.export(compiled, path)
+        strato.export(compiled, path, compiled_code=code)
         export_s = time.perf_counter() - start
         script = (
             "import sys, time, torch\n"
             f"torch.set_num_threads({threads})\n"
             "start = time.perf_counter()\n"
             "import strato\n"
-            "served = strato.load(sys.argv[1])\n"
+            f"served = strato.load(sys.argv[1], compiled_code={code})\n"
             "loaded = time.perf_counter()\n"
             f"ids = torch.randint(3, {vocab}, (1, 32))\n"
             "served.generate(ids, 1, eos_token_id=[])\n"
@@ -174,25 +180,47 @@ def text_ids(args, vocab: int):
     return held_out, batches, "random weights and tokens: perplexity only compares variants"
 
 
+LLAMA_CPP_SCRIPT = """
+import json, sys, time
+import llama_cpp
+gguf, threads, new_tokens, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+model = llama_cpp.Llama(gguf, n_threads=threads, n_threads_batch=threads, n_ctx=1024,
+                        n_batch=512, verbose=False)
+vocab = model.n_vocab()
+def prompt(n):
+    return [3 + (7 * i) % (vocab - 3) for i in range(n)]
+def decode():
+    model.reset()
+    model.eval(prompt(24))
+    start = time.perf_counter()
+    for _ in range(new_tokens):
+        model.eval([int(model.sample(top_k=1))])
+    return new_tokens / (time.perf_counter() - start)
+def prefill(n):
+    model.reset()
+    start = time.perf_counter()
+    model.eval(prompt(n))
+    return n / (time.perf_counter() - start)
+decode()
+out = {"decode_tokens_per_s": sorted(decode() for _ in range(rounds))[rounds // 2]}
+out["prefill_tokens_per_s"] = {n: max(prefill(n) for _ in range(2)) for n in (128, 512)}
+print(json.dumps(out))
+"""
+
+
 def llama_cpp_row(args) -> dict:
-    try:
-        import llama_cpp
-    except ImportError:
-        return {"skipped": "llama-cpp-python is not installed (pip install llama-cpp-python)"}
+    """llama.cpp's decode and prefill tokens/s on `--gguf`, run by `--llama-python`."""
     if not args.gguf:
         return {"skipped": "no --gguf file given"}
-    model = llama_cpp.Llama(args.gguf, n_threads=args.threads, verbose=False, n_ctx=1024)
-    prompt = list(range(3, 35))
-    start = time.perf_counter()
-    model.eval(prompt)
-    prefill_s = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(args.new_tokens):
-        model.eval([int(model.sample())])
-    return {
-        "prefill_tokens_per_s": len(prompt) / prefill_s,
-        "decode_tokens_per_s": args.new_tokens / (time.perf_counter() - start),
-    }
+    python = args.llama_python or sys.executable
+    found = subprocess.run([python, "-c", "import llama_cpp"], capture_output=True)
+    if found.returncode:
+        return {"skipped": f"llama_cpp does not import in {python} (pip install llama-cpp-python)"}
+    cmd = [python, "-c", LLAMA_CPP_SCRIPT, args.gguf, str(args.threads), str(args.new_tokens)]
+    out = subprocess.run([*cmd, str(args.rounds)], capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.splitlines()[-1])
+    result["gguf"] = args.gguf
+    return result
 
 
 def run(args) -> dict:
@@ -248,7 +276,9 @@ def run(args) -> dict:
         if quantize is not None and quantize.method == "gptq":
             row["gptq_s"] = next(r.seconds for r in compiled.history if r.name == "quantize")
         if not args.skip_first_token:
-            row["first_token"] = first_token_in_new_process(compiled, args.threads, vocab)
+            row["first_token"] = first_token_in_new_process(
+                compiled, args.threads, vocab, args.compiled_code
+            )
         rows.append(row)
     return {
         "meta": {
@@ -293,10 +323,16 @@ def print_table(result: dict) -> None:
     if "skipped" in peer:
         print(f"llama.cpp: skipped ({peer['skipped']})")
     else:
+        pre = peer["prefill_tokens_per_s"]
         print(
-            f"llama.cpp: decode {peer['decode_tokens_per_s']:.1f} tok/s, prefill "
-            f"{peer['prefill_tokens_per_s']:.1f} tok/s"
+            f"llama.cpp ({Path(peer['gguf']).name}): decode {peer['decode_tokens_per_s']:.1f} "
+            f"tok/s, prefill 128: {pre['128']:.1f}, 512: {pre['512']:.1f} tok/s"
         )
+        for r in result["rows"]:
+            print(
+                f"  {r['variant']:<15} decode / llama.cpp "
+                f"{r['decode_tokens_per_s_batch1'] / peer['decode_tokens_per_s']:.2f}x"
+            )
 
 
 def main() -> None:
@@ -308,6 +344,10 @@ def main() -> None:
     parser.add_argument("--text", help="held-out text for perplexity (with --hf-dir)")
     parser.add_argument("--ppl-tokens", type=int, default=256)
     parser.add_argument("--gguf", help="the same model as GGUF, for llama.cpp")
+    parser.add_argument("--llama-python", help="a Python where llama_cpp imports (its venv)")
+    parser.add_argument(
+        "--compiled-code", action="store_true", help="first token from AOT-compiled steps"
+    )
     parser.add_argument("--gptq", action="store_true", help="add int4 g32 GPTQ")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
