@@ -82,6 +82,7 @@ def train_strategy(spec: dict):
         zero=spec.get("zero", 0),
         precision=spec.get("precision", "fp32"),
         moe=strato.ExpertParallel(size=spec["expert_size"]),
+        grad_clip=spec.get("grad_clip"),
     )
 
 
@@ -97,9 +98,12 @@ def scenario_train(rank: int, world: int, spec: dict, out_dir: Path) -> dict:
     if spec.get("load"):
         engine.load_checkpoint(spec["load"])
         loaded = engine.full_state_dict()
-    losses = [engine.train_step(*local_batch(step, rank, world)) for step in range(spec["steps"])]
+    losses, norms = [], []
+    for step in range(spec["steps"]):
+        losses.append(engine.train_step(*local_batch(step, rank, world)))
+        norms.append(engine.stats()["grad_norm"])
     full = engine.full_state_dict()
-    result = {"losses": losses, "full": full, "stats": engine.stats(), "mesh": str(engine.mesh),
+    result = {"losses": losses, "grad_norms": norms, "full": full, "stats": engine.stats(), "mesh": str(engine.mesh),
               "record": engine.context.records.get("moe_dispatch"), "loaded": loaded,
               "shapes": {n: tuple(p.shape) for n, p in model.named_parameters()},
               "graph": engine.graph.print_readable(print_output=False) if rank == 0 else ""}  # fmt: skip

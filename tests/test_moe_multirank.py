@@ -63,29 +63,36 @@ def test_expert_parallel_layer_equals_the_local_layer(tmp_path, drop_tokens):
     assert sum(r["step_bytes"] for r in results) == routed * 16 * 4 * 2 * 2
 
 
-def eager_reference(steps: int, layer: dict | None = None):
-    """One process over every rank's micro-batch: mean loss, aux losses scaled 1/world."""
+def eager_reference(steps: int, layer: dict | None = None, grad_clip: float | None = None):
+    """One process over every rank's micro-batch: mean loss, aux losses scaled 1/world;
+    with `grad_clip`, torch's clip_grad_norm_ over the whole model (norms returned)."""
     from strato.runtime import moe
 
     model = moe_worker.moe_gpt(**(layer or {}))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    losses = []
+    losses, norms = [], []
     for step in range(steps):
         with moe.scaled_loss_grad(1 / WORLD):
             parts = [model(*moe_worker.local_batch(step, r, WORLD)) for r in range(WORLD)]
             loss = sum(parts) / WORLD
             loss.backward()
+        if grad_clip is not None:
+            norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)))
         optimizer.step()
         optimizer.zero_grad()
         losses.append(float(loss.detach()))
-    return losses, {n: p.detach().clone() for n, p in model.state_dict().items()}
+    return losses, {n: p.detach().clone() for n, p in model.state_dict().items()}, norms
 
 
-def check_parity(results: list[dict], steps: int, tol: float = TOL) -> None:
-    ref_losses, ref_state = eager_reference(steps)
+def check_parity(
+    results: list[dict], steps: int, tol: float = TOL, grad_clip: float | None = None
+) -> None:
+    ref_losses, ref_state, ref_norms = eager_reference(steps, grad_clip=grad_clip)
     for step in range(steps):
         mean = sum(r["losses"][step] for r in results) / WORLD
         assert abs(mean - ref_losses[step]) <= tol, f"step {step}: {mean} vs {ref_losses[step]}"
+        for r in results[: bool(ref_norms)]:  # every expert shard counted once in the norm
+            assert r["grad_norms"][step] == pytest.approx(ref_norms[step], abs=tol), step
     for r in results:
         for name, want in ref_state.items():
             torch.testing.assert_close(r["full"][name], want, atol=tol, rtol=0, msg=name)
@@ -111,14 +118,14 @@ def check_experts_sharded(results: list[dict]) -> None:
         assert stats["expert_weight_bytes"] == 2 * WHOLE_NUMEL // 2 * 4
 
 
-@pytest.mark.parametrize("zero", [0, 1, 3])
-def test_expert_parallel_training_matches_eager(tmp_path, zero):
-    """EP=2 under data parallelism, ZeRO-1 and ZeRO-3 (which DeepSpeed refuses with MoE),
-    each rank storing only its experts."""
+@pytest.mark.parametrize("zero,grad_clip", [(0, None), (1, 0.05), (3, None)])
+def test_expert_parallel_training_matches_eager(tmp_path, zero, grad_clip):
+    """EP=2 under data parallelism, ZeRO-1 with global grad-norm clipping and ZeRO-3
+    (which DeepSpeed refuses with MoE), each rank storing only its experts."""
     spec = {"kind": "train", "expert_size": 2, "zero": zero, "optimizer": "sgd", "steps": 3,
-            "checkpoint": zero == 3}  # fmt: skip
+            "checkpoint": zero == 3, "grad_clip": grad_clip}  # fmt: skip
     results = launch(spec, tmp_path)
-    check_parity(results, 3)
+    check_parity(results, 3, grad_clip=grad_clip)
     check_experts_sharded(results)
     record = results[0]["record"]
     assert record["rewritten"] and record["expert_group"] == [0, 1]
@@ -160,7 +167,7 @@ def test_expert_parallel_bf16_trains(tmp_path):
             "precision": "bf16"}  # fmt: skip
     results = launch(spec, tmp_path)
     assert results[0]["record"]["compute_dtype"] == "bfloat16"
-    ref_losses, _ = eager_reference(2)
+    ref_losses, _, _ = eager_reference(2)
     for step in range(2):
         mean = sum(r["losses"][step] for r in results) / WORLD
         assert abs(mean - ref_losses[step]) <= 5e-2
