@@ -180,7 +180,8 @@ def _attend_grouped(graph: fx.Graph) -> int:
         node.args = (node.args[0], key[0], value[0], *node.args[3:])
         node.kwargs = {**node.kwargs, "enable_gqa": True}
         count += 1
-        for reshape in dict.fromkeys(repeated):  # reshape -> expand -> unsqueeze, each once nothing reads it
+        # reshape -> expand -> unsqueeze, each erased once nothing reads it
+        for reshape in dict.fromkeys(repeated):
             chain = [reshape, reshape.args[0], reshape.args[0].args[0]]
             for dead in chain:
                 if not dead.users:
