@@ -1,13 +1,14 @@
 """Tensor parallelism: TP=2 vs DP=2 training (step time, per-rank model-state bytes) and
 TP=2 vs one process for serving forwards, on a Llama-style model, in one run.
 
-    .venv/bin/python bench/tp.py [--steps 6] [--layers 4] [--hidden 256]
+    .venv/bin/python bench/tp.py [--steps 6] [--layers 4] [--hidden 256] [--new-tokens 16]
 
 Ranks are real processes over gloo (CPU), so the numbers show the communication a
 strategy adds on this machine, not GPU speed. Both training runs see the same global batch
 (TP: every rank the whole batch; DP: half each). Serving: one forward of a 16-token prompt
-of batch 1 (the eval graph; KV-cache generation through `compiled.generate` does not run
-tensor-parallel yet). DeepSpeed AutoTP (`init_inference(tensor_parallel=...)`) is run when
+of batch 1 (the eval graph), and KV-cache decoding through `compiled.generate` (ms per new
+token after the first, median of 3 runs of --new-tokens; each TP rank's caches hold half
+the KV heads), with the process CPU time per generated token. DeepSpeed AutoTP (`init_inference(tensor_parallel=...)`) is run when
 deepspeed is installed, else the row says so. Writes bench/results/tp.json.
 """
 
@@ -89,7 +90,19 @@ def _serve(mode: str, args: dict, rank: int, world: int) -> dict:
             start = time.perf_counter()
             compiled(input_ids=ids, use_cache=False)
             times.append(time.perf_counter() - start)
-    return {"forward_ms": 1e3 * statistics.median(times)}
+        # KV-cache decoding (each rank's caches hold its half of the KV heads under TP).
+        compiled.generate(ids, max_new_tokens=4)  # compiles the prefill and decode graphs
+        decode, cpu = [], time.process_time()
+        for _ in range(3):
+            compiled.generate(ids, max_new_tokens=args["new_tokens"])
+            run = compiled.last_generation
+            decode.append(run.decode_s / (run.new_tokens - 1))
+        cpu = (time.process_time() - cpu) / (3 * args["new_tokens"])
+    return {
+        "forward_ms": 1e3 * statistics.median(times),
+        "decode_ms_per_token": 1e3 * statistics.median(decode),
+        "generate_cpu_ms_per_token": 1e3 * cpu,
+    }
 
 
 def _worker(rank: int, world: int, port: int, job: tuple, out: str) -> None:
@@ -133,9 +146,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--out", default="bench/results/tp.json")
     ns = parser.parse_args()
-    args = {"steps": ns.steps, "layers": ns.layers, "hidden": ns.hidden}
+    args = {
+        "steps": ns.steps,
+        "layers": ns.layers,
+        "hidden": ns.hidden,
+        "new_tokens": ns.new_tokens,
+    }
     tmp = Path(ns.out).parent / ".tp_runs"
     rows = {}
     for mode in ("tp", "dp"):
@@ -151,12 +170,19 @@ def main() -> None:
         "rows": rows,
         "deepspeed_autotp": _deepspeed_row(),
     }
-    print(f"{'run':<18} {'step s':>8} {'state MiB/rank':>15} {'forward ms':>11}")
+    print(
+        f"{'run':<18} {'step s':>8} {'state MiB/rank':>15} {'forward ms':>11} "
+        f"{'decode ms/token':>16} {'cpu ms/token':>13}"
+    )
     for name, row in rows.items():
         step = f"{row['step_s']:.3f}" if "step_s" in row else "-"
         state = f"{row['model_state_bytes'] / 2**20:.1f}" if "model_state_bytes" in row else "-"
         fwd = f"{row['forward_ms']:.1f}" if "forward_ms" in row else "-"
-        print(f"{name:<18} {step:>8} {state:>15} {fwd:>11}")
+        dec = f"{row['decode_ms_per_token']:.2f}" if "decode_ms_per_token" in row else "-"
+        cpu = (
+            f"{row['generate_cpu_ms_per_token']:.2f}" if "generate_cpu_ms_per_token" in row else "-"
+        )
+        print(f"{name:<18} {step:>8} {state:>15} {fwd:>11} {dec:>16} {cpu:>13}")
     print(result["deepspeed_autotp"])
     print(f"wrote {write_json(result, ns.out)}")
 

@@ -255,6 +255,7 @@ def tensor_parallel(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             f"{exc.reason} (node {exc.node.name}: {exc.node.format_node()}); change the plan."
         ) from None
     propagation.commit()
+    _split_dropouts(gm.graph, propagation, key)
     if inputs:
         finish_split_inputs(gm, ctx, propagation, inputs, key, skipped)
     rank = group.rank
@@ -364,6 +365,10 @@ def tensor_parallel(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     _refresh(gm, ctx)
     if config.sequence_parallel:
         summed += _sequence_parallel(gm, ctx, key, size)
+    dropouts = [n.args[1] for n in graph.nodes if n.target is tp_runtime.tp_dropout]
+    dropouts += [n.args[1] for n in graph.nodes if op_name(n) == "dropout"]
+    if ctx.training and any(not isinstance(p, float) or p > 0 for p in dropouts):
+        tp_runtime.sync_rng(key)  # replicated dropout: the same masks on every rank
     act = {"fp32": 4}.get(ctx.strategy.precision, 2)
     ctx.record(
         TENSOR + "_parallel",
@@ -514,10 +519,21 @@ def _sequence_parallel(gm: fx.GraphModule, ctx: CompileContext, key: str, size: 
             sink.target, sink.args = tp_runtime.tp_copy, (sink.args[0], key)
             sink.meta["strato_tp"]["op"] = "copy"
     propagation.commit()
+    _split_dropouts(graph, propagation, key)
     _gather_outputs(graph, propagation, key)
     summed = _sum_gradients(graph, propagation, key)
     _refresh(gm, ctx)
     return summed
+
+
+def _split_dropouts(graph: fx.Graph, propagation: SplitPropagation, key: str) -> None:
+    """Dropout on a split value draws the whole value's mask and keeps this rank's slice
+    (`tp_dropout`): one process's masks, and the same random numbers used on every rank."""
+    for node, dim in propagation.split.items():
+        if op_name(node) == "dropout" and isinstance(dim, int):
+            x, p, train = node.args[:3]
+            node.target, node.args = tp_runtime.tp_dropout, (x, p, train, dim, key)
+            node.meta["strato_tp"] = {"op": "dropout", "mesh_dim": TENSOR}
 
 
 def _call(graph: fx.Graph, fn, args: tuple, op: str) -> fx.Node:

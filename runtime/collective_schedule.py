@@ -176,8 +176,12 @@ def stage_schedule(records: dict[str, Any]) -> list[Collective]:
 def step_schedule(records: dict[str, Any], mesh: Any | None = None) -> list[Collective]:
     """The collectives one training step issues, as the compile records describe them,
     then the mesh's dimension sizes (so the digest covers every group). A pipeline rank's
-    stage-local ZeRO / data-parallel part is in `stage_schedule` instead."""
+    stage-local ZeRO / data-parallel part is in `stage_schedule` instead. Tensor-parallel
+    collectives come first (the forward's), so a rank with another plan is told which split
+    differs rather than which gradient bucket."""
     schedule: list[Collective] = []
+    if "tensor_parallel" in records:
+        schedule += tensor_parallel_schedule(records["tensor_parallel"])
     if "zero" in records and not _stage_local(records["zero"]):
         schedule += zero_schedule(records["zero"])
     if "data_parallel" in records and not _stage_local(records["data_parallel"]):
@@ -186,8 +190,6 @@ def step_schedule(records: dict[str, Any], mesh: Any | None = None) -> list[Coll
         schedule += pipeline_schedule(records["pipeline_cut"])
     if "moe_dispatch" in records:
         schedule += moe_schedule(records["moe_dispatch"])
-    if "tensor_parallel" in records:
-        schedule += tensor_parallel_schedule(records["tensor_parallel"])
     if mesh is not None:
         schedule.append(("mesh", tuple(mesh.sizes.values()), "", ",".join(mesh.dims)))
     return schedule

@@ -303,3 +303,34 @@ def tp_whole_stand_in(x: torch.Tensor, dim: int, group: str) -> torch.Tensor:
     shape = list(x.shape)
     shape[dim] *= group_of(group).size
     return x.new_zeros(()).expand(shape)
+
+
+def tp_dropout(x: torch.Tensor, p: float, train: bool, dim: int, group: str) -> torch.Tensor:
+    """Dropout of a value split along `dim` (local heads, sequence shards): the keep-mask is
+    drawn for the whole value, as one process would draw it, and each rank keeps its slice.
+    So the masks equal a single process's, and every rank of the group consumes the same
+    random numbers: dropout on replicated values after it draws identical masks."""
+    if not train or p == 0.0 or is_fake(x) or group_of(group).size == 1:
+        return torch.ops.aten.dropout.default(x, p, train)
+    shape = list(x.shape)
+    shape[dim] *= group_of(group).size
+    keep = torch.empty(shape, dtype=x.dtype, device=x.device).bernoulli_(1 - p)
+    return x * _own_slice(keep, dim, group).div_(1 - p)
+
+
+def sync_rng(group: str) -> None:
+    """Give every rank of the tensor group the first rank's default CPU (and current CUDA)
+    generator state, so dropout on replicated values draws the same masks everywhere."""
+    members = group_of(group)
+    if members.size == 1:
+        return
+    states = [torch.get_rng_state()]
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states.append(torch.cuda.get_rng_state())
+    for i, state in enumerate(states):
+        buffer = state.to(members.device)
+        collectives.broadcast(buffer, src=members.ranks[0], group=members)
+        if i == 0:
+            torch.set_rng_state(buffer.cpu())
+        else:
+            torch.cuda.set_rng_state(buffer.cpu())

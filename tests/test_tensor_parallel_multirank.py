@@ -279,6 +279,30 @@ def test_tp2_plan_for_modules_the_matcher_misses_matches_eager(tmp_path):
         assert box["stops"][0] - box["starts"][0] == 48, box  # half of 3 x 32 features
 
 
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "sp"])
+def test_tp2_dropout_draws_one_process_masks(sequence_parallel, tmp_path):
+    """Dropout 0.1 on our GPT, each rank seeded differently before compile: the pass gives
+    the tensor group rank 0's stream, dropout on split values (local heads, sequence
+    shards) keeps its slice of the whole value's mask, so replicated activations stay
+    identical across ranks and every step equals eager's with that seed (SGD)."""
+    steps = 4
+    spec = {
+        "kind": "train",
+        "model": "gpt",
+        "steps": steps,
+        "dropout": 0.1,
+        "sequence_parallel": sequence_parallel,
+    }
+    results = launch(spec, 2, tmp_path)
+    want_losses, want, _ = tp_worker.eager_train_clipped("gpt", steps, None, dropout=0.1)
+    for rank, r in enumerate(results):
+        torch.testing.assert_close(r["losses"], want_losses, atol=TOL, rtol=0, msg=f"rank {rank}")
+        for key, value in want.items():
+            torch.testing.assert_close(r["full"][key], value, atol=TOL, rtol=0, msg=key)
+    no_dropout, _, _ = tp_worker.eager_train_clipped("gpt", steps, None)
+    assert max(abs(a - b) for a, b in zip(want_losses, no_dropout)) > 1e-3  # dropout was on
+
+
 def test_sizes_that_do_not_divide_name_the_module_and_numbers(tmp_path):
     errors = launch({"kind": "errors"}, 2, tmp_path)[0]
     assert "blocks.0.attn" in errors["heads"] and "3 attention heads" in errors["heads"]

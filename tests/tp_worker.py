@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from tests.training_utils import batch
 GPT_CFG = GPTConfig(vocab_size=64, seq_len=12, d_model=32, n_layers=2, n_heads=4)
 BATCH = 4
 LR = 0.1
+DROPOUT_SEED = 1234
 
 
 class _Projection(torch.nn.Module):
@@ -57,11 +59,11 @@ ODD_PLAN = {"widen.*.dense": "column", "squeeze.*.dense": "row"}
 """The plan that shards OddMLPNet's MLPs Megatron-style."""
 
 
-def build_model(name: str, seed: int = 0) -> torch.nn.Module:
+def build_model(name: str, seed: int = 0, dropout: float = 0.0) -> torch.nn.Module:
     if name in ("gpt", "odd"):
         torch.manual_seed(seed)
-        return GPT(GPT_CFG) if name == "gpt" else OddMLPNet()
-    return hf_model(name, seed)
+        return GPT(replace(GPT_CFG, dropout=dropout)) if name == "gpt" else OddMLPNet()
+    return hf_model(name, seed, dropout=dropout)
 
 
 def global_batch(name: str, step: int, size: int = BATCH) -> dict:
@@ -90,10 +92,13 @@ def eager_train_clipped(
     clip: float | None,
     precision: str = "fp32",
     batch_size: int = BATCH,
+    dropout: float = 0.0,
 ) -> tuple[list[float], dict, list[float]]:
     """`eager_train` with torch.nn.utils.clip_grad_norm_(clip) before each update: losses,
-    final weights and the norm of each step (clip None: the norm, unclipped)."""
-    model = build_model(name)
+    final weights and the norm of each step (clip None: the norm, unclipped). With
+    `dropout`, the RNG is seeded DROPOUT_SEED after building the model, as rank 0 does."""
+    model = build_model(name, dropout=dropout)
+    torch.manual_seed(DROPOUT_SEED)
     optimizer = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     losses, norms = [], []
     for step in range(steps):
@@ -112,7 +117,9 @@ def make_engine(spec: dict, rank: int, world: int):
     import strato
 
     name = spec["model"]
-    model = build_model(name)
+    model = build_model(name, dropout=spec.get("dropout", 0.0))
+    # Each rank seeds its own stream; the pass gives the tensor group rank 0's (dropout).
+    torch.manual_seed(DROPOUT_SEED + rank)
     tp = strato.TensorParallel(
         size=spec.get("size", 2),
         sequence_parallel=spec.get("sequence_parallel", False),
