@@ -46,7 +46,7 @@ def check_parity(
             assert result[name]["grad_norms"] == pytest.approx(norms, rel=1e-5), (name, rank)
         assert min(norms) > clip  # every step clipped: the test would see a wrong norm
     trained = skip_lm(layers=layers)
-    trained.load_state_dict(want_weights)
+    trained.load_state_dict(want_weights, strict=False)  # head.weight is tok_emb.weight
     data_parallel = len(results) // results[0][name]["stages"]
     for rank, result in enumerate(results):
         got = result[name]
