@@ -179,11 +179,11 @@ def test_gptq_on_a_tiny_llama_lowers_held_out_error_against_rounding():
     # A stream with structure (a repeating random phrase, perturbed), so layer inputs correlate.
     g = torch.Generator().manual_seed(3)
     phrase = torch.randint(0, 100, (24,), generator=g)
-    stream = phrase.repeat(40)
+    stream = phrase.repeat(32)
     noise = torch.rand(stream.shape, generator=g) < 0.2
     stream[noise] = torch.randint(0, 100, (int(noise.sum()),), generator=g)
-    calibration = [stream[i : i + 32][None] for i in range(0, 256, 32)]
-    held_out = [stream[i : i + 32][None] for i in range(512, 960, 32)]
+    calibration = [stream[i : i + 64][None] for i in range(0, 256, 64)]
+    held_out = [stream[i : i + 64][None] for i in range(512, 768, 64)]
     ids = held_out[0]
     example = {"input_ids": ids, "use_cache": False}
 
