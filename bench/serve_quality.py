@@ -167,6 +167,7 @@ def quality_rows(
     ppl = perplexity(lambda ids: model(input_ids=ids, use_cache=False).logits, windows)
     rows.append({"system": "transformers fp32 (reference)", "perplexity": ppl})
     rows[-1].update(eval_s=time.perf_counter() - start, eval_cpu_s=cpu_seconds() - cpu)
+    print(json.dumps(rows[-1]), flush=True)
     reference = ppl
     variants = strato_variants(calibration)
     for name in names or list(variants):
