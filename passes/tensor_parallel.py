@@ -260,10 +260,11 @@ def tensor_parallel(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         finish_split_inputs(gm, ctx, propagation, inputs, key, skipped)
     rank = group.rank
     coords = ctx.mesh.coordinates(ctx.mesh.rank)
+    # The first data-parallel replica writes; which stage writes is pipeline_cut's call.
     writes = all(
         c == 0
         for dim, c in coords.items()
-        if dim != TENSOR and not (dim == "shard" and ctx.strategy.zero)
+        if dim not in (TENSOR, "pipeline") and not (dim == "shard" and ctx.strategy.zero)
     )
     shards = _Shards(ctx, names, size, rank, writes)
     decisions = {"column": [], "row": [], "vocab": []}

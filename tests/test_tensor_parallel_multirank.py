@@ -303,6 +303,26 @@ def test_tp2_dropout_draws_one_process_masks(sequence_parallel, tmp_path):
     assert max(abs(a - b) for a, b in zip(want_losses, no_dropout)) > 1e-3  # dropout was on
 
 
+def test_pipeline2_x_tp2_on_four_ranks_matches_eager_with_clipping(tmp_path):
+    """3-D minus data: stages [0, 1] | [2, 3], each stage's blocks split over its tensor
+    pair; clipped by the global norm (each stage's shards counted once): losses, norms and
+    weights (full_state_dict: each stage's tensors written by its first tensor rank) equal
+    eager's."""
+    steps = 3
+    spec = {
+        "kind": "train",
+        "model": "gpt",
+        "steps": steps,
+        "grad_clip": CLIP,
+        "pipeline": {"stages": 2, "microbatches": 2},
+    }
+    results = launch(spec, 4, tmp_path, timeout=400)
+    want_losses, _, _ = tp_worker.eager_train_clipped("gpt", steps, CLIP)
+    for rank, r in enumerate(results):
+        torch.testing.assert_close(r["losses"], want_losses, atol=TOL, rtol=0, msg=f"rank {rank}")
+    check_clipped_like_eager(results, "gpt", steps, tp_worker.BATCH)
+
+
 def test_sizes_that_do_not_divide_name_the_module_and_numbers(tmp_path):
     errors = launch({"kind": "errors"}, 2, tmp_path)[0]
     assert "blocks.0.attn" in errors["heads"] and "3 attention heads" in errors["heads"]

@@ -132,6 +132,7 @@ def make_engine(spec: dict, rank: int, world: int):
         zero=spec.get("zero", 0),
         grad_clip=spec.get("grad_clip"),
         mesh=strato.Mesh(**spec.get("mesh", {})),
+        pipeline=strato.Pipeline(**spec["pipeline"]) if "pipeline" in spec else None,
     )
     example = local_batch(spec, 0, rank, world)
     if name not in ("gpt", "odd"):
@@ -141,7 +142,7 @@ def make_engine(spec: dict, rank: int, world: int):
 
 def local_batch(spec: dict, step: int, rank: int, world: int) -> dict:
     """This rank's part of the global batch: ranks of one tensor group share their batch."""
-    size = spec.get("size", 2)
+    size = spec.get("size", 2) * spec.get("pipeline", {}).get("stages", 1)
     replicas = world // size
     data_rank = rank // size
     full = global_batch(spec["model"], step, BATCH * replicas)
