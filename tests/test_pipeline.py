@@ -233,7 +233,11 @@ def _stage_kept_bytes(engine, x, y) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("policy", ["full", "selective"])
+@pytest.mark.parametrize(
+    "policy",
+    # full in the slow set (11 s): selective exercises the same stage split and is in make test
+    [pytest.param("full", marks=pytest.mark.slow), "selective"],
+)
 def test_recompute_runs_inside_each_stage(policy):
     """Strategy(recompute=..., pipeline=...): the recompute pass's regions (each layer, the
     loss tail) run in the stage they were cut into; losses and weights match eager, and
