@@ -305,6 +305,16 @@ def test_hugging_face_llama_with_moe_layers_and_labels():
     assert engine.stats()["moe"]["model.layers.0.mlp"]["dropped_tokens"] >= 0
 
 
+def assert_same_values_and_grads(got, want, inputs) -> None:
+    """`got` equals `want`, and so do the gradients of their squared sums wrt `inputs`."""
+    torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+    for g, w in zip(
+        torch.autograd.grad(got.pow(2).sum(), inputs),
+        torch.autograd.grad(want.pow(2).sum(), inputs),
+    ):
+        torch.testing.assert_close(g, w, atol=TOL, rtol=0)
+
+
 def test_mixtral_block_is_recognised_and_dispatched_exactly():
     """The expert-parallel module (expert group of one rank) on a Hugging Face Mixtral
     block's weights = the block's own forward and gradients."""
@@ -322,13 +332,7 @@ def test_mixtral_block_is_recognised_and_dispatched_exactly():
     x = torch.randn(2, 5, 32, requires_grad=True)
     weights = [block.gate.weight, block.experts.gate_up_proj, block.experts.down_proj]
     got = parallel(x, weights[0], weights[1].transpose(1, 2), weights[2].transpose(1, 2))
-    want = block(x)
-    torch.testing.assert_close(got, want, atol=TOL, rtol=0)
-    for g, w in zip(
-        torch.autograd.grad(got.pow(2).sum(), [x, *weights]),
-        torch.autograd.grad(want.pow(2).sum(), [x, *weights]),
-    ):
-        torch.testing.assert_close(g, w, atol=TOL, rtol=0)
+    assert_same_values_and_grads(got, block(x), [x, *weights])
 
 
 def test_qwen2_moe_block_is_recognised_and_dispatched_exactly():
@@ -351,14 +355,7 @@ def test_qwen2_moe_block_is_recognised_and_dispatched_exactly():
     handed = [
         w.transpose(1, 2) if role in layer.transposed else w for role, w in layer.params.items()
     ]
-    got = parallel(x, *handed)
-    want = block(x)
-    torch.testing.assert_close(got, want, atol=TOL, rtol=0)
-    for g, w in zip(
-        torch.autograd.grad(got.pow(2).sum(), [x, *weights]),
-        torch.autograd.grad(want.pow(2).sum(), [x, *weights]),
-    ):
-        torch.testing.assert_close(g, w, atol=TOL, rtol=0)
+    assert_same_values_and_grads(parallel(x, *handed), block(x), [x, *weights])
 
 
 def test_unrecognised_hugging_face_moe_block_is_named():
