@@ -177,7 +177,8 @@ def text_ids(args, vocab: int):
     g = torch.Generator().manual_seed(1)
     held_out = torch.randint(3, vocab, (1, args.ppl_tokens), generator=g)
     batches = [torch.randint(3, vocab, (1, 128), generator=g) for _ in range(16)]
-    return held_out, batches, "random weights and tokens: perplexity only compares variants"
+    what = "random tokens" if args.hf_dir else "random weights and tokens"
+    return held_out, batches, f"{what} (no --text): perplexity only compares variants"
 
 
 LLAMA_CPP_SCRIPT = """
