@@ -71,6 +71,12 @@ class TensorParallel:
     """Split the token embedding and the LM head over the vocabulary (vocab-parallel
     embedding; the logits stay split until they are gathered for a graph output)."""
 
+    check_inputs: bool = attrs.field(default=True, validator=_check_bool)
+    """Verify that every rank of a tensor group was given the same inputs, on every
+    train_step, call and generate (one all-gather of 16 bytes per rank), and raise on every
+    rank naming the input that differs: ranks fed different batches would otherwise train
+    silently wrong. False skips it when the data loader guarantees equal batches."""
+
     plan: tuple[tuple[str, str], ...] = attrs.field(default=(), converter=_convert_plan)
     """Module globs (fnmatch over module paths, `layers.*.mlp.up`) to 'column', 'row',
     'vocab' or 'replicate', applied before (and over) what the matcher finds; a glob that

@@ -388,7 +388,19 @@ def tensor_parallel(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
         sequence_parallel=config.sequence_parallel,
         split_inputs={n.name: d for n, d in inputs.items()},
         gradients_summed=summed,
+        check_inputs=config.check_inputs,
         collectives=[
+            *(
+                [
+                    {
+                        "op": "all_gather",
+                        "dim": TENSOR,
+                        "what": "input fingerprints (the same batch on every tensor rank)",
+                    }
+                ]
+                if config.check_inputs
+                else []
+            ),
             {
                 "op": "all_reduce",
                 "dim": TENSOR,

@@ -133,6 +133,8 @@ def tensor_parallel_schedule(record: dict[str, Any]) -> list[Collective]:
     schedule: list[Collective] = [
         ("tensor_parallel", (record["size"], int(record["sequence_parallel"])), "", dim)
     ]
+    if record.get("check_inputs"):  # every call: the same inputs on every tensor rank
+        schedule.append(("all_gather (input fingerprints)", (2,), "int64", dim))
     for name, info in sorted(record["parameters"].items()):
         # The block's extent, not its offsets (those differ by rank).
         cuts = [

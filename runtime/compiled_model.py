@@ -17,6 +17,7 @@ from ..compiler.context import CompileContext
 from ..compiler.errors import InputError, StratoError
 from ..compiler.pass_manager import PassRecord
 from ..compiler.strategy import Strategy
+from . import tensor_parallel
 from .calls import (
     BoundCall,
     CallSignature,
@@ -112,6 +113,7 @@ class CompiledModel(torch.nn.Module):
     def forward(self, *args, **kwargs):
         call = bind_call(self.model, args, kwargs, self._call_defaults)
         check_sequence_length(self.model, call, self._position_limit)
+        tensor_parallel.check_call_inputs(self, call)  # the same on every tensor rank
         graphs = [self._graph_for(self.training), *self._recaptured[self.training]]
         fitting = [g for g in graphs if g.call is None or g.call == call.signature]
         reason = ""

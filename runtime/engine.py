@@ -30,7 +30,7 @@ import torch
 
 from ..compiler.errors import StratoError
 from ..compiler.strategy import Strategy
-from . import collectives, engine_state, moe
+from . import collectives, engine_state, moe, tensor_parallel
 from .collective_schedule import (
     launch_entries,
     stage_schedule,
@@ -50,6 +50,9 @@ from .train_step import (
     plain_schedule,
     split_batch,
 )
+
+DATA_PARALLEL_DIMS = ("replicate", "shard")
+"""Mesh dimensions whose ranks train on different batches (outermost first)."""
 
 
 class TrainingEngine(CompiledModel):
@@ -207,10 +210,12 @@ class TrainingEngine(CompiledModel):
             micro_batches = given_micro_batches(args[0], target, n)
         else:
             micro_batches = split_batch(args, kwargs, target, n, setting)
+        tensor_parallel.check_step_inputs(self, micro_batches)
         self._loss_fn = loss_fn
         self._in_train_step = True
         try:
-            losses = self.schedule(self, micro_batches)
+            with tensor_parallel.inputs_checked():  # the micro-batches' forwards
+                losses = self.schedule(self, micro_batches)
         except Exception:
             if not self._in_backward:
                 # A forward (or loss) failed: no reduction is in flight, so drop what earlier
@@ -313,6 +318,23 @@ class TrainingEngine(CompiledModel):
         dimension and the collectives the compiled graphs run over them."""
         ctx = self._graph_for(True).ctx
         return ctx.mesh.with_uses(ctx.records)
+
+    @property
+    def data_parallel_size(self) -> int:
+        """How many different batches one step trains on: the mesh's replicate x shard
+        ranks (the ranks of a tensor group, or of a pipeline, share one batch)."""
+        mesh = self._graph_for(True).ctx.mesh
+        return mesh.size(*[d for d in DATA_PARALLEL_DIMS if d in mesh.dims])
+
+    @property
+    def data_parallel_rank(self) -> int:
+        """Which of the `data_parallel_size` batches this rank takes: shard data by it
+        (DistributedSampler(data, num_replicas=engine.data_parallel_size, rank=...))."""
+        mesh = self._graph_for(True).ctx.mesh
+        coords, index = mesh.coordinates(mesh.rank), 0
+        for dim in (d for d in DATA_PARALLEL_DIMS if d in mesh.dims):
+            index = index * mesh.sizes[dim] + coords[dim]
+        return index
 
     @property
     def lr(self) -> float:

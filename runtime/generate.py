@@ -1,17 +1,21 @@
 """KV-cache text generation: the Generator's prefill/decode loop, token choice, compiled.generate.
 
-The graphs it runs are runtime/kv_cache.py's `KVCacheStep`, compiled for prefill and decode.
+The graphs it runs are runtime/kv_cache.py's `KVCacheStep`, compiled for prefill and decode
+through the strategy's passes, then by default to native code (runtime/compiled_code.py:
+AOTInductor packages cached on disk; where that fails, a warning and the portable graphs).
 """
 
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 
 import attrs
 import torch
 import torch.nn as nn
 
+from . import tensor_parallel
 from .kv_cache import CacheLayout, GenerationError, KVCacheStep, check_causal_lm
 
 CACHE_ALIGN = 64
@@ -100,10 +104,20 @@ class Generator:
     again, once, with a note, where a model fixes one). `max_len` fixes the cache length
     of every call (None: each call's prompt + new tokens, rounded up to CACHE_ALIGN);
     `batch` and `max_len` are the sizes `graph`, `empty_cache` and `full_mask` use when
-    not told others. `Generator.serving` runs graphs loaded from an artifact instead."""
+    not told others. `Generator.serving` runs graphs loaded from an artifact instead.
+
+    `compiled_code` (None: the strategy's `compiled_code`, else $STRATO_COMPILED_CODE):
+    generate runs the two graphs as ahead-of-time compiled code (runtime/compiled_code.py),
+    or, False, as the portable FX graphs."""
 
     def __init__(
-        self, model: nn.Module, strategy=None, *, max_len: int | None = 256, batch: int = 1
+        self,
+        model: nn.Module,
+        strategy=None,
+        *,
+        max_len: int | None = 256,
+        batch: int = 1,
+        compiled_code: bool | None = None,
     ):
         self.step: KVCacheStep | None = KVCacheStep(model)
         self.model = model
@@ -118,6 +132,15 @@ class Generator:
         param = next(model.parameters())
         self.dtype, self.device = param.dtype, param.device
         self._graphs: dict[str, nn.Module] = {}
+        if compiled_code is None:
+            compiled_code = getattr(strategy, "compiled_code", None)
+        if compiled_code is None:
+            from .compiled_code import enabled_by_default
+
+            compiled_code = enabled_by_default()
+        self.compiled_code = compiled_code
+        """Whether generate runs compiled step code (where it applies, see compiled_steps)."""
+        self._compiled: dict | None = None
 
     @classmethod
     def serving(cls, layout: CacheLayout, graphs: dict, *, max_len: int | None = None):
@@ -129,6 +152,7 @@ class Generator:
         self.capture_layout = layout
         self.dtype, self.device = getattr(torch, layout.dtype), torch.device("cpu")
         self._graphs = dict(graphs)
+        self.compiled_code, self._compiled = False, {}  # the loaded graphs run what they run
         return self
 
     def cache_len(self, total: int) -> int:
@@ -180,6 +204,42 @@ class Generator:
                 self._graphs[kind] = compile(self.step, self.strategy, example_inputs=example)
         return self._graphs[kind]
 
+    def compiled_steps(self) -> dict:
+        """The ahead-of-time compiled prefill and decode steps by kind, built (or loaded from
+        the on-disk cache) on first use; {} where compiled code is off or does not apply, or
+        compiling failed (a warning said why, once: this Generator then keeps the portable
+        graphs)."""
+        if self._compiled is not None:
+            return self._compiled
+        self._compiled = {}
+        if not self.compiled_code:
+            return self._compiled
+        from .compiled_code import CompiledCodeError, compile_steps, unsupported_reason
+
+        if unsupported_reason(self.strategy, self.device) is not None:
+            return self._compiled
+        graphs = {"prefill": self.graph(2), "decode": self.graph(1)}
+        try:
+            self._compiled = compile_steps(
+                {kind: g._graph_for(False).gm for kind, g in graphs.items()}, self.layout
+            )
+        except CompiledCodeError as exc:
+            warnings.warn(
+                f"strato: generate serves the portable step graphs: {exc}. "
+                "Strategy(compiled_code=False) skips compiling.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return self._compiled
+
+    def steps(self, q_len: int, batch: int, max_len: int):
+        """What runs the prefill of `q_len` tokens and the decode step: compiled code where
+        there is some (`compiled_steps`), else the graphs."""
+        compiled = self.compiled_steps()
+        if compiled:
+            return compiled["prefill"], compiled["decode"]
+        return self.graph(q_len, batch, max_len), self.graph(1, batch, max_len)
+
     @torch.no_grad()
     def generate(
         self,
@@ -206,8 +266,10 @@ class Generator:
         pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
         eos_ids = torch.tensor(eos, dtype=torch.long, device=self.device)
         batch, length = prompt.shape[0], self.cache_len(prompt.shape[1] + max_new_tokens)
-        prefill = self.graph(prompt.shape[1], batch, length)
-        decode = self.graph(1, batch, length)
+        prefill, decode = self.steps(prompt.shape[1], batch, length)
+        tensor_parallel.check_generate_request(
+            prefill, prompt, mask, max_new_tokens, temperature, top_k, top_p, eos, generator
+        )
         keys, values = self.empty_cache(batch, length)
         slots = self.full_mask(batch, length)
         slots[:, : prompt.shape[1]] = mask
@@ -218,7 +280,8 @@ class Generator:
         for step in range(max_new_tokens):
             graph = prefill if step == 0 else decode
             at = torch.tensor(pos, device=self.device)
-            logits, new_k, new_v = graph(ids, at, slots, keys, values)
+            with tensor_parallel.inputs_checked():  # the request was, once
+                logits, new_k, new_v = graph(ids, at, slots, keys, values)
             q_len = ids.shape[1]
             keys[:, :, :, pos : pos + q_len] = new_k
             values[:, :, :, pos : pos + q_len] = new_v
@@ -413,5 +476,6 @@ def _serving_strategy(strategy):
         fuse=strategy.fuse,
         quantize=strategy.quantize,
         inference_backend=strategy.inference_backend,
+        compiled_code=strategy.compiled_code,
         tensor_parallel=strategy.tensor_parallel,
     )

@@ -17,16 +17,23 @@ runtime/collectives.py, so it is counted under the `tensor` dimension.
 A sharded parameter keeps the model's own Parameter object; its data becomes this rank's
 block, and the parameter remembers its whole shape (`whole_parameters` restores that shape,
 uninitialised, while a graph is captured again).
+
+The ranks of a tensor group compute parts of the same layers, so they must be fed the same
+batch (a sampler split over the whole world would give each its own, and the all-reduces
+would silently sum parts of different batches): `check_same_inputs` compares a fingerprint
+of every call's inputs across the group and raises on every rank when they differ.
 """
 
 from __future__ import annotations
 
 import contextlib
+import zlib
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import is_fake
 
 from . import collectives
@@ -334,3 +341,179 @@ def sync_rng(group: str) -> None:
             torch.set_rng_state(buffer.cpu())
         else:
             torch.cuda.set_rng_state(buffer.cpu())
+
+
+# ---------------------------------------------------------------------- same inputs
+
+FINGERPRINT_WORDS = 2
+"""int64s each rank contributes per checked call: a digest of the inputs' names, dtypes,
+shapes and plain values, and one of their bits."""
+
+_checked_scopes = 0
+"""> 0 while a caller that checked its whole input (train_step, generate) runs graphs."""
+
+
+@contextlib.contextmanager
+def inputs_checked() -> Iterator[None]:
+    """Graph calls inside skip `check_call_inputs`: the caller checked what feeds them."""
+    global _checked_scopes
+    _checked_scopes += 1
+    try:
+        yield
+    finally:
+        _checked_scopes -= 1
+
+
+def _described(inputs: dict[str, Any]) -> list[tuple[str, str, torch.Tensor | None]]:
+    """(name, what it is, tensor or None) of each leaf of each named input (nested ones
+    named like 'past_key_values[0][1]')."""
+    out = []
+    for key, value in inputs.items():
+        leaves, _ = pytree.tree_flatten_with_path(value)
+        for path, leaf in leaves:
+            name = key + pytree.keystr(path)
+            if isinstance(leaf, torch.Tensor):
+                dtype = str(leaf.dtype).removeprefix("torch.")
+                out.append((name, f"{dtype} {tuple(leaf.shape)} on {leaf.device.type}", leaf))
+            elif leaf is None or isinstance(
+                leaf, (bool, int, float, str, torch.dtype, torch.device)
+            ):
+                out.append((name, repr(leaf), None))
+            else:  # only the type: a default repr holds an address, which differs by process
+                out.append((name, type(leaf).__name__, None))
+    return out
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """[sum, position-weighted sum] of the tensor's bits read as int32 words (bytes where
+    the size is no multiple of 4), in wrapping integer arithmetic: exact for every dtype,
+    the same whatever order the reduction takes, and changed by any flipped or moved word."""
+    raw = t.detach().contiguous().reshape(-1)
+    raw = raw.view(torch.uint8)
+    words = raw.view(torch.int32) if raw.numel() % 4 == 0 else raw.int()
+    weights = torch.arange(1, words.numel() + 1, dtype=torch.int32, device=words.device)
+    return torch.stack([words.sum(dtype=torch.int64), (words * weights).sum(dtype=torch.int64)])
+
+
+def _fingerprint(described: list, device: torch.device) -> torch.Tensor:
+    meta = 0
+    bits = torch.zeros((), dtype=torch.int64, device=device)
+    for i, (name, what, tensor) in enumerate(described):
+        meta = zlib.crc32(f"{i}:{name}:{what};".encode(), meta)
+        if tensor is not None:  # odd factors per position: swapped inputs change the sum
+            odd = torch.tensor([80_007 * i + 1, 131_199 * i + 3], device=tensor.device)
+            bits = bits + (_bits(tensor) * odd).sum().to(device)
+    return torch.stack([torch.tensor(meta, dtype=torch.int64, device=device), bits])
+
+
+def _summary(described: list) -> dict[str, str]:
+    return {
+        name: what if tensor is None else f"{what}, bits {_bits(tensor).tolist()}"
+        for name, what, tensor in described
+    }
+
+
+def check_same_inputs(record: dict | None, inputs: dict, where: str, hint: str = "") -> None:
+    """Raise InputError on every rank of the tensor group unless every rank passed the same
+    named `inputs` (tensors bit for bit, flags by value) to `where`: one all-gather of
+    FINGERPRINT_WORDS int64s per rank. `record` is the tensor_parallel pass's record (None,
+    a group of one, or TensorParallel(check_inputs=False): nothing to check)."""
+    if record is None or not record.get("check_inputs") or _checked_scopes:
+        return
+    group = group_of(record["group"])
+    if group.size == 1:
+        return
+    described = _described(inputs)
+    mine = _fingerprint(described, group.device)
+    everyone = torch.zeros(group.size * FINGERPRINT_WORDS, dtype=torch.int64, device=group.device)
+    collectives.all_gather_into_tensor(everyone, mine, group=group)
+    rows = everyone.view(group.size, FINGERPRINT_WORDS).tolist()
+    if all(row == rows[0] for row in rows):
+        return
+    # Every rank saw the same fingerprints, so every rank takes this branch together.
+    summaries: list[Any] = [None] * group.size
+    dist.all_gather_object(summaries, _summary(described), group=collectives._pg(group))
+    from ..compiler.errors import InputError
+
+    names = list(dict.fromkeys(n for s in summaries for n in s))
+    name = next((n for n in names if len({s.get(n) for s in summaries}) > 1), "their order")
+    per_rank = "; ".join(
+        f"rank {r}: {s.get(name, 'not given')}" for r, s in zip(group.ranks, summaries)
+    )
+    raise InputError(
+        f"tensor parallel: rank {group.ranks[group.rank]}: {where} got different inputs on the "
+        f"ranks of its tensor group {list(group.ranks)}: {name!r} differs ({per_rank}). "
+        + (
+            hint
+            or "Each rank of a tensor group computes part of every layer for the same batch, "
+            "so feed all of them the same one: shard the data by data-parallel rank, not by "
+            "rank (engine.data_parallel_rank of engine.data_parallel_size, e.g. "
+            "DistributedSampler(data, num_replicas=engine.data_parallel_size, "
+            "rank=engine.data_parallel_rank))."
+        )
+    )
+
+
+def call_inputs(args: tuple, kwargs: dict, prefix: str = "") -> dict[str, Any]:
+    """A call's inputs by name: 'argument 0'... for positional ones, keywords by keyword."""
+    named = {f"{prefix}argument {i}": a for i, a in enumerate(args)}
+    return {**named, **{f"{prefix}{k}": v for k, v in kwargs.items()}}
+
+
+def check_call_inputs(compiled: Any, call: Any) -> None:
+    """`check_same_inputs` for one call of a CompiledModel (a runtime/calls.py BoundCall,
+    its arguments named as the model's forward names them)."""
+    record = compiled.context.records.get("tensor_parallel")
+    if record is None or _checked_scopes:
+        return
+    mode = "training" if compiled.training else "eval"
+    where = f"a call of the compiled {type(compiled.model).__name__} ({mode})"
+    inputs = dict(zip(call.signature.names, call.args))
+    check_same_inputs(record, {**inputs, **call.kwargs}, where)
+
+
+def check_step_inputs(engine: Any, micro_batches: list) -> None:
+    """`check_same_inputs` for one train_step: all its micro-batches in one all-gather."""
+    inputs: dict[str, Any] = {}
+    for k, micro_batch in enumerate(micro_batches):
+        prefix = f"micro-batch {k}: " if len(micro_batches) > 1 else ""
+        inputs.update(call_inputs(micro_batch.args, micro_batch.kwargs, prefix))
+        if micro_batch.target is not None:
+            inputs[f"{prefix}target"] = micro_batch.target
+    check_same_inputs(engine.context.records.get("tensor_parallel"), inputs, "train_step")
+
+
+def check_generate_request(
+    graph: Any, prompt, mask, max_new_tokens, temperature, top_k, top_p, eos, generator
+) -> None:
+    """`check_same_inputs` for one generate call (its step graphs' calls are not checked):
+    the prompt, mask and options, and when sampling the random state it draws from (ranks
+    seeded differently would pick different tokens from the same logits)."""
+    context = getattr(graph, "context", None)  # an artifact's graphs have no tensor group
+    record = context.records.get("tensor_parallel") if context is not None else None
+    if record is None:
+        return
+    inputs = {
+        "input_ids": prompt,
+        "attention_mask": mask,
+        "max_new_tokens": max_new_tokens,
+        "temperature": float(temperature),
+        "top_k": top_k,
+        "top_p": top_p,
+        "eos_token_id": list(eos),
+    }
+    if temperature > 0:
+        if generator is not None:
+            state = generator.get_state()
+        elif prompt.device.type == "cuda":
+            state = torch.cuda.get_rng_state(prompt.device)
+        else:
+            state = torch.get_rng_state()
+        inputs["the sampling random state"] = state
+    check_same_inputs(
+        record,
+        inputs,
+        "generate",
+        "Every rank of a tensor group decodes the same sequences: give each the same prompts, "
+        "and when sampling the same seed (generate(..., seed=n)) or generator state.",
+    )

@@ -8,7 +8,8 @@ against Megatron's formula: per layer four all-reduces of b x s x h activations 
 forward after the row-parallel linears, two in backward before the column-parallel ones),
 plus the vocab-parallel embedding (one in forward), the LM head's input gradient (one in
 backward), the vocab-parallel cross-entropy (max, sum of exps and target logit: three of
-b x s fp32 values) and, where logits are an output, one all-gather of the local logits.
+b x s fp32 values) and, where logits are an output, one all-gather of the local logits;
+and each step's input check: one all-gather of the batch's fingerprint (2 int64s per rank).
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ pytestmark = pytest.mark.slow
 
 STEPS = 10
 TOL = 1e-5
+FINGERPRINT_BYTES = 2 * 8
+"""What each rank gives the all-gather of `TensorParallel(check_inputs=True)`, per step."""
 CLIP = 0.5
 """Below every eager step's gradient norm in the clipping tests (0.8 to 1.9)."""
 
@@ -77,6 +80,8 @@ def megatron_bytes(name: str, tp: int, record: dict, act: int = 4) -> dict[str, 
         }
     if name != "gpt":  # Hugging Face models return the logits too: gathered once
         out["all_gather"] = out.get("all_gather", 0) + tokens * s["vocab"] // tp * act
+    # train_step checks that the tensor ranks were given the same batch, each step.
+    out["all_gather"] = out.get("all_gather", 0) + FINGERPRINT_BYTES
     return out
 
 
@@ -321,6 +326,27 @@ def test_pipeline2_x_tp2_on_four_ranks_matches_eager_with_clipping(tmp_path):
     for rank, r in enumerate(results):
         torch.testing.assert_close(r["losses"], want_losses, atol=TOL, rtol=0, msg=f"rank {rank}")
     check_clipped_like_eager(results, "gpt", steps, tp_worker.BATCH)
+
+
+def test_tp2_ranks_fed_different_batches_fail_on_every_rank_then_train_as_eager(tmp_path):
+    """HF Llama (GQA, labels): rank r is fed batch 10 + r (a sampler split over the world).
+    train_step, an eval call and the three-call loop's forward each raise InputError on
+    both ranks naming the input, before any compute; fed the same batches after that, the
+    engine trains exactly as eager from the initial weights."""
+    steps = 2
+    results = launch({"kind": "skewed", "model": "llama", "steps": steps}, 2, tmp_path)
+    want_losses, want = tp_worker.eager_train("llama", steps)
+    for rank, r in enumerate(results):
+        for call, error in r["errors"].items():
+            assert error and error.startswith("InputError"), (rank, call, error)
+            assert "'input_ids' differs" in error and "[0, 1]" in error, (call, error)
+            assert "engine.data_parallel_rank" in error, error
+        assert "train_step" in r["errors"]["train_step"]
+        assert "(eval)" in r["errors"]["eval"] and "(training)" in r["errors"]["three_call"]
+        assert r["data_parallel"] == (0, 1)  # both tensor ranks take the one batch
+        torch.testing.assert_close(r["losses"], want_losses, atol=TOL, rtol=0, msg=f"rank {rank}")
+        for key, value in want.items():
+            torch.testing.assert_close(r["full"][key], value, atol=TOL, rtol=0, msg=key)
 
 
 def test_sizes_that_do_not_divide_name_the_module_and_numbers(tmp_path):

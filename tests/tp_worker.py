@@ -315,7 +315,38 @@ def scenario_mismatch(rank: int, spec: dict, out: Path) -> dict:
     return {"error": None}
 
 
+def scenario_skewed(rank: int, spec: dict, out: Path) -> dict:
+    """The tensor ranks are fed different batches (rank-offset steps, as a sampler split
+    over the whole world would give): train_step, an eval call and the three-call loop's
+    forward must each fail on every rank naming the input; then, fed the same batches,
+    training goes on as eager from the untouched weights (SGD)."""
+    import strato
+
+    engine = make_engine(spec, rank, dist.get_world_size())
+    errors = {}
+    calls = {
+        "train_step": lambda: engine.train_step(**global_batch(spec["model"], 10 + rank)),
+        "eval": lambda: engine.eval()(**global_batch(spec["model"], 10 + rank)),
+        "three_call": lambda: engine.train()(**global_batch(spec["model"], 10 + rank)),
+    }
+    for what, call in calls.items():
+        try:
+            call()
+            errors[what] = None
+        except strato.StratoError as exc:
+            errors[what] = f"{type(exc).__name__}: {exc}"
+    engine.train()
+    losses = [engine.train_step(**global_batch(spec["model"], s)) for s in range(spec["steps"])]
+    return {
+        "errors": errors,
+        "losses": losses,
+        "full": engine.full_state_dict(),
+        "data_parallel": (engine.data_parallel_rank, engine.data_parallel_size),
+    }
+
+
 SCENARIOS = {
+    "skewed": scenario_skewed,
     "mismatch": scenario_mismatch,
     "train": scenario_train,
     "load": scenario_load,
