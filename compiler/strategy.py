@@ -175,6 +175,13 @@ def _check_inference_backend(instance, attribute, value) -> None:
         )
 
 
+def _check_compiled_code(instance, attribute, value) -> None:
+    if value is not None and not isinstance(value, bool):
+        raise StrategyError(
+            f"Strategy.compiled_code: expected true, false or null (the default), got {value!r}."
+        )
+
+
 def _check_fuse(instance, attribute, value) -> None:
     if not isinstance(value, bool):
         raise StrategyError(f"Strategy.fuse: expected true or false, got {value!r}.")
@@ -302,6 +309,14 @@ class Strategy:
     dominates small-batch decoding; on CPU, quantized linears are first lowered to this
     CPU's kernels and weight layouts (pass lower_quantized_linears). Training graphs always
     run as FX."""
+
+    compiled_code: bool | None = attrs.field(default=None, validator=_check_compiled_code)
+    """Whether `generate` runs its prefill/decode step graphs as ahead-of-time compiled
+    native code (AOTInductor, runtime/compiled_code.py): compiled once per model architecture
+    and machine (about a minute), cached on disk, loaded in milliseconds after that. None
+    (the default): yes, unless $STRATO_COMPILED_CODE=0; False: the portable FX graphs (no
+    compile, slower decode). Where compiling fails, a warning names why and the portable
+    graphs serve."""
 
     # ------------------------------------------------------------------ building
     @classmethod

@@ -14,9 +14,12 @@ The artifact (by convention `*.strato`) is an uncompressed zip holding exactly:
   names to stored weights.
 - `graphs/prefill.json`, `graphs/decode.json` (causal LMs): generate's step graphs.
 - `weights.safetensors`: every tensor the graphs read (`get_attr`), each distinct one once.
-- `compiled/prefill.pt2`, `compiled/decode.pt2` (`export(..., compiled_code=True)`):
-  AOTInductor packages of the step graphs (runtime/compiled_code.py), native code that
-  `load` runs only when asked (`compiled_code=True`), after the same hash check.
+- `compiled/prefill.pt2`, `compiled/decode.pt2` (causal LMs, by default): AOTInductor
+  packages of the step graphs (runtime/compiled_code.py) for the exporting machine's torch
+  and CPU, without weights (they run on `weights.safetensors`). `load` runs them by default
+  where they were built for its torch and CPU, after the same hash check: a package is
+  native code, so load only artifacts you trust (as with a pickle or a shared library), or
+  pass `compiled_code=False`, which never runs it.
 - `kernels/<op>.py` (graphs compiled with `fuse=True`): the generated kernel source of each
   fused op the graph calls; `graph.json`'s `kernels` holds each op's region (its ATen op
   list, see `codegen.region.region_to_json`).
@@ -52,10 +55,12 @@ from .graph_json import ArtifactError, graph_from_json, graph_to_json
 from .input_ranges import cap_input_ranges, check_input
 
 FORMAT = "strato-inference"
-VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 """Version 2 added the kernels/ members of fused graphs; 3 the graphs/ step graphs of
-generate, each graph's map from its tensor names to stored weights, and input size ranges."""
+generate, each graph's map from its tensor names to stored weights, and input size ranges;
+4 compiled packages that read their weights from weights.safetensors (an older Strato
+would run them without weights, so it refuses the version)."""
 MEMBERS = ("manifest.json", "graph.json", "weights.safetensors")
 KERNEL_MEMBER = re.compile(r"kernels/[A-Za-z0-9_]+\.py")
 GRAPH_MEMBER = re.compile(r"graphs/(prefill|decode)\.json")
@@ -70,7 +75,7 @@ def export(
     path: str | os.PathLike,
     *,
     generation: bool | None = None,
-    compiled_code: bool = False,
+    compiled_code: bool | None = None,
 ) -> Path:
     """Write `engine`'s inference (eval-mode) graph and weights to one artifact file.
 
@@ -78,9 +83,13 @@ def export(
     prompt length; or with `generation=True`) the artifact also holds the
     prefill and decode step graphs of `compiled.generate` (built now if not yet), so
     `strato.load(path).generate(...)` decodes with a KV cache; weights the graphs share are
-    stored once. `compiled_code=True` adds the step graphs compiled ahead of time for this
-    CPU and torch (AOTInductor, minutes per graph), so `strato.load(path,
-    compiled_code=True)` decodes at compiled speed with no compile. The file is written
+    stored once. The step graphs compiled ahead of time for this CPU and torch
+    (AOTInductor) go in too, so `strato.load(path)` decodes at compiled speed with no
+    compile: they come from the on-disk cache `compiled.generate` fills (about a minute
+    to compile where it has not run yet). `compiled_code=None` (default) adds them where
+    they apply (see runtime/compiled_code.py; $STRATO_COMPILED_CODE=0 turns the default
+    off), warning and leaving them out if compiling fails; True requires them (an error
+    otherwise); False leaves them out. The file is written
     next to `path` and renamed into place, so a failed export never leaves a half-written
     artifact behind.
     """
@@ -124,6 +133,8 @@ def export(
                 "inference_backend='fx' and load it with strato.load(path, "
                 "inference_backend='inductor')."
             )
+    if compiled_code is None:
+        compiled_code = _default_compiled_code(engine, "generation" in extra)
     if compiled_code and "generation" not in extra:
         raise ArtifactError(
             "strato.export(compiled_code=True): compiled code is built for generate's step "
@@ -152,14 +163,12 @@ def export(
         members[member] = json.dumps(graph, separators=(",", ":")).encode()
     sources = {f"kernels/{name}.py": source.encode() for name, (_, source) in kernels.items()}
     if compiled_code:
-        from .compiled_code import build_info, compile_step
-        from .kv_cache import CacheLayout
+        packages = _compiled_packages(graphs, extra, required=compiled_code is True)
+        sources.update(packages)
+        if packages:
+            from .compiled_code import PACKAGE_FORMAT, build_info
 
-        layout = CacheLayout.from_json(extra["generation"]["layout"])
-        for kind in ("prefill", "decode"):
-            gm = graphs[f"graphs/{kind}.json"].gm
-            sources[f"compiled/{kind}.pt2"] = compile_step(gm, kind, layout)
-        extra["compiled_code"] = build_info()
+            extra["compiled_code"] = {**build_info(), "package_format": PACKAGE_FORMAT}
     weights_bytes = save_safetensors(weights.tensors)
     quant = graphs["graph.json"].ctx.records.get("quantize", {})
     manifest = {
@@ -190,6 +199,50 @@ def export(
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _default_compiled_code(engine, generation: bool) -> bool | str:
+    """What export(compiled_code=None) does: 'if-possible' where step graphs exist and
+    compiled code applies to them, else False."""
+    from .compiled_code import enabled_by_default, unsupported_reason
+
+    if not generation or not enabled_by_default():
+        return False
+    device = next(iter(engine.model.parameters())).device
+    return "if-possible" if unsupported_reason(engine.strategy, device) is None else False
+
+
+def _compiled_packages(graphs: dict, extra: dict, *, required: bool) -> dict[str, bytes]:
+    """{member: package bytes} of the step graphs, from the on-disk cache (compiled where
+    missing). If compiling fails: an ArtifactError when required, else a warning and {}."""
+    import warnings
+
+    from .compiled_code import CompiledCodeError, cached_package, first_compile_note, is_cached
+    from .kv_cache import CacheLayout
+
+    layout = CacheLayout.from_json(extra["generation"]["layout"])
+    steps = {kind: graphs[f"graphs/{kind}.json"].gm for kind in ("prefill", "decode")}
+    new = [kind for kind, gm in steps.items() if not is_cached(gm, kind, layout)]
+    if new:
+        warnings.warn(first_compile_note(new), stacklevel=4)
+    try:
+        return {
+            f"compiled/{kind}.pt2": cached_package(gm, kind, layout).read_bytes()
+            for kind, gm in steps.items()
+        }
+    except CompiledCodeError as exc:
+        if required:
+            raise ArtifactError(
+                f"strato.export(compiled_code=True): {exc}; export without compiled_code (the "
+                "portable graphs still serve every shape)."
+            ) from exc
+        warnings.warn(
+            f"strato.export: the artifact holds no compiled code ({exc}); it serves with the "
+            "portable graphs. Pass compiled_code=False to skip compiling.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return {}
 
 
 def _batch_symbolic(engine, compiled):
@@ -496,15 +549,18 @@ def _for_inductor(gm: fx.GraphModule, inputs: list[dict]) -> tuple[fx.GraphModul
 
 
 def load(
-    path: str | os.PathLike, inference_backend: str = "fx", *, compiled_code: bool = False
+    path: str | os.PathLike, inference_backend: str = "fx", *, compiled_code: bool | None = None
 ) -> LoadedModel:
     """Verify and load an artifact written by `strato.export`; nothing is unpickled.
 
-    `inference_backend='inductor'` serves it as Strategy(inference_backend='inductor')
-    would: quantized linears lowered to this machine's kernels, then torch.compile
-    (on the first call). `compiled_code=True` runs the artifact's ahead-of-time compiled
-    step graphs (native code: only for artifacts you trust) when they were built for this
-    torch and CPU, else warns and serves the portable graphs."""
+    The artifact's ahead-of-time compiled step graphs, where it has them, run `generate`
+    by default (`compiled_code=None`, unless $STRATO_COMPILED_CODE=0), when they were built
+    for this torch and CPU; otherwise one warning names the difference and the portable
+    graphs serve. They are native code, verified by hash like the weights: load only
+    artifacts you trust, or pass `compiled_code=False`, which never runs them (True: they
+    must be there). `inference_backend='inductor'` serves the graphs that run no compiled
+    code as Strategy(inference_backend='inductor') would: quantized linears lowered to this
+    machine's kernels, then torch.compile (on the first call)."""
     from ..compiler.strategy import INFERENCE_BACKENDS
 
     if inference_backend not in INFERENCE_BACKENDS:
@@ -520,16 +576,11 @@ def load(
             f"strato.load(compiled_code=True): {path} holds no compiled code; export it with "
             "strato.export(compiled, path, compiled_code=True)."
         )
-    compiled = None
-    if compiled_code:
-        from .compiled_code import CompiledSteps
+    if compiled_code is None:
+        from .compiled_code import enabled_by_default
 
-        compiled = CompiledSteps(
-            path,
-            {COMPILED_MEMBER.fullmatch(n).group(1): data for n, data in packages.items()},
-            manifest.get("compiled_code"),
-        )
-    loaded = {}
+        compiled_code = bool(packages) and enabled_by_default()
+    built = {}
     for member, graph in graphs.items():
         try:
             gm = graph_from_json(graph, tensors)
@@ -539,8 +590,21 @@ def load(
             raise ArtifactError(
                 f"{path}: {member} is malformed ({type(exc).__name__}: {exc})."
             ) from exc
-        inputs = graph.get("inputs", [])
-        if inference_backend == "inductor":
+        built[member] = gm
+    compiled = None
+    if compiled_code:
+        from .compiled_code import CompiledSteps
+
+        kinds = {COMPILED_MEMBER.fullmatch(n).group(1): data for n, data in packages.items()}
+        step_gms = {kind: built[f"graphs/{kind}.json"] for kind in kinds}
+        compiled = CompiledSteps(path, kinds, manifest.get("compiled_code"), step_gms)
+    loaded = {}
+    for member, gm in built.items():
+        inputs = graphs[member].get("inputs", [])
+        kind = member.removeprefix("graphs/").removesuffix(".json")
+        if compiled is not None and kind in compiled.runners:
+            loaded[member] = (gm, inputs, compiled.runners[kind], None)
+        elif inference_backend == "inductor":
             gm, run, lowering = _for_inductor(gm, inputs)
             loaded[member] = (gm, inputs, run, lowering)
         else:
@@ -549,8 +613,6 @@ def load(
     for member, (gm, inputs, run, lowering) in loaded.items():
         kind = member.removeprefix("graphs/").removesuffix(".json")
         if member != "graph.json":
-            if compiled is not None and kind in compiled.runners:
-                run = compiled.runners[kind]
             steps[kind] = LoadedModel(gm, manifest, inputs, run=run, lowering=lowering)
             steps[kind].compiled_code = compiled  # keeps its extracted packages alive
     gm, inputs, run, lowering = loaded["graph.json"]

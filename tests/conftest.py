@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+# generate and export compile step graphs to native code by default (about a minute per
+# graph on 2 cores): the suite serves the portable graphs unless a test asks for compiled
+# code (tests/test_generate_compiled.py, tests/test_export_compiled.py).
+os.environ.setdefault("STRATO_COMPILED_CODE", "0")
 
 from examples.gpt import GPTConfig
 
