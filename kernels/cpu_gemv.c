@@ -229,3 +229,234 @@ void strato_int4_gemv(const float *x, int64_t M, int64_t Kp, const uint8_t *q, i
     free(xs);
     free(xq);
 }
+
+/* ------------------------------------------------------------------ int8 activations
+   The fast kernels below round x per block of 32 columns to int8 (scale amax / 127, as
+   llama.cpp's Q8 blocks), once per call, shared by every output row. Codes and activations
+   then multiply-add as u8 x s8 pairs (vpmaddubsw: 32 products an instruction, int16 sums
+   that cannot saturate: 2 * 128 * 127 < 2^15), widened to int32 and scaled in fp32 once a
+   block. Error of y[m, n]: at most sum_k |w[n, k]| * amax(x's block of k) / 254. */
+
+/* Row m of x as int8 blocks of 32 into xq [M, stride] (stride a multiple of 32, zeros past
+   K), scale dx [M, stride / 32] and sum of codes times scale bsum [M, stride / 32].
+   `order` 32 puts each block as its 16 even then 16 odd columns (the nibbles of 16 int4
+   bytes). */
+static void quantize_blocks(const float *x, int64_t M, int64_t K, int64_t stride, int order,
+                            int8_t *xq, float *dx, float *bsum) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    /* within each 16-byte lane: even bytes, then odd bytes */
+    const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                           0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+    const int64_t blocks = stride / 32;
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t j = 0; j < blocks; j++) {
+            const int64_t k = j * 32;
+            float tmp[32];
+            const float *src = x + m * K + k;
+            if (k + 32 > K) { /* the last, partial block: zero-padded */
+                for (int i = 0; i < 32; i++) tmp[i] = k + i < K ? src[i] : 0.0f;
+                src = tmp;
+            }
+            __m256 v[4], vmax = _mm256_setzero_ps();
+            for (int i = 0; i < 4; i++) {
+                v[i] = _mm256_loadu_ps(src + 8 * i);
+                vmax = _mm256_max_ps(vmax, _mm256_and_ps(v[i], abs_mask));
+            }
+            __m128 h = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
+            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_max_ss(h, _mm_movehdup_ps(h));
+            const float amax = _mm_cvtss_f32(h);
+            const float d = amax / 127.0f;
+            const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+            __m256i q[4]; /* round to nearest even, as lrintf */
+            for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], inv));
+            const __m256i total = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]),
+                                                   _mm256_add_epi32(q[2], q[3]));
+            /* packs interleave the 128-bit lanes: [0-3 8-11 | 4-7 12-15], then bytes
+               [0-3 8-11 16-19 24-27 | 4-7 12-15 20-23 28-31]; the permute restores order */
+            const __m256i w16a = _mm256_packs_epi32(q[0], q[1]);
+            const __m256i w16b = _mm256_packs_epi32(q[2], q[3]);
+            __m256i bytes = _mm256_packs_epi16(w16a, w16b);
+            bytes = _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            if (order == 32) /* evens of both lanes, then odds */
+                bytes = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(bytes, split), 0xD8);
+            _mm256_store_si256((__m256i *)(xq + m * stride + k), bytes);
+            __m128i t = _mm_add_epi32(_mm256_castsi256_si128(total),
+                                      _mm256_extracti128_si256(total, 1));
+            t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0x4E));
+            t = _mm_add_epi32(t, _mm_shuffle_epi32(t, 0xB1));
+            dx[m * blocks + j] = d;
+            bsum[m * blocks + j] = (float)_mm_cvtsi128_si32(t) * d;
+        }
+    }
+}
+
+/* Sum of the 8 int32 lanes of u8 x s8 products of a and b, in fp32 lanes. */
+static inline __m256i dot_u8s8(__m256i a, __m256i b, __m256i ones) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), ones);
+}
+
+/* strato_int8_gemv with int8 activations. */
+void strato_int8_gemv_q8(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t N,
+                         const float *s, const float *z, float *y, int blocked, int threads) {
+    const int64_t K16 = blocked ? (K + 15) & ~(int64_t)15 : K; /* columns of a row's codes */
+    const int64_t stride = (K + 31) & ~(int64_t)31, nb = stride / 32;
+    /* blocks the vector loop reads whole: blocked rows are padded to 16, not 32 */
+    const int64_t full = blocked ? K16 / 32 : K / 32;
+    const int64_t step = blocked ? ROWS * 16 : 16; /* bytes from a row's chunk to its next */
+    int8_t *xq = aligned_alloc(32, (size_t)(M * stride + 32));
+    float *dx = malloc(sizeof(float) * (size_t)(2 * M * nb + M));
+    float *bsum = dx + M * nb, *xsum = bsum + M * nb;
+    quantize_blocks(x, M, K, stride, 0, xq, dx, bsum);
+    for (int64_t m = 0; m < M; m++) {
+        float t = 0.0f;
+        for (int64_t j = 0; j < nb; j++) t += bsum[m * nb + j];
+        xsum[m] = t;
+    }
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int64_t blocks = (N + ROWS - 1) / ROWS;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n0 = b * ROWS, rows = N - n0 < ROWS ? N - n0 : ROWS;
+        const int8_t *w[ROWS];
+        for (int r = 0; r < ROWS; r++)
+            w[r] = blocked ? q + b * ROWS * K16 + r * 16 : q + (n0 + (r < rows ? r : 0)) * K;
+        const int64_t ahead = prefetch_distance(b, blocks, ROWS * K16, blocked);
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t *xm = xq + m * stride;
+            const float *dm = dx + m * nb;
+            __m256 f[ROWS];
+            for (int r = 0; r < ROWS; r++) f[r] = _mm256_setzero_ps();
+            for (int64_t j = 0; j < full; j++) {
+                const __m256i xv = _mm256_load_si256((const __m256i *)(xm + 32 * j));
+                const __m256 d = _mm256_set1_ps(dm[j]);
+                const int64_t at = 2 * j * step;
+                for (int r = 0; r < ROWS; r++) {
+                    if (blocked ? r == 0 : !(j & 1)) { /* once a cache line */
+                        _mm_prefetch((const char *)(w[r] + ahead + at), PREFETCH_HINT);
+                        if (blocked)
+                            _mm_prefetch((const char *)(w[r] + ahead + at + step), PREFETCH_HINT);
+                    }
+                    const __m256i wv =
+                        blocked ? _mm256_loadu2_m128i((const __m128i *)(w[r] + at + step),
+                                                      (const __m128i *)(w[r] + at))
+                                : _mm256_loadu_si256((const __m256i *)(w[r] + at));
+                    const __m256i p =
+                        dot_u8s8(_mm256_abs_epi8(wv), _mm256_sign_epi8(xv, wv), ones);
+                    f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, f[r]);
+                }
+            }
+            for (int r = 0; r < rows; r++) {
+                const int64_t n = n0 + r;
+                float dot = hsum_ps(f[r]);
+                /* the rest, scalar: a blocked row's last 16 columns, a portable row's tail */
+                const int64_t end = blocked ? K16 : K;
+                for (int64_t k = 32 * full; k < end && k < stride; k++) {
+                    const int64_t at = blocked ? (k >> 4) * step + (k & 15) : k;
+                    dot += (float)((int32_t)xm[k] * w[r][at]) * dm[k >> 5];
+                }
+                if (z) dot -= z[n] * xsum[m];
+                y[m * N + n] = dot * s[n];
+            }
+        }
+    }
+    free(dx);
+    free(xq);
+}
+
+/* strato_int4_gemv with int8 activations. */
+void strato_int4_gemv_q8(const float *x, int64_t M, int64_t Kp, const uint8_t *q, int64_t N,
+                         const float *s, const float *z, int64_t g, float *y, int blocked,
+                         int threads) {
+    const int64_t groups = Kp / g, half = Kp / 2, nb = Kp / 32, per = g / 32;
+    const int64_t step = blocked ? ROWS * 16 : 16; /* bytes from a row's chunk to its next */
+    int8_t *xq = aligned_alloc(32, (size_t)(M * Kp + 32));
+    float *dx = malloc(sizeof(float) * (size_t)(2 * M * nb + M * groups + 8));
+    float *bsum = dx + M * nb, *gsum = bsum + M * nb; /* gsum [M, groups] */
+    quantize_blocks(x, M, Kp, Kp, 32, xq, dx, bsum);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t G = 0; G < groups; G++) {
+            float t = 0.0f;
+            for (int64_t j = G * per; j < (G + 1) * per; j++) t += bsum[m * nb + j];
+            gsum[m * groups + G] = t;
+        }
+    const __m256i low = _mm256_set1_epi8(0xF), ones = _mm256_set1_epi16(1);
+    /* the 16 code bytes in both lanes, the high lane shifted to its high nibbles */
+    const __m256i nibble_shift = _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4);
+    const int64_t blocks = (N + ROWS - 1) / ROWS;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t n0 = b * ROWS, rows = N - n0 < ROWS ? N - n0 : ROWS;
+        const float *sr[ROWS], *zr[ROWS];
+        const uint8_t *w[ROWS];
+        for (int r = 0; r < ROWS; r++) {
+            const int64_t n = n0 + (r < rows ? r : 0);
+            sr[r] = s + n * groups;
+            zr[r] = z ? z + n * groups : NULL;
+            w[r] = blocked ? q + b * ROWS * half + r * 16 : q + n * half;
+        }
+        const int64_t ahead = prefetch_distance(b, blocks, ROWS * half, blocked);
+        for (int64_t m = 0; m < M; m++) {
+            const int8_t *xm = xq + m * Kp;
+            const float *dm = dx + m * nb;
+            __m256 f[ROWS];
+            for (int r = 0; r < ROWS; r++) f[r] = _mm256_setzero_ps();
+            if (per == 1) /* groups of 32: the weights' scale joins the block's */
+                for (int64_t j = 0; j < nb; j++) {
+                    const __m256i xv = _mm256_load_si256((const __m256i *)(xm + 32 * j));
+                    const __m256 d = _mm256_broadcast_ss(dm + j);
+                    const int64_t at = j * step;
+                    if (blocked) _mm_prefetch((const char *)(w[0] + ahead + at), PREFETCH_HINT);
+                    for (int r = 0; r < ROWS; r++) {
+                        if (!blocked && !(j & 3))
+                            _mm_prefetch((const char *)(w[r] + ahead + at), PREFETCH_HINT);
+                        const __m256i packed = _mm256_broadcastsi128_si256(
+                            _mm_loadu_si128((const __m128i *)(w[r] + at)));
+                        const __m256i codes =
+                            _mm256_and_si256(_mm256_srlv_epi32(packed, nibble_shift), low);
+                        const __m256i p = dot_u8s8(codes, xv, ones);
+                        const __m256 ds = _mm256_mul_ps(d, _mm256_broadcast_ss(sr[r] + j));
+                        f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), ds, f[r]);
+                    }
+                }
+            for (int64_t G = 0; G < groups && per > 1; G++) {
+                __m256 acc[ROWS];
+                for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();
+                for (int64_t j = G * per; j < (G + 1) * per; j++) {
+                    const __m256i xv = _mm256_load_si256((const __m256i *)(xm + 32 * j));
+                    const __m256 d = _mm256_broadcast_ss(dm + j);
+                    const int64_t at = j * step;
+                    for (int r = 0; r < ROWS; r++) {
+                        if (blocked ? r == 0 : !(j & 3)) /* once a cache line */
+                            _mm_prefetch((const char *)(w[r] + ahead + at), PREFETCH_HINT);
+                        const __m256i packed = _mm256_broadcastsi128_si256(
+                            _mm_loadu_si128((const __m128i *)(w[r] + at)));
+                        const __m256i codes =
+                            _mm256_and_si256(_mm256_srlv_epi32(packed, nibble_shift), low);
+                        const __m256i p = dot_u8s8(codes, xv, ones);
+                        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), d, acc[r]);
+                    }
+                }
+                for (int r = 0; r < ROWS; r++)
+                    f[r] = _mm256_fmadd_ps(acc[r], _mm256_broadcast_ss(sr[r] + G), f[r]);
+            }
+            const float *gm = gsum + m * groups;
+            for (int r = 0; r < rows; r++) { /* sum_G s z gsum: the zero points' part */
+                __m256 zt = _mm256_setzero_ps();
+                int64_t G = 0;
+                for (; G + 8 <= groups; G += 8) {
+                    const __m256 sz = zr[r] ? _mm256_mul_ps(_mm256_loadu_ps(sr[r] + G),
+                                                            _mm256_loadu_ps(zr[r] + G))
+                                            : _mm256_mul_ps(_mm256_loadu_ps(sr[r] + G),
+                                                            _mm256_set1_ps(8.0f));
+                    zt = _mm256_fmadd_ps(sz, _mm256_loadu_ps(gm + G), zt);
+                }
+                float zero_term = hsum_ps(zt);
+                for (; G < groups; G++) zero_term += sr[r][G] * (zr[r] ? zr[r][G] : 8.0f) * gm[G];
+                y[m * N + n0 + r] = hsum_ps(f[r]) - zero_term;
+            }
+        }
+    }
+    free(dx);
+    free(xq);
+}

@@ -12,6 +12,14 @@ the kernel cache folder (codegen/cache.py: $STRATO_CACHE_DIR) and loaded with ct
 `available()` is False, and the ops keep their other kernels, on CPUs without AVX2 + FMA,
 without a compiler, or with STRATO_CPU_GEMV=0; a failed build warns once with the
 compiler's message.
+
+Activations are rounded to int8 in blocks of 32 columns by default (llama.cpp's Q8
+blocks: u8 x s8 multiply-adds, the fastest); STRATO_CPU_GEMV_ACTIVATIONS=int16 selects the
+kernels that round each row to 16-bit fixed point instead (2^-16 of the row's largest
+magnitude, about exact). The ops compiled graphs call (`strato::cpu_gemv_int8/int4`) also
+have C++ kernels, cpu_gemv_ops.cpp, built against torch into the same cache by
+`load_native_ops()`, so that inductor and AOTInductor code calls them without Python
+(STRATO_CPU_GEMV_NATIVE=0, or no C++ compiler: the Python impls below serve them).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from pathlib import Path
 import torch
 
 from ..codegen.cache import cache_dir
+from ..compiler.errors import StratoError
 
 SOURCE = Path(__file__).with_name("cpu_gemv.c")
 MAX_ROWS = 8
@@ -88,10 +97,99 @@ def _library() -> ctypes.CDLL | None:
         )
         return None
     _C = ctypes.c_int
-    lib.strato_int8_gemv.argtypes = [_P, _I, _I, _P, _I, _P, _P, _P, _C, _C]
-    lib.strato_int4_gemv.argtypes = [_P, _I, _I, _P, _I, _P, _P, _I, _P, _C, _C]
-    lib.strato_int8_gemv.restype = lib.strato_int4_gemv.restype = None
+    for name in ("strato_int8_gemv", "strato_int8_gemv_q8"):
+        getattr(lib, name).argtypes = [_P, _I, _I, _P, _I, _P, _P, _P, _C, _C]
+        getattr(lib, name).restype = None
+    for name in ("strato_int4_gemv", "strato_int4_gemv_q8"):
+        getattr(lib, name).argtypes = [_P, _I, _I, _P, _I, _P, _P, _I, _P, _C, _C]
+        getattr(lib, name).restype = None
     return lib
+
+
+ACTIVATION_FORMATS = ("int8", "int16")
+"""How the kernels round activations: 'int8' blocks of 32 (default), or 'int16' rows."""
+
+
+class GemvConfigError(StratoError, ValueError):
+    """An environment variable of the CPU GEMV kernels holds a value they do not know."""
+
+
+def activation_format() -> str:
+    """'int8' or 'int16', from STRATO_CPU_GEMV_ACTIVATIONS (read on every call, as the
+    C++ kernels do, so a test or a user can switch it at run time)."""
+    value = os.environ.get("STRATO_CPU_GEMV_ACTIVATIONS", "int8").strip() or "int8"
+    if value not in ACTIVATION_FORMATS:
+        raise GemvConfigError(
+            f"STRATO_CPU_GEMV_ACTIVATIONS={value!r} is not an activation format; set it to "
+            f"int8 (blocks of 32, the default) or int16 (16-bit fixed point per row)"
+        )
+    return value
+
+
+NATIVE_SOURCE = Path(__file__).with_name("cpu_gemv_ops.cpp")
+_CXX_FLAGS = ["-O2", "-std=c++20", "-fPIC", "-shared", "-w"]
+"""(-w: torch's headers warn by the hundred.)"""
+
+
+def _native_flags() -> list[str]:
+    """Compiler flags that build against this process's torch."""
+    from torch.utils import cpp_extension
+
+    libs = cpp_extension.library_paths()
+    return [
+        *_CXX_FLAGS,
+        f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+        *(f"-I{p}" for p in cpp_extension.include_paths()),
+        *(f"-L{p}" for p in libs),
+        *(f"-Wl,-rpath,{p}" for p in libs),
+    ]
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr.strip()[-4000:]}")
+
+
+def _compile_native(compiler: str, cxx: str, flags: list[str], out: Path) -> None:
+    """Build the op library at `out`: cpu_gemv.c as an object, linked into the C++ ops."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        obj, target = Path(tmp) / "cpu_gemv.o", Path(tmp) / out.name
+        c_flags = [f for f in _FLAGS if f != "-shared"]
+        _run([compiler, *c_flags, "-fopenmp", "-c", str(SOURCE), "-o", str(obj)])
+        torch_libs = ["-ltorch", "-ltorch_cpu", "-lc10", "-fopenmp"]
+        _run([cxx, *flags, str(NATIVE_SOURCE), str(obj), *torch_libs, "-o", str(target)])
+        os.replace(target, out)
+
+
+@functools.cache
+def native_ops_path() -> Path | None:
+    """The C++ op library for this machine and torch (built on first call), or None where
+    the kernels do not run, STRATO_CPU_GEMV_NATIVE=0, or it does not build (which warns
+    once with the compiler's message)."""
+    if os.environ.get("STRATO_CPU_GEMV_NATIVE", "1").strip() == "0" or _library() is None:
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cxx = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+    if compiler is None or cxx is None:
+        return None
+    flags = _native_flags()
+    key = hashlib.sha256(SOURCE.read_bytes() + NATIVE_SOURCE.read_bytes())
+    key.update(" ".join([compiler, cxx, torch.__version__, *_FLAGS, *flags]).encode())
+    path = cache_dir() / f"cpu_gemv_ops_{key.hexdigest()[:16]}.so"
+    try:
+        if not path.exists():
+            _compile_native(compiler, cxx, flags, path)
+    except (OSError, RuntimeError) as exc:
+        warnings.warn(
+            f"Strato's C++ GEMV ops are unavailable, so compiled graphs call their Python "
+            f"impls (about 10 us more a call): {exc}",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return None
+    return path
 
 
 def available() -> bool:
@@ -172,7 +270,8 @@ def int8_gemv(
             f"with scales {tuple(scales.shape)}"
         )
     y = torch.empty((*x.shape[:-1], n))  # (new_empty costs 4 us more a call)
-    lib.strato_int8_gemv(
+    kernel = lib.strato_int8_gemv if activation_format() == "int16" else lib.strato_int8_gemv_q8
+    kernel(
         x.data_ptr(), x.numel() // k, k, qweight.data_ptr(), n, scales.data_ptr(), _ptr(zeros),
         y.data_ptr(), blocked, torch.get_num_threads(),
     )  # fmt: skip
@@ -211,7 +310,8 @@ def int4_gemv(
     if x.shape[-1] != kp:
         x = torch.nn.functional.pad(x, (0, kp - x.shape[-1]))
     y = torch.empty((*x.shape[:-1], n))  # (new_empty costs 4 us more a call)
-    lib.strato_int4_gemv(
+    kernel = lib.strato_int4_gemv if activation_format() == "int16" else lib.strato_int4_gemv_q8
+    kernel(
         x.data_ptr(), x.numel() // kp, kp, qweight.data_ptr(), n, scales.data_ptr(), _ptr(zeros),
         group_size, y.data_ptr(), blocked, torch.get_num_threads(),
     )  # fmt: skip

@@ -523,12 +523,39 @@ def _int8_dynamic_impl(x, qweight, scales, act_scale, bias):
 
 
 def _cpu_gemv_int8_impl(x, codes, scales, zeros, bias):
+    load_native_gemv_ops()  # (the first call: later ones go to the C++ kernel, if it built)
     return _gemv_finish(cpu_gemv.int8_gemv(x, codes, scales, zeros, blocked=True), x, bias)
 
 
 def _cpu_gemv_int4_impl(x, codes, scales, zeros, bias, group_size):
+    load_native_gemv_ops()
     y = cpu_gemv.int4_gemv(x, codes, scales, zeros, group_size, blocked=True)
     return _gemv_finish(y, x, bias)
+
+
+_GEMV_OPS = ("cpu_gemv_int8", "cpu_gemv_int4")
+_holder.native_lock = getattr(_holder, "native_lock", None) or threading.Lock()
+
+
+def load_native_gemv_ops() -> bool:
+    """Serve `strato::cpu_gemv_int8/int4` on CPU by their C++ kernels (cpu_gemv_ops.cpp,
+    built once per machine), so compiled code calls them without Python; True if they
+    serve them now. Where they do not build, the Python impls stay (False)."""
+    if getattr(_holder, "native", None) is not None:
+        return _holder.native
+    with _holder.native_lock:
+        if getattr(_holder, "native", None) is None:
+            path = cpu_gemv.native_ops_path()
+            if path is not None:
+                _holder.python_gemv_library._destroy()  # one CPU kernel per op
+                torch.ops.load_library(str(path))
+            _holder.native = path is not None
+    return _holder.native
+
+
+def native_gemv_ops() -> bool:
+    """Whether the C++ kernels serve `strato::cpu_gemv_int8/int4` in this process."""
+    return bool(getattr(_holder, "native", False))
 
 
 def _fake_out(x: torch.Tensor, qweight: torch.Tensor, *rest) -> torch.Tensor:
@@ -550,12 +577,19 @@ def _register_ops() -> None:
         "cpu_gemv_int8": (_cpu_gemv_int8_impl, "CPU", _fake_gemv_out),
         "cpu_gemv_int4": (_cpu_gemv_int4_impl, "CPU", _fake_gemv_out),
     }
+    # The GEMV ops' Python CPU kernels live in their own library, which
+    # load_native_gemv_ops() destroys when the C++ ones load.
+    python_gemv_library = torch.library.Library("strato", "IMPL", "CPU")
     for name, schema in _SCHEMAS.items():
         impl, key, fake = impls[name]
         library.define(name + schema)
-        library.impl(name, impl, key)
+        if name in _GEMV_OPS:
+            python_gemv_library.impl(name, impl)
+        else:
+            library.impl(name, impl, key)
         torch.library.register_fake(f"strato::{name}", fake, lib=library)
-    _holder.library = library  # the registrations live as long as this object
+    _holder.library = library  # the registrations live as long as these objects
+    _holder.python_gemv_library = python_gemv_library
 
 
 _register_ops()

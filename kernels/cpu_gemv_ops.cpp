@@ -1,0 +1,125 @@
+// CPU kernels of the ops strato::cpu_gemv_int8 and strato::cpu_gemv_int4 (schemas in
+// kernels/quantized_linear.py), so that compiled graphs (inductor, AOTInductor) call the
+// GEMV kernels of cpu_gemv.c through the dispatcher without entering Python. Same checks,
+// kernels and results as the Python impls in kernels/cpu_gemv.py, which stay the fallback;
+// built and loaded by cpu_gemv.load_native_ops().
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+
+extern "C" {
+void strato_int8_gemv(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t N,
+                      const float *s, const float *z, float *y, int blocked, int threads);
+void strato_int8_gemv_q8(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t N,
+                         const float *s, const float *z, float *y, int blocked, int threads);
+void strato_int4_gemv(const float *x, int64_t M, int64_t Kp, const uint8_t *q, int64_t N,
+                      const float *s, const float *z, int64_t g, float *y, int blocked,
+                      int threads);
+void strato_int4_gemv_q8(const float *x, int64_t M, int64_t Kp, const uint8_t *q, int64_t N,
+                         const float *s, const float *z, int64_t g, float *y, int blocked,
+                         int threads);
+}
+
+namespace {
+
+constexpr int64_t kBlockRows = 4;  // ROWS in cpu_gemv.c
+
+// Whether STRATO_CPU_GEMV_ACTIVATIONS asks for the int16 fixed-point kernels rather than
+// int8 blocks (the default), as cpu_gemv.activation_format() reads it.
+bool int16_activations() {
+  const char *value = std::getenv("STRATO_CPU_GEMV_ACTIVATIONS");
+  if (value == nullptr || !*value || !std::strcmp(value, "int8")) return false;
+  TORCH_CHECK_VALUE(!std::strcmp(value, "int16"), "STRATO_CPU_GEMV_ACTIVATIONS='", value,
+                    "' is not an activation format; set it to int8 (blocks of 32, the "
+                    "default) or int16 (16-bit fixed point per row)");
+  return true;
+}
+
+at::Tensor as_fp32(const at::Tensor &t) {
+  return t.scalar_type() == at::kFloat && t.is_contiguous() ? t : t.to(at::kFloat).contiguous();
+}
+
+// The codes' bytes per row of their blocked layout [ceil(N / 4), chunks, 4, 16].
+int64_t blocked_width(const at::Tensor &codes, at::ScalarType dtype, int64_t n,
+                      const char *op) {
+  TORCH_CHECK_VALUE(codes.scalar_type() == dtype && codes.is_contiguous(), op,
+                    ": expected contiguous ", dtype, " codes, got ", codes.scalar_type(), " ",
+                    codes.sizes());
+  const int64_t blocks = (n + kBlockRows - 1) / kBlockRows;
+  TORCH_CHECK_VALUE(codes.dim() == 4 && codes.size(0) == blocks &&
+                        codes.size(2) == kBlockRows && codes.size(3) == 16,
+                    op, ": blocked codes for ", n, " rows must be [", blocks, ", chunks, ",
+                    kBlockRows, ", 16] (cpu_gemv.block_codes builds them), got ",
+                    codes.sizes());
+  return codes.size(1) * 16;
+}
+
+// The kernels' fp32 output [rows, N] as x's leading dims, in x's dtype, plus the bias.
+at::Tensor finish(at::Tensor y, const at::Tensor &x, const std::optional<at::Tensor> &bias) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+  shape.push_back(y.size(1));
+  y = y.view(shape);
+  if (x.scalar_type() != at::kFloat) y = y.to(x.scalar_type());
+  if (bias.has_value()) y = y.add(bias->to(y.scalar_type()));
+  return y;
+}
+
+at::Tensor cpu_gemv_int8(const at::Tensor &x, const at::Tensor &codes, const at::Tensor &scales,
+                         const std::optional<at::Tensor> &zeros,
+                         const std::optional<at::Tensor> &bias) {
+  const int64_t n = scales.size(0), k = x.size(-1);
+  const int64_t width = blocked_width(codes, at::kChar, n, "strato::cpu_gemv_int8");
+  TORCH_CHECK_VALUE(width == (k + 15) / 16 * 16 && scales.dim() == 1 &&
+                        (!zeros.has_value() || zeros->sizes() == scales.sizes()),
+                    "strato::cpu_gemv_int8: input [..., ", k, "] does not fit codes ",
+                    codes.sizes(), " with scales ", scales.sizes());
+  const at::Tensor xf = as_fp32(x), s = as_fp32(scales);
+  const std::optional<at::Tensor> z = zeros.has_value() ? std::optional(as_fp32(*zeros))
+                                                        : std::nullopt;
+  const int64_t rows = k ? xf.numel() / k : 0;
+  at::Tensor y = at::empty({rows, n}, xf.options());
+  auto kernel = int16_activations() ? strato_int8_gemv : strato_int8_gemv_q8;
+  kernel(xf.data_ptr<float>(), rows, k, codes.data_ptr<int8_t>(), n, s.data_ptr<float>(),
+         z ? z->data_ptr<float>() : nullptr, y.data_ptr<float>(), 1, at::get_num_threads());
+  return finish(y, x, bias);
+}
+
+at::Tensor cpu_gemv_int4(const at::Tensor &x, const at::Tensor &codes, const at::Tensor &scales,
+                         const std::optional<at::Tensor> &zeros,
+                         const std::optional<at::Tensor> &bias, int64_t group_size) {
+  const int64_t n = scales.size(0);
+  const int64_t kp = blocked_width(codes, at::kByte, n, "strato::cpu_gemv_int4") * 2;
+  const bool fits = x.size(-1) <= kp && group_size > 0 && group_size % 32 == 0 &&
+                    kp % group_size == 0 && scales.dim() == 2 &&
+                    scales.size(1) == kp / group_size &&
+                    (!zeros.has_value() || zeros->sizes() == scales.sizes());
+  TORCH_CHECK_VALUE(fits, "strato::cpu_gemv_int4: input [..., ", x.size(-1),
+                    "] does not fit codes ", codes.sizes(), " in groups of ", group_size,
+                    " with scales ", scales.sizes());
+  at::Tensor xf = as_fp32(x);
+  if (xf.size(-1) != kp) xf = at::constant_pad_nd(xf, {0, kp - xf.size(-1)});
+  const at::Tensor s = as_fp32(scales);
+  const std::optional<at::Tensor> z = zeros.has_value() ? std::optional(as_fp32(*zeros))
+                                                        : std::nullopt;
+  const int64_t rows = xf.numel() / kp;
+  at::Tensor y = at::empty({rows, n}, xf.options());
+  auto kernel = int16_activations() ? strato_int4_gemv : strato_int4_gemv_q8;
+  kernel(xf.data_ptr<float>(), rows, kp, codes.data_ptr<uint8_t>(), n, s.data_ptr<float>(),
+         z ? z->data_ptr<float>() : nullptr, group_size, y.data_ptr<float>(), 1,
+         at::get_num_threads());
+  return finish(y, x, bias);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(strato, CPU, m) {
+  m.impl("cpu_gemv_int8", &cpu_gemv_int8);
+  m.impl("cpu_gemv_int4", &cpu_gemv_int4);
+}
