@@ -13,39 +13,14 @@ import torch
 
 import strato
 from strato.runtime.generate import GenerationError, Generator, next_tokens
+from tests.hf_models import VOCAB, hf_model
 
 tf = pytest.importorskip("transformers")
 
-VOCAB = 100
-
 
 def causal_lm(family: str, **changes) -> torch.nn.Module:
-    """A two-layer causal LM of the family from a tiny config (no download), in eval mode."""
-    torch.manual_seed(0)
-    common = {
-        "num_hidden_layers": 2,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "vocab_size": VOCAB,
-        "max_position_embeddings": 64,
-    }
-    if family == "gpt2":
-        config = tf.GPT2Config(n_layer=2, n_head=4, n_embd=32, vocab_size=VOCAB, n_positions=64)
-        model = tf.GPT2LMHeadModel(config)
-    elif family == "llama":
-        model = tf.LlamaForCausalLM(tf.LlamaConfig(**{**common, **changes}))
-    elif family == "mistral":  # every layer attends to the last 4 positions only
-        model = tf.MistralForCausalLM(tf.MistralConfig(**{**common, "sliding_window": 4}))
-    elif family == "qwen2":  # layer 0 full attention, layer 1 a 3-token sliding window
-        config = tf.Qwen2Config(
-            **common, use_sliding_window=True, sliding_window=3, max_window_layers=1
-        )
-        model = tf.Qwen2ForCausalLM(config)
-    else:
-        raise ValueError(family)
-    return model.eval()
+    """The family's two-layer causal LM of tests/hf_models.py (no download), in eval mode."""
+    return hf_model(family, **changes).eval()
 
 
 def left_padded_batch(lengths=(4, 9), pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
