@@ -1,12 +1,18 @@
-// CPU kernels of the ops strato::cpu_gemv_int8 and strato::cpu_gemv_int4 (schemas in
-// kernels/quantized_linear.py), so that compiled graphs (inductor, AOTInductor) call the
-// GEMV kernels of cpu_gemv.c through the dispatcher without entering Python. Same checks,
-// kernels and results as the Python impls in kernels/cpu_gemv.py, which stay the fallback;
-// built and loaded by cpu_gemv.load_native_ops().
+// CPU kernels of Strato's quantized-linear ops (schemas in kernels/quantized_linear.py), so
+// that compiled graphs (inductor, AOTInductor) call the GEMV kernels of cpu_gemv.c through
+// the dispatcher without entering Python:
+// - strato::cpu_gemv_int8/int4 (blocked codes, what lowered graphs call): always here;
+// - strato::quant_linear_int8/int4 (portable codes, what AOTInductor step packages call):
+//   here when the input has 1-8 rows (decoding) and no switch asks for other kernels;
+//   every other call goes to the Python impl (the op strato::_quant_linear_*_python),
+//   which picks among Triton, aten's packed kernels and dequantize + BLAS.
+// Same checks, kernels and results as the Python impls, which stay the fallback where
+// this library does not build. Built and loaded by quantized_linear.load_native_gemv_ops().
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/constant_pad_nd.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -117,9 +123,85 @@ at::Tensor cpu_gemv_int4(const at::Tensor &x, const at::Tensor &codes, const at:
   return finish(y, x, bias);
 }
 
+constexpr int64_t kMaxRows = 8;  // cpu_gemv.MAX_ROWS
+
+// quantized_linear.reference_kernels() sets this for its thread (through
+// strato_gemv_reference_kernels), so that tests compare against the references.
+thread_local bool reference_kernels = false;
+
+// Whether a portable op call is the decode GEMV this file serves (else Python's impl picks).
+bool serves(const at::Tensor &x, const at::Tensor &qweight, at::ScalarType code_dtype) {
+  if (reference_kernels || x.device().type() != at::kCPU || qweight.scalar_type() != code_dtype ||
+      !qweight.is_contiguous() || qweight.dim() != 2 || x.dim() == 0)
+    return false;
+  const char *kernels = std::getenv("STRATO_KERNELS");
+  if (kernels != nullptr && *kernels) return false;
+  const int64_t k = x.size(-1), rows = k ? x.numel() / k : 0;
+  return rows > 0 && rows <= kMaxRows;
+}
+
+template <typename... Args>
+at::Tensor python_impl(const char *name, Args &&...args) {
+  using Signature = at::Tensor(std::decay_t<Args>...);
+  auto op = c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+  return op.call(std::forward<Args>(args)...);
+}
+
+at::Tensor quant_linear_int8(const at::Tensor &x, const at::Tensor &qweight,
+                             const at::Tensor &scales, const std::optional<at::Tensor> &zeros,
+                             const std::optional<at::Tensor> &bias) {
+  const int64_t n = qweight.size(0), k = x.size(-1);
+  if (!serves(x, qweight, at::kChar) || qweight.size(1) != k || scales.dim() != 1 ||
+      scales.size(0) != n || (zeros.has_value() && zeros->sizes() != scales.sizes()))
+    return python_impl("strato::_quant_linear_int8_python", x, qweight, scales, zeros, bias);
+  const at::Tensor xf = as_fp32(x), s = as_fp32(scales);
+  const std::optional<at::Tensor> z = zeros.has_value() ? std::optional(as_fp32(*zeros))
+                                                        : std::nullopt;
+  const int64_t rows = xf.numel() / k;
+  at::Tensor y = at::empty({rows, n}, xf.options());
+  auto kernel = int16_activations() ? strato_int8_gemv : strato_int8_gemv_q8;
+  kernel(xf.data_ptr<float>(), rows, k, qweight.data_ptr<int8_t>(), n, s.data_ptr<float>(),
+         z ? z->data_ptr<float>() : nullptr, y.data_ptr<float>(), 0, at::get_num_threads());
+  return finish(y, x, bias);
+}
+
+at::Tensor quant_linear_int4(const at::Tensor &x, const at::Tensor &qweight,
+                             const at::Tensor &scales, const std::optional<at::Tensor> &zeros,
+                             const std::optional<at::Tensor> &bias, int64_t group_size,
+                             int64_t in_features) {
+  const int64_t n = qweight.size(0), kp = qweight.size(1) * 2;
+  const bool fits = group_size > 0 && group_size % 32 == 0 && kp % group_size == 0 &&
+                    x.size(-1) == in_features && in_features <= kp && scales.dim() == 2 &&
+                    scales.size(0) == n && scales.size(1) == kp / group_size &&
+                    (!zeros.has_value() || zeros->sizes() == scales.sizes());
+  if (!serves(x, qweight, at::kByte) || !fits)
+    return python_impl("strato::_quant_linear_int4_python", x, qweight, scales, zeros, bias,
+                       group_size, in_features);
+  at::Tensor xf = as_fp32(x);
+  if (xf.size(-1) != kp) xf = at::constant_pad_nd(xf, {0, kp - xf.size(-1)});
+  const at::Tensor s = as_fp32(scales);
+  const std::optional<at::Tensor> z = zeros.has_value() ? std::optional(as_fp32(*zeros))
+                                                        : std::nullopt;
+  const int64_t rows = xf.numel() / kp;
+  at::Tensor y = at::empty({rows, n}, xf.options());
+  auto kernel = int16_activations() ? strato_int4_gemv : strato_int4_gemv_q8;
+  kernel(xf.data_ptr<float>(), rows, kp, qweight.data_ptr<uint8_t>(), n, s.data_ptr<float>(),
+         z ? z->data_ptr<float>() : nullptr, group_size, y.data_ptr<float>(), 0,
+         at::get_num_threads());
+  return finish(y, x, bias);
+}
+
 }  // namespace
+
+extern "C" int strato_gemv_reference_kernels(int on) {
+  const bool previous = reference_kernels;
+  reference_kernels = on != 0;
+  return previous;
+}
 
 TORCH_LIBRARY_IMPL(strato, CPU, m) {
   m.impl("cpu_gemv_int8", &cpu_gemv_int8);
   m.impl("cpu_gemv_int4", &cpu_gemv_int4);
+  m.impl("quant_linear_int8", &quant_linear_int8);
+  m.impl("quant_linear_int4", &quant_linear_int4);
 }

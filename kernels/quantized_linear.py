@@ -24,6 +24,7 @@ cast to bf16 around them; otherwise the plain-torch reference (dequantize, then 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
 import sys
@@ -295,10 +296,12 @@ def reference_kernels() -> Iterator[None]:
     """Run the quantized ops through their plain-torch references (tests compare against it)."""
     previous = getattr(_state, "reference", False)
     _state.reference = True
+    _native_reference_kernels(True)
     try:
         yield
     finally:
         _state.reference = previous
+        _native_reference_kernels(previous)
 
 
 def _kernel(x: torch.Tensor) -> str:
@@ -495,6 +498,7 @@ def _int8_impl(x, qweight, scales, zeros, bias):
 
         return int8_linear_triton(x, qweight, scales, zeros, bias)
     if kernel == "aten" and uses_cpu_gemv(_rows(x)):
+        load_native_gemv_ops()  # (the first call: later ones go to the C++ kernel, if it built)
         return _gemv_finish(cpu_gemv.int8_gemv(x, qweight, scales, zeros), x, bias)
     if kernel == "aten" and qweight.shape[1] % 16 == 0 and not dequantize_wins(_rows(x)):
         return _int8_linear_aten(x, qweight, scales, zeros, bias)  # (it misreads other K)
@@ -509,6 +513,7 @@ def _int4_impl(x, qweight, scales, zeros, bias, group_size, in_features):
 
         return int4_linear_triton(x, qweight, scales, zeros, bias, group_size, in_features)
     if kernel == "aten" and uses_cpu_gemv(_rows(x), group_size):
+        load_native_gemv_ops()
         return _gemv_finish(cpu_gemv.int4_gemv(x, qweight, scales, zeros, group_size), x, bias)
     if kernel == "aten" and not dequantize_wins(_rows(x)):
         return _int4_linear_aten(x, qweight, scales, zeros, bias, group_size, in_features)
@@ -538,9 +543,10 @@ _holder.native_lock = getattr(_holder, "native_lock", None) or threading.Lock()
 
 
 def load_native_gemv_ops() -> bool:
-    """Serve `strato::cpu_gemv_int8/int4` on CPU by their C++ kernels (cpu_gemv_ops.cpp,
-    built once per machine), so compiled code calls them without Python; True if they
-    serve them now. Where they do not build, the Python impls stay (False)."""
+    """Serve the quantized-linear ops' CPU GEMV calls by C++ kernels (cpu_gemv_ops.cpp,
+    built once per machine): `strato::cpu_gemv_int8/int4`, and `quant_linear_int8/int4`
+    on 1-8 input rows, so compiled code calls them without Python. True if they serve
+    them now; where they do not build, the Python impls stay (False)."""
     if getattr(_holder, "native", None) is not None:
         return _holder.native
     with _holder.native_lock:
@@ -549,13 +555,24 @@ def load_native_gemv_ops() -> bool:
             if path is not None:
                 _holder.python_gemv_library._destroy()  # one CPU kernel per op
                 torch.ops.load_library(str(path))
+                switch = ctypes.CDLL(str(path)).strato_gemv_reference_kernels
+                switch.argtypes, switch.restype = [ctypes.c_int], ctypes.c_int
+                _holder.native_reference_switch = switch
+                _native_reference_kernels(getattr(_state, "reference", False))
             _holder.native = path is not None
     return _holder.native
 
 
 def native_gemv_ops() -> bool:
-    """Whether the C++ kernels serve `strato::cpu_gemv_int8/int4` in this process."""
+    """Whether the C++ kernels serve the GEMV calls of the quantized ops in this process."""
     return bool(getattr(_holder, "native", False))
+
+
+def _native_reference_kernels(on: bool) -> None:
+    """Tell the C++ kernels (if loaded) that this thread is inside reference_kernels()."""
+    switch = getattr(_holder, "native_reference_switch", None)
+    if switch is not None:
+        switch(int(on))
 
 
 def _fake_out(x: torch.Tensor, qweight: torch.Tensor, *rest) -> torch.Tensor:
@@ -588,6 +605,9 @@ def _register_ops() -> None:
         else:
             library.impl(name, impl, key)
         torch.library.register_fake(f"strato::{name}", fake, lib=library)
+    for name in ("quant_linear_int8", "quant_linear_int4"):  # what the C++ kernels call
+        library.define(f"_{name}_python{_SCHEMAS[name]}")  # for all they do not serve
+        library.impl(f"_{name}_python", impls[name][0], "CompositeExplicitAutograd")
     _holder.library = library  # the registrations live as long as these objects
     _holder.python_gemv_library = python_gemv_library
 
