@@ -23,14 +23,13 @@ import torch
 import strato
 from strato.runtime.compiled_code import CompiledStep, packages_dir
 from strato.runtime.generate import Generator
-from tests.conftest import tiny_llama
+from tests.hf_models import hf_model
 
 VOCAB = 100
 
 
 def llama():
-    torch.manual_seed(0)
-    return tiny_llama(max_position_embeddings=64).eval()
+    return hf_model("llama").eval()
 
 
 def padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,10 +82,9 @@ def test_a_failed_compile_warns_once_and_serves_the_portable_graphs(monkeypatch,
 SECOND_PROCESS = """
 import sys, warnings, torch
 sys.path.insert(0, sys.argv[1])
-from tests.conftest import tiny_llama
+from tests.hf_models import hf_model  # not conftest: it turns compiled code off
 import strato
-torch.manual_seed(0)
-model = tiny_llama(max_position_embeddings=64).eval()
+model = hf_model("llama").eval()
 ids = torch.tensor(eval(sys.argv[2]))
 served = strato.compile(model, example_kwargs={"input_ids": ids[:1], "use_cache": False})
 with warnings.catch_warnings(record=True) as caught:
