@@ -303,3 +303,41 @@ def test_hugging_face_models_with_labels_match_eager(family):
             rtol=0,
             msg=name,
         )
+
+
+# ---------------------------------------------------------------------- split backward
+
+
+def test_split_backward_equals_backward_and_w_skips_the_input_chain():
+    """Zero-bubble's B + W (runtime/pipeline/split_backward.py) give backward's gradients,
+    a weight used at two depths included, and W runs no node of the input-gradient chain
+    above its joints (counted by hooks on the softmax the loss comes from)."""
+    from strato.runtime.pipeline.split_backward import backward_inputs
+
+    torch.manual_seed(0)
+    shared = torch.nn.Linear(8, 8)
+    head = torch.nn.Linear(8, 8)
+    params = [*shared.parameters(), *head.parameters()]
+    x = torch.randn(4, 8)
+    grad = torch.randn(4, 8)
+
+    def forward(inp):
+        return head(shared(torch.tanh(shared(inp)))).softmax(-1)
+
+    leaf = x.clone().requires_grad_()
+    torch.autograd.backward([forward(leaf)], [grad])
+    want = [p.grad.clone() for p in params]
+    want_input = leaf.grad.clone()
+    for p in params:
+        p.grad = None
+    leaf = x.clone().requires_grad_()
+    out = forward(leaf)
+    calls = []
+    out.grad_fn.register_prehook(lambda g: calls.append(1))
+    grads, weights = backward_inputs([out], [grad], [leaf], params)
+    assert all(p.grad is None for p in params) and len(calls) == 1
+    weights.run()
+    assert len(calls) == 1  # W started below the softmax
+    torch.testing.assert_close(grads[0], want_input)
+    for p, w in zip(params, want):
+        torch.testing.assert_close(p.grad, w)

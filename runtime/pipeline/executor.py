@@ -39,6 +39,7 @@ from .. import collectives
 from ..calls import bind_call
 from ..train_step import MicroBatch, loss_of
 from .schedules import Action, PipelineSchedule, build_schedule, in_send_order
+from .split_backward import WeightBackward, backward_inputs
 from .timeline import Timeline
 
 
@@ -184,9 +185,16 @@ class PipelineRunner:
         if self.local:
             return own
         rows = torch.tensor(own.to_rows(), dtype=torch.float64).reshape(-1, 6)
-        out = torch.empty((self.group.size, *rows.shape), dtype=torch.float64)
-        collectives.all_gather_into_tensor(out, rows.to(self.group.device), group=self.group)
-        return Timeline.from_rows(self.ranks, out.reshape(-1, 6).tolist())
+        counts = torch.empty(self.group.size, dtype=torch.float64, device=self.group.device)
+        count = torch.tensor([float(len(rows))], dtype=torch.float64, device=self.group.device)
+        collectives.all_gather_into_tensor(counts, count, group=self.group)
+        longest = int(counts.max())  # ranks have different numbers of transfers: pad
+        padded = torch.full((longest, 6), -1.0, dtype=torch.float64)
+        padded[: len(rows)] = rows
+        out = torch.empty((self.group.size, longest, 6), dtype=torch.float64)
+        collectives.all_gather_into_tensor(out, padded.to(self.group.device), group=self.group)
+        kept = [row for row in out.reshape(-1, 6).tolist() if row[0] >= 0]
+        return Timeline.from_rows(self.ranks, kept)
 
     def release_other_stages(self) -> None:
         """Free the parameters no stage on this rank reads (after the state manager's
@@ -240,8 +248,8 @@ class _Step:
         self.sends: list[Any] = []
         self._keep: list[torch.Tensor] = []
         """Tensors of sends in flight (held until their works are waited for)."""
-        self._w_roots: dict[tuple[int, int], tuple] = {}
-        """Zero-bubble: the backward roots a W still has to run from."""
+        self._w_pending: dict[tuple[int, int], WeightBackward] = {}
+        """Zero-bubble: the weight-gradient pass each W still has to run."""
         self.timeline = Timeline(runner.ranks)
         self.stage_count = runner.plan.stage_count
 
@@ -256,14 +264,20 @@ class _Step:
             start = time.time()
             getattr(self, f"_{a.kind.lower()}")(a.stage, a.microbatch)
             self.timeline.add(rank, a.kind, a.stage, a.microbatch, start, time.time())
-        elif a.kind == "SEND_F":
-            self._send(a, self._forward_message(a.stage, a.peer, a.microbatch), "F")
-        elif a.kind == "SEND_B":
-            self._send(a, self._grad_message(a.stage, a.peer, a.microbatch), "B")
-        elif a.kind == "RECV_F":
-            self._recv_forward(a)
+        elif a.kind.startswith("SEND"):
+            start = time.time()
+            if a.kind == "SEND_F":
+                self._send(a, self._forward_message(a.stage, a.peer, a.microbatch), "F")
+            else:
+                self._send(a, self._grad_message(a.stage, a.peer, a.microbatch), "B")
+            self.timeline.add(rank, "SEND", a.stage, a.microbatch, start, time.time())
         else:
-            self._recv_grads(a)
+            start = time.time()
+            if a.kind == "RECV_F":
+                self._recv_forward(a)
+            else:
+                self._recv_grads(a)
+            self.timeline.add(rank, "RECV", a.stage, a.microbatch, start, time.time())
 
     # -------------------------------------------------------------- compute
     def _f(self, s: int, m: int) -> None:
@@ -320,18 +334,9 @@ class _Step:
         roots, root_grads = self._backward_roots(s, m)
         leaves = self._leaf_inputs(s, m)
         if self.runner.plan.split_backward:
-            grads: list = [None] * len(leaves)
-            if roots and leaves:
-                grads = list(
-                    torch.autograd.grad(
-                        roots,
-                        [t for _, t in leaves],
-                        grad_outputs=root_grads,
-                        retain_graph=True,
-                        allow_unused=True,
-                    )
-                )
-            self._w_roots[(s, m)] = (roots, root_grads)
+            grads, self._w_pending[(s, m)] = backward_inputs(
+                roots, root_grads, [t for _, t in leaves], self._stage_params(s)
+            )
         else:
             if roots:
                 torch.autograd.backward(roots, grad_tensors=root_grads)
@@ -344,15 +349,12 @@ class _Step:
         self._hand_grads_locally(s, m)
 
     def _w(self, s: int, m: int) -> None:
-        roots, root_grads = self._w_roots.pop((s, m))
-        params = [
-            self.runner.params[n]
-            for n in self.runner.stages[s].params
-            if self.runner.params[n].requires_grad
-        ]
-        if roots and params:
-            torch.autograd.backward(roots, grad_tensors=root_grads, inputs=params)
+        self._w_pending.pop((s, m)).run()
         self._release(s, m)
+
+    def _stage_params(self, s: int) -> list[torch.Tensor]:
+        params = self.runner.params
+        return [params[n] for n in self.runner.stages[s].params if params[n].requires_grad]
 
     def _release(self, s: int, m: int) -> None:
         self.outputs.pop((s, m), None)

@@ -28,7 +28,8 @@ from ...compiler.errors import StratoError
 
 COMPUTE = ("F", "B", "W")
 TRANSFERS = ("SEND_F", "RECV_F", "SEND_B", "RECV_B")
-COLORS = {"F": "#4c72b0", "B": "#55a868", "W": "#c44e52"}
+COLORS = {"F": "#4c72b0", "B": "#55a868", "W": "#c44e52", "RECV": "#bbbbbb", "SEND": "#dd8452"}
+"""Plot colours; RECV/SEND are a measured timeline's receive waits and send postings."""
 
 
 class ScheduleError(StratoError):
@@ -419,8 +420,11 @@ def render_grid(title: str, slots: Sequence[Sequence[Slot]], show_stage: bool, r
     return "\n".join(lines)
 
 
-def plot_slots(slots: Sequence[Sequence[Slot]], path: str | Path, title: str) -> Path:
-    """A Gantt chart of the slots (one row per rank) written to `path` (PNG)."""
+def plot_slots(
+    slots: Sequence[Sequence[Slot]], path: str | Path, title: str, unit: str = "time"
+) -> Path:
+    """A Gantt chart of the slots (one row per rank) written to `path` (PNG); `unit`
+    labels the time axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -436,7 +440,7 @@ def plot_slots(slots: Sequence[Sequence[Slot]], path: str | Path, title: str) ->
                 edgecolor="white",
                 linewidth=0.5,
             )
-            if len(slots[0]) <= 64:
+            if len(slots[0]) <= 64 and x.action.kind in COMPUTE:
                 ax.text(
                     (x.start + x.end) / 2,
                     r,
@@ -448,10 +452,11 @@ def plot_slots(slots: Sequence[Sequence[Slot]], path: str | Path, title: str) ->
                 )
     ax.set_yticks(range(len(slots)), [f"rank {r}" for r in range(len(slots))])
     ax.invert_yaxis()
-    ax.set_xlabel("time")
+    ax.set_xlabel(unit)
     ax.set_title(title)
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in COLORS.values()]
-    ax.legend(handles, list(COLORS), loc="upper right", fontsize=7)
+    shown = [k for k in COLORS if any(x.action.kind == k for s in slots for x in s)]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k in shown]
+    ax.legend(handles, shown, loc="upper right", fontsize=7)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
