@@ -13,10 +13,10 @@ the kernel cache folder (codegen/cache.py: $STRATO_CACHE_DIR) and loaded with ct
 without a compiler, or with STRATO_CPU_GEMV=0; a failed build warns once with the
 compiler's message.
 
-Activations are rounded to int8 in blocks of 32 columns by default (llama.cpp's Q8
-blocks: u8 x s8 multiply-adds, the fastest); STRATO_CPU_GEMV_ACTIVATIONS=int16 selects the
-kernels that round each row to 16-bit fixed point instead (2^-16 of the row's largest
-magnitude, about exact). The ops compiled graphs call (`strato::cpu_gemv_int8/int4`) also
+Activations are rounded per row to 16-bit fixed point by default (2^-16 of the row's
+largest magnitude, about exact); STRATO_CPU_GEMV_ACTIVATIONS=int8 selects kernels that
+round them to int8 in blocks of 32 columns instead (llama.cpp's Q8 blocks: u8 x s8
+multiply-adds, about 15% faster at int4 g32, error up to 1/254 of each block's largest). The ops compiled graphs call (`strato::cpu_gemv_int8/int4`) also
 have C++ kernels, cpu_gemv_ops.cpp, built against torch into the same cache by
 `load_native_ops()`, so that inductor and AOTInductor code calls them without Python
 (STRATO_CPU_GEMV_NATIVE=0, or no C++ compiler: the Python impls below serve them).
@@ -107,7 +107,7 @@ def _library() -> ctypes.CDLL | None:
 
 
 ACTIVATION_FORMATS = ("int8", "int16")
-"""How the kernels round activations: 'int8' blocks of 32 (default), or 'int16' rows."""
+"""How the kernels round activations: 'int16' rows (default), or 'int8' blocks of 32."""
 
 
 class GemvConfigError(StratoError, ValueError):
@@ -115,13 +115,13 @@ class GemvConfigError(StratoError, ValueError):
 
 
 def activation_format() -> str:
-    """'int8' or 'int16', from STRATO_CPU_GEMV_ACTIVATIONS (read on every call, as the
+    """'int16' or 'int8', from STRATO_CPU_GEMV_ACTIVATIONS (read on every call, as the
     C++ kernels do, so a test or a user can switch it at run time)."""
-    value = os.environ.get("STRATO_CPU_GEMV_ACTIVATIONS", "int8").strip() or "int8"
+    value = os.environ.get("STRATO_CPU_GEMV_ACTIVATIONS", "int16").strip() or "int16"
     if value not in ACTIVATION_FORMATS:
         raise GemvConfigError(
             f"STRATO_CPU_GEMV_ACTIVATIONS={value!r} is not an activation format; set it to "
-            f"int8 (blocks of 32, the default) or int16 (16-bit fixed point per row)"
+            f"int16 (16-bit fixed point per row, the default) or int8 (blocks of 32)"
         )
     return value
 
@@ -270,7 +270,7 @@ def int8_gemv(
             f"with scales {tuple(scales.shape)}"
         )
     y = torch.empty((*x.shape[:-1], n))  # (new_empty costs 4 us more a call)
-    kernel = lib.strato_int8_gemv if activation_format() == "int16" else lib.strato_int8_gemv_q8
+    kernel = lib.strato_int8_gemv_q8 if activation_format() == "int8" else lib.strato_int8_gemv
     kernel(
         x.data_ptr(), x.numel() // k, k, qweight.data_ptr(), n, scales.data_ptr(), _ptr(zeros),
         y.data_ptr(), blocked, torch.get_num_threads(),
@@ -310,7 +310,7 @@ def int4_gemv(
     if x.shape[-1] != kp:
         x = torch.nn.functional.pad(x, (0, kp - x.shape[-1]))
     y = torch.empty((*x.shape[:-1], n))  # (new_empty costs 4 us more a call)
-    kernel = lib.strato_int4_gemv if activation_format() == "int16" else lib.strato_int4_gemv_q8
+    kernel = lib.strato_int4_gemv_q8 if activation_format() == "int8" else lib.strato_int4_gemv
     kernel(
         x.data_ptr(), x.numel() // kp, kp, qweight.data_ptr(), n, scales.data_ptr(), _ptr(zeros),
         group_size, y.data_ptr(), blocked, torch.get_num_threads(),

@@ -37,15 +37,15 @@ namespace {
 
 constexpr int64_t kBlockRows = 4;  // ROWS in cpu_gemv.c
 
-// Whether STRATO_CPU_GEMV_ACTIVATIONS asks for the int16 fixed-point kernels rather than
-// int8 blocks (the default), as cpu_gemv.activation_format() reads it.
+// Whether STRATO_CPU_GEMV_ACTIVATIONS asks for the int16 fixed-point kernels (the default)
+// rather than int8 blocks, as cpu_gemv.activation_format() reads it.
 bool int16_activations() {
   const char *value = std::getenv("STRATO_CPU_GEMV_ACTIVATIONS");
-  if (value == nullptr || !*value || !std::strcmp(value, "int8")) return false;
-  TORCH_CHECK_VALUE(!std::strcmp(value, "int16"), "STRATO_CPU_GEMV_ACTIVATIONS='", value,
-                    "' is not an activation format; set it to int8 (blocks of 32, the "
-                    "default) or int16 (16-bit fixed point per row)");
-  return true;
+  if (value == nullptr || !*value || !std::strcmp(value, "int16")) return true;
+  TORCH_CHECK_VALUE(!std::strcmp(value, "int8"), "STRATO_CPU_GEMV_ACTIVATIONS='", value,
+                    "' is not an activation format; set it to int16 (16-bit fixed point per "
+                    "row, the default) or int8 (blocks of 32)");
+  return false;
 }
 
 at::Tensor as_fp32(const at::Tensor &t) {
