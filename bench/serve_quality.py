@@ -199,57 +199,113 @@ def quality_rows(
 
 # ---------------------------------------------------------------------- llama.cpp
 
+LLAMA_CPP_VARIANTS = {
+    "F32 (dequantized)": "LLAMA_FTYPE_ALL_F32",
+    "Q8_0 (requantized)": "LLAMA_FTYPE_MOSTLY_Q8_0",
+    "Q4_0 (requantized)": "LLAMA_FTYPE_MOSTLY_Q4_0",
+}
+"""llama.cpp files written from the shipped GGUF by its own `llama_model_quantize`: F32 is
+its fp32 reference on the same weights, Q4_0 the symmetric peer of Strato's int4."""
+
 _LLAMA_CPP_SCRIPT = r"""
-import json, math, sys, time
+import collections, json, math, sys, time
+import gguf, llama_cpp
 import numpy as np
-import llama_cpp
 
 job = json.load(sys.stdin)
-out = {}
-paths = {"Q4_1": job["gguf"]}
-if job.get("q8_0"):
+out, paths = {}, {job["shipped"]: job["gguf"]}
+for name, (ftype, path) in job["requantize"].items():
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0
+    params.ftype = getattr(llama_cpp, ftype)
     params.allow_requantize = True
     params.nthread = job["threads"]
-    rc = llama_cpp.llama_model_quantize(job["gguf"].encode(), job["q8_0"].encode(), params)
+    rc = llama_cpp.llama_model_quantize(job["gguf"].encode(), path.encode(), params)
     if rc == 0:
-        paths["Q8_0 (requantized)"] = job["q8_0"]
+        paths[name] = path
     else:
-        out["Q8_0 (requantized)"] = {"skipped": f"llama_model_quantize returned {rc}"}
+        out[name] = {"skipped": f"llama_model_quantize({ftype}) returned {rc}"}
+vocab = llama_cpp.Llama(job["gguf"], vocab_only=True, verbose=False)
+tokens = vocab.tokenize(job["text"].encode(), add_bos=False, special=False)
+mismatch = next((i for i, (a, b) in enumerate(zip(tokens, job["tokens"])) if a != b), None)
+if mismatch is None and len(tokens) != len(job["tokens"]):
+    mismatch = min(len(tokens), len(job["tokens"]))
+del vocab
 for name, path in paths.items():
+    types = collections.Counter()
+    head = None
+    for t in gguf.GGUFReader(path).tensors:
+        types[t.tensor_type.name] += 1
+        if t.name in ("output.weight", "token_embd.weight") and head != "output.weight":
+            head = t.name
+            head_type = t.tensor_type.name
     window = len(job["windows"][0])
     llm = llama_cpp.Llama(path, n_ctx=window, n_batch=window, n_ubatch=window,
                           logits_all=True, n_threads=job["threads"], verbose=False)
-    total, count, start = 0.0, 0, time.perf_counter()
+    nll, count, start = [], [], time.perf_counter()
     for ids in job["windows"]:
         llm.reset()
         llm.eval(ids)
         logits = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
         logits -= logits.max(axis=1, keepdims=True)
         logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-        total -= float(logp[np.arange(len(ids) - 1), ids[1:]].sum())
-        count += len(ids) - 1
-    out[name] = {"perplexity": math.exp(total / count), "eval_s": time.perf_counter() - start}
+        nll.append(-float(logp[np.arange(len(ids) - 1), ids[1:]].sum()))
+        count.append(len(ids) - 1)
+    out[name] = {"window_nll": nll, "window_tokens": count,
+                 "eval_s": time.perf_counter() - start,
+                 "tensor_types": dict(types), "head": f"{head} {head_type}",
+                 "tokenization_mismatch_at": mismatch}
     del llm
 print(json.dumps(out))
 """
 
 
-def llama_cpp_rows(python: Path, gguf: Path, windows: list[torch.Tensor], threads: int) -> list:
-    """llama.cpp's perplexity on `windows` for the shipped GGUF and its Q8_0 requantization,
-    from its own logits (a subprocess: llama_cpp lives in its own venv); skipped rows say why."""
+def llama_cpp_row(name: str, result: dict) -> dict:
+    """One llama.cpp row from the subprocess's per-window summed NLLs (or its skip reason)."""
+    row = {"system": f"llama.cpp {name}"}
+    if "skipped" in result:
+        return {**row, "skipped": result["skipped"]}
+    nll, tokens = sum(result["window_nll"]), sum(result["window_tokens"])
+    if tokens <= 0 or len(result["window_nll"]) != len(result["window_tokens"]):
+        return {**row, "skipped": f"malformed result: {result}"}
+    row["perplexity"] = math.exp(nll / tokens)
+    row.update({k: v for k, v in result.items() if k not in ("window_nll", "window_tokens")})
+    return row
+
+
+def llama_cpp_rows(
+    python: Path,
+    gguf: Path,
+    windows: list[torch.Tensor],
+    threads: int,
+    *,
+    text: str,
+    tokens: torch.Tensor,
+    shipped: str = "Q4_1 (as shipped)",
+) -> list:
+    """llama.cpp's perplexity on `windows` (the same token ids as Strato's rows, fed
+    directly) for the shipped GGUF and its LLAMA_CPP_VARIANTS, from its own logits (a
+    subprocess: llama_cpp lives in its own venv). Each row also says where llama.cpp's
+    tokenization of `text` first differs from `tokens` (None: equal) and its tensor types;
+    skipped rows say why."""
     if not python.exists():
         return [{"system": "llama.cpp", "skipped": f"{python} does not exist"}]
-    probe = subprocess.run([str(python), "-c", "import llama_cpp"], capture_output=True)
+    probe = subprocess.run([str(python), "-c", "import llama_cpp, gguf"], capture_output=True)
     if probe.returncode != 0:
-        return [{"system": "llama.cpp", "skipped": f"llama_cpp does not import in {python}"}]
+        return [
+            {"system": "llama.cpp", "skipped": f"llama_cpp or gguf does not import in {python}"}
+        ]
     with tempfile.TemporaryDirectory() as tmp:
         job = {
             "gguf": str(gguf),
-            "q8_0": str(Path(tmp) / "q8_0.gguf"),
+            "shipped": shipped,
+            "requantize": {
+                name: (ftype, str(Path(tmp) / f"{ftype.lower()}.gguf"))
+                for name, ftype in LLAMA_CPP_VARIANTS.items()
+            },
             "threads": threads,
             "windows": [w[0].tolist() for w in windows],
+            "text": text,
+            "tokens": tokens.tolist(),
         }
         done = subprocess.run(
             [str(python), "-c", _LLAMA_CPP_SCRIPT],
@@ -260,7 +316,7 @@ def llama_cpp_rows(python: Path, gguf: Path, windows: list[torch.Tensor], thread
         )
     if done.returncode != 0:
         return [{"system": "llama.cpp", "skipped": f"failed: {done.stderr.strip()[-400:]}"}]
-    return [{"system": f"llama.cpp {k}", **v} for k, v in json.loads(done.stdout).items()]
+    return [llama_cpp_row(name, result) for name, result in json.loads(done.stdout).items()]
 
 
 # ---------------------------------------------------------------------- main
@@ -288,7 +344,8 @@ def load_model(hf_dir: Path, gguf: Path):
 def run(args) -> dict:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(Path(args.hf_dir), Path(args.gguf))
-    tokens = tokenizer(Path(args.text).read_text(), return_tensors="pt").input_ids[0]
+    text = Path(args.text).read_text()
+    tokens = tokenizer(text, return_tensors="pt").input_ids[0]
     split = text_split(
         tokens.numel(),
         calibration_sequences=args.calibration_sequences,
@@ -303,7 +360,14 @@ def run(args) -> dict:
     names = [n.strip() for n in args.only.split(",")] if args.only else None
     rows = quality_rows(model, calibration, windows, names)
     if not args.no_llama_cpp:
-        rows += llama_cpp_rows(Path(args.llama_python), Path(args.gguf), windows, args.threads)
+        rows += llama_cpp_rows(
+            Path(args.llama_python),
+            Path(args.gguf),
+            windows,
+            args.threads,
+            text=text,
+            tokens=tokens,
+        )
     return {
         "meta": {
             "torch": torch.__version__,

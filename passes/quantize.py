@@ -6,7 +6,7 @@ Matches ATen `linear(x, W, b)`, `addmm(b, x, W.t())` and `mm(x, W.t())` where W 
 registers the packed tensors on the graph module. Layers whose module path matches a
 `Quantize.skip` glob stay float; a glob matching no layer, or a model with no linear
 layer, is a StrategyError. GPTQ (Hessians X^T X) and SmoothQuant (per-input-channel |x|
-maxima) calibrate by running the user's model eagerly on `Quantize.calibration`; the
+maxima) calibrate on `Quantize.calibration` (passes/quantize_calibration.py); the
 statistics and the packed weights are kept per model, so every graph of it (forward,
 generate's prefill and decode) shares them. Decisions land in ctx.records['quantize']:
 per layer, the scheme and bytes before/after.
@@ -16,27 +16,23 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import importlib
 import itertools
-import time
 import warnings
 import weakref
 from collections.abc import Iterable
 
 import torch
 import torch.fx as fx
-from torch.overrides import TorchFunctionMode
 from torch.utils.weak import WeakTensorKeyDictionary
 
-from ..compiler.capture import model_mode
 from ..compiler.context import CompileContext
 from ..compiler.errors import StrategyError, did_you_mean
 from ..compiler.pass_manager import graph_pass
 from ..compiler.quantize_config import Quantize
 from ..kernels import gptq
 from ..kernels import quantized_linear as ql
-from ..runtime.calls import capture_defaults
 from .annotate import getattr_path
+from .quantize_calibration import layer_statistics, served_model
 
 aten = torch.ops.aten
 _TRANSPOSES = (aten.t.default, aten.transpose.int, aten.permute.default, aten.numpy_T.default)
@@ -114,196 +110,6 @@ def is_skipped(path: str, weight_target: str, globs: Iterable[str]) -> str | Non
         if fnmatch.fnmatchcase(path, glob) or fnmatch.fnmatchcase(weight_target, glob):
             return glob
     return None
-
-
-# ---------------------------------------------------------------------- calibration
-# Statistics of each layer's input come from running the user's model eagerly on the
-# calibration batches, keyed by weight tensor: every graph of the model (its forward, the
-# prefill and decode graphs of generate) then quantizes each weight from the same numbers,
-# and the calibration runs once per model, not once per graph.
-
-_TRANSPOSES_EAGER = {
-    torch.Tensor.t,
-    torch.t,
-    torch.Tensor.transpose,
-    torch.transpose,
-    torch.Tensor.permute,
-    torch.permute,
-    torch.Tensor.T.__get__,
-    torch.Tensor.mT.__get__,
-}
-_MATMULS_EAGER = {
-    torch.Tensor.mm,
-    torch.mm,
-    torch.Tensor.matmul,
-    torch.matmul,
-    torch.Tensor.__matmul__,
-}
-_ADDMMS_EAGER = {torch.Tensor.addmm, torch.addmm}
-
-
-class _LayerInputs(TorchFunctionMode):
-    """Calls `observe(weight, x)` for every linear product of x with a watched 2-D weight:
-    F.linear(x, W), addmm(b, x, W or W.t()), mm/matmul/@ (x, W or W.t())."""
-
-    def __init__(self, weights: dict[int, torch.Tensor], observe) -> None:
-        super().__init__()
-        self.weights = weights
-        self.views: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.observe = observe
-
-    def _watched(self, value) -> torch.Tensor | None:
-        if not isinstance(value, torch.Tensor):
-            return None
-        if id(value) in self.weights and self.weights[id(value)] is value:
-            return value
-        view = self.views.get(id(value))
-        return view[1] if view is not None and view[0] is value else None
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if func is torch.nn.functional.linear:
-            x, w = args[0], args[1] if len(args) > 1 else kwargs.get("weight")
-        elif func in _ADDMMS_EAGER:
-            x, w = args[1], args[2]
-        elif func in _MATMULS_EAGER:
-            x, w = args[0], args[1]
-        else:
-            if (
-                func in _TRANSPOSES_EAGER
-                and args
-                and (weight := self._watched(args[0])) is not None
-            ):
-                self.views[id(out)] = (out, weight)  # kept alive for the run: ids stay unique
-            return out
-        weight = self._watched(w)
-        if weight is not None and isinstance(x, torch.Tensor):
-            self.observe(weight, x.detach())
-        return out
-
-
-def _absmax_observer(stats):
-    def observe(weight, x):
-        absmax = x.abs().float().reshape(-1, x.shape[-1]).amax(dim=0)
-        seen = stats.get(weight)
-        stats[weight] = absmax if seen is None else torch.maximum(seen, absmax)
-
-    return observe
-
-
-def _hessian_observer(stats):
-    """X^T X of each weight's input rows (fp32 products summed in fp64); sibling layers
-    reading the same input (q/k/v, gate/up) share one product."""
-    last: list = [None, None]
-
-    def observe(weight, x):
-        if last[0] is not x:
-            rows = x.float().reshape(-1, x.shape[-1])
-            last[0], last[1] = x, (rows.t() @ rows).double()
-        seen = stats.get(weight)
-        stats[weight] = last[1] if seen is None else seen + last[1]
-
-    return observe
-
-
-_statistics: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-"""model -> {(calibration source id, statistic, weight versions): {weight: statistic}}."""
-
-
-def served_model(ctx: CompileContext) -> tuple[torch.nn.Module, str]:
-    """The user's model a graph computes and its module-path prefix in the graph: the
-    model itself, or the model a wrapper (generate's KVCacheStep) names `wrapped_model`."""
-    inner = getattr(ctx.model, "wrapped_model", None)
-    if isinstance(inner, torch.nn.Module):
-        return inner, ctx.model.wrapped_prefix
-    return ctx.model, ""
-
-
-def layer_statistics(
-    config: Quantize, ctx: CompileContext, statistic: str
-) -> WeakTensorKeyDictionary:
-    """Per weight tensor, the per-channel |x| maximum ('absmax') or X^T X ('hessian') of the
-    layer inputs over the calibration batches (computed once per model and source)."""
-    model, _ = served_model(ctx)
-    versions = tuple(p._version for p in model.parameters())
-    key = (id(config.calibration), statistic, versions)
-    cached = _statistics.setdefault(model, {})
-    if key not in cached:
-        started = time.perf_counter()
-        stats = WeakTensorKeyDictionary()
-        weights = {id(p): p for p in [*model.parameters(), *model.buffers()] if p.dim() == 2}
-        observe = (_absmax_observer if statistic == "absmax" else _hessian_observer)(stats)
-        batches = calibration_batches(config, ctx, model)
-        with torch.no_grad(), _LayerInputs(weights, observe), model_mode(model, training=False):
-            for i, (args, kwargs) in enumerate(batches):
-                try:
-                    model(*args, **kwargs)
-                except Exception as exc:
-                    raise StrategyError(
-                        f"Quantize.calibration: batch {i} does not run through "
-                        f"{type(model).__name__} ({type(exc).__name__}: {exc}). Give calls of "
-                        "the model: a tensor, an args tuple, or an (args, kwargs) pair."
-                    ) from exc
-        cached.clear()  # statistics of older weights or sources are stale
-        cached[key] = stats
-        ctx.record(
-            "quantize_calibration", batches=len(batches), seconds=time.perf_counter() - started
-        )
-    return cached[key]
-
-
-def calibration_batches(config: Quantize, ctx: CompileContext, model: torch.nn.Module):
-    """The calibration inputs as (args, kwargs) calls of `model`; without a source (only
-    SmoothQuant allows none) the example inputs, with a warning."""
-    source = config.calibration
-    if source is None:
-        if model is not ctx.model:
-            raise StrategyError(
-                f"Quantize.calibration: SmoothQuant (activations='int8') calibrates on calls of "
-                f"{type(model).__name__}, and this graph ({type(ctx.model).__name__}) has no "
-                "such example inputs; pass calibration=[batches]."
-            )
-        warnings.warn(
-            "strato: Quantize.calibration is None, so SmoothQuant (activations='int8') measures "
-            "activation ranges on strato.compile's example inputs; pass calibration=[batches] "
-            "of representative inputs.",
-            stacklevel=2,
-        )
-        return [(tuple(ctx.example_args), dict(ctx.example_kwargs))]
-    if isinstance(source, str):
-        module_name, _, attr = source.partition(":")
-        try:
-            source = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise StrategyError(f"Quantize.calibration: cannot import {source!r}: {exc}") from exc
-    if callable(source):
-        source = source()
-    batches = []
-    for i, batch in enumerate(source):
-        if (
-            isinstance(batch, tuple)
-            and len(batch) == 2
-            and isinstance(batch[0], tuple)
-            and isinstance(batch[1], dict)
-        ):
-            batches.append((batch[0], batch[1]))
-        elif isinstance(batch, tuple):
-            batches.append((batch, {}))
-        elif isinstance(batch, torch.Tensor):
-            batches.append(((batch,), {}))
-        elif isinstance(batch, dict):
-            batches.append(((), batch))
-        else:
-            raise StrategyError(
-                f"Quantize.calibration: batch {i} is a {type(batch).__name__}; give a tensor, "
-                "an args tuple, a kwargs dict, or an (args, kwargs) pair."
-            )
-    if not batches:
-        raise StrategyError("Quantize.calibration: no batches; give at least one.")
-    # Calls as the model's graphs see them: defaults such as use_cache=False filled.
-    defaults = capture_defaults(model)
-    return [(args, {**defaults, **kwargs}) for args, kwargs in batches]
 
 
 # ---------------------------------------------------------------------- the pass

@@ -9,6 +9,8 @@ model (forward, generate's prefill and decode) quantizes each weight from the sa
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -16,7 +18,7 @@ from conftest import tiny_llama
 
 import strato
 from strato.kernels import quantized_linear as ql
-from strato.passes import quantize as quantize_pass
+from strato.passes import quantize_calibration
 
 
 def test_options_that_do_not_apply_are_errors_naming_them():
@@ -93,7 +95,7 @@ def test_gptq_calibrates_once_on_the_users_batches_for_every_graph():
     weight = model.model.layers[0].mlp.down_proj.weight
     rtn = ql.quantize_int4(weight, group_size=32)
     assert not torch.equal(getattr(compiled.graph, fwd_buf), rtn.qweight)
-    hessians = quantize_pass._statistics[model]
+    hessians = quantize_calibration._statistics[model]
     assert len(hessians) == 1
 
 
@@ -169,6 +171,22 @@ def test_quality_bench_evaluates_on_tokens_it_never_calibrated_on():
     tokens = torch.arange(10_000)
     windows = sq.slices(tokens, split["evaluation"])
     assert windows[0].shape == (1, 512) and int(windows[0][0, 0]) == 1024
+
+
+def test_llama_cpp_rows_pool_every_windows_tokens_into_one_perplexity():
+    sq = _serve_quality()
+    result = {"window_nll": [10.0, 20.0], "window_tokens": [4, 6], "eval_s": 1.5, "head": "x"}
+    row = sq.llama_cpp_row("Q4_1", result)
+    assert row["system"] == "llama.cpp Q4_1" and row["perplexity"] == pytest.approx(math.e**3)
+    assert row["head"] == "x" and "window_nll" not in row
+    assert sq.llama_cpp_row("Q8_0", {"skipped": "why"}) == {
+        "system": "llama.cpp Q8_0",
+        "skipped": "why",
+    }
+    assert (
+        "malformed"
+        in sq.llama_cpp_row("F32", {"window_nll": [1.0], "window_tokens": []})["skipped"]
+    )
 
 
 def test_gptq_on_a_tiny_llama_lowers_held_out_error_against_rounding():
