@@ -139,6 +139,20 @@ def _check_heads(model, parent: str, columns: list, linears: dict, size: int) ->
             )
 
 
+def _expert_parallel_layers(ctx: CompileContext) -> dict[str, str]:
+    """Module path -> kind of each MoE layer `moe_dispatch` rewrites (under ExpertParallel):
+    the whole layer becomes one expert-parallel call, so nothing in it is split here."""
+    if ctx.strategy.moe is None:
+        return {}
+    from .moe_dispatch import moe_layers
+
+    return {path: layer.kind for path, layer in moe_layers(ctx.model, ctx.training).items()}
+
+
+def _globbed(ctx: CompileContext, glob: str) -> list[str]:
+    return [m for m, _ in ctx.model.named_modules() if m and fnmatch.fnmatchcase(m, glob)]
+
+
 def _near(glob: str, names: list[str]) -> str:
     close = difflib.get_close_matches(glob, names, n=3, cutoff=0.5)
     if close:
@@ -165,6 +179,8 @@ def tensor_parallel(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
     linears = {n: "" for n in gm.graph.nodes if linear_of(gm, n) is not None}
     for node in linears:
         linears[node] = _linear_module(gm, node, names)
+    experts = _expert_parallel_layers(ctx)
+    linears = {n: m for n, m in linears.items() if not any(_within(m, e) for e in experts)}
     embeddings = [n for n in gm.graph.nodes if _is_token_embedding(gm, n)]
     inputs = split_inputs(gm, ctx) if size > 1 else {}
     modules = {**{m: n for n, m in linears.items()}}
@@ -211,6 +227,20 @@ def tensor_parallel(gm: fx.GraphModule, ctx: CompileContext) -> fx.GraphModule:
             styles[emb] = "vocab"
     planned = {}
     for glob, style in config.plan:
+        inside = [
+            (e, k, m) for e, k in experts.items() for m in _globbed(ctx, glob) if _within(m, e)
+        ]
+        if inside and style != "replicate":
+            (layer, kind, module), *_ = inside
+            named = ctx.model.get_submodule(module).named_parameters(prefix=module)
+            param = next((n for n, _ in named), module)
+            raise StrategyError(
+                f"TensorParallel.plan[{glob!r}]: {param} is in {layer} ({kind}), a mixture-of-"
+                "experts layer that Strategy(moe=strato.ExpertParallel(...)) shards by experts "
+                "(its router, experts and shared expert run whole on each expert rank); "
+                "tensor parallelism cannot split it as well. Leave it out of the plan: "
+                "attention and the other layers still split."
+            )
         hits = [m for m in modules if fnmatch.fnmatchcase(m, glob)]
         if not hits:
             raise StrategyError(

@@ -186,8 +186,35 @@ def scenario_mixtral(rank: int, world: int, spec: dict, out_dir: Path) -> dict:
             "shapes": {n: tuple(p.shape) for n, p in model.named_parameters()}}  # fmt: skip
 
 
+def scenario_expert_x_tensor(rank: int, world: int, spec: dict, out_dir: Path) -> dict:
+    """4 ranks, EP=2 x TP=2 (tensor pairs [0, 1] and [2, 3], each pair one data-parallel
+    rank's batch): a plan reaching into the MoE block fails on every rank naming it; the
+    default plan splits attention and the LM head, and the MoE block (Qwen2-MoE's shared
+    expert too) is left whole to the expert dispatch."""
+    import strato
+
+    data_rank = rank // 2
+    errors = {}
+    for case, plan in {"router": {"model.layers.*.mlp.gate": "column"},
+                       "shared": {"model.layers.*.mlp.shared_expert.*_proj": "column"}}.items():  # fmt: skip
+        strategy = strato.Strategy(optimizer=strato.SGD(lr=0.1), moe=strato.ExpertParallel(size=2),
+                                   tensor_parallel=strato.TensorParallel(size=2, plan=plan))  # fmt: skip
+        try:
+            strato.compile(tiny_qwen2_moe(), strategy, example_kwargs=mixtral_batch(0, 0, 2))
+            errors[case] = None
+        except strato.StratoError as error:
+            errors[case] = str(error)
+    strategy = strato.Strategy(optimizer=strato.SGD(lr=0.1), moe=strato.ExpertParallel(size=2),
+                               tensor_parallel=strato.TensorParallel(size=2))  # fmt: skip
+    engine = strato.compile(tiny_qwen2_moe(), strategy, example_kwargs=mixtral_batch(0, 0, 2))
+    losses = [engine.train_step(**mixtral_batch(step, data_rank, 2)) for step in range(2)]
+    return {"errors": errors, "losses": losses, "full": engine.full_state_dict(),
+            "column": engine.context.records["tensor_parallel"]["column"],
+            "experts": engine.context.records["moe_dispatch"]["expert_params"]}  # fmt: skip
+
+
 SCENARIOS = {"layer": scenario_layer, "train": scenario_train, "mixtral": scenario_mixtral,
-             "mismatch": scenario_mismatch}  # fmt: skip
+             "mismatch": scenario_mismatch, "expert_x_tensor": scenario_expert_x_tensor}  # fmt: skip
 
 
 def run(rank: int, world: int, port: int, spec: dict, out_dir: str) -> None:
