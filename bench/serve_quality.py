@@ -138,6 +138,9 @@ def strato_variants(calibration: list[torch.Tensor]) -> dict[str, strato.Quantiz
     variants["int4-g32-gptq"] = strato.Quantize(
         weights="int4", group_size=32, method="gptq", calibration=calibration
     )
+    variants["int4-g32-asym-gptq"] = strato.Quantize(
+        weights="int4", group_size=32, symmetric=False, method="gptq", calibration=calibration
+    )
     variants["int4-g128-gptq"] = strato.Quantize(
         weights="int4", group_size=128, method="gptq", calibration=calibration
     )
